@@ -1,0 +1,117 @@
+"""The disaggregated request path against fake prefill/decode servers."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import sse_events
+
+
+async def test_nonstream_completion_bodies_and_headers(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d])
+    body = {"model": "m", "prompt": "hello", "max_tokens": 50, "stream": False,
+            "min_tokens": 5, "stream_options": {"include_usage": True}, "temperature": 0}
+    resp = await client.post("/v1/completions", json=body,
+                             headers={"Authorization": "Bearer sk-client",
+                                      "X-Request-Id": "req-42"})
+    assert resp.status == 200
+    assert resp.headers["X-Request-Id"] == "req-42"
+    assert await resp.json() == d.nonstream_answer(body)
+
+    [preq] = p.requests
+    assert preq["body"] == {"model": "m", "prompt": "hello", "max_tokens": 1,
+                            "stream": False, "temperature": 0,
+                            "kv_transfer_params": {"do_remote_decode": True,
+                                                   "do_remote_prefill": False}}
+    [dreq] = d.requests
+    assert dreq["body"] == {**body, "kv_transfer_params": p.params(0)}
+    for r in (preq, dreq):
+        assert r["headers"]["Authorization"] == "Bearer sk-client"
+        assert r["headers"]["X-Request-Id"] == "req-42"
+
+
+async def test_request_id_generated_when_absent(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status == 200
+    rid = resp.headers["X-Request-Id"]
+    assert len(rid) == 32
+    assert p.requests[0]["headers"]["X-Request-Id"] == rid
+    assert d.requests[0]["headers"]["X-Request-Id"] == rid
+    # No Authorization invented when the client sent none ("Bearer None").
+    assert "Authorization" not in p.requests[0]["headers"]
+    assert "Authorization" not in d.requests[0]["headers"]
+
+
+async def test_chat_prefill_caps_completion_tokens(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d])
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 30, "stream": False}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200
+    pbody = p.requests[0]["body"]
+    assert pbody["max_completion_tokens"] == 1 and pbody["max_tokens"] == 1
+    assert p.requests[0]["path"] == d.requests[0]["path"] == "/v1/chat/completions"
+    assert d.requests[0]["body"]["max_completion_tokens"] == 30
+
+
+async def test_stream_relayed_byte_for_byte_with_usage(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    d.events = sse_events(20, usage=True)
+    # Decode writes in 7-byte pieces: events arrive split across chunks.
+    d.chunker = lambda data: [data[i:i + 7] for i in range(0, len(data), 7)]
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/completions", json={
+        "prompt": "x", "stream": True, "stream_options": {"include_usage": True}})
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert await resp.read() == b"".join(d.events)
+    assert d.requests[0]["body"]["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in p.requests[0]["body"]
+
+
+async def test_stream_events_intact_with_one_byte_chunks(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    d.events = sse_events(3)
+    d.chunker = lambda data: [data[i:i + 1] for i in range(len(data))]
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+    received = []
+    buf = b""
+    async for chunk in resp.content.iter_any():
+        buf += chunk
+    assert buf == b"".join(d.events)
+    # Every event is parseable JSON (or [DONE]).
+    for ev in buf.split(b"\n\n")[:-1]:
+        payload = ev[len(b"data: "):]
+        received.append(payload if payload == b"[DONE]" else json.loads(payload))
+    assert [r["choices"][0]["text"] for r in received[:-1]] == ["tok0 ", "tok1 ", "tok2 "]
+
+
+async def test_client_kv_transfer_params_are_ignored_no_ssrf(backend, proxy):
+    p, d, evil = await backend("p"), await backend("d"), await backend("evil")
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/completions", json={
+        "prompt": "x", "kv_transfer_params": {
+            "remote_host": "127.0.0.1", "remote_port": evil.port, "do_remote_prefill": True}},
+        headers={"X-Prefiller-Host-Port": evil.address})
+    assert resp.status == 200
+    assert evil.requests == [] and evil.health_probes == 0
+    assert d.requests[0]["body"]["kv_transfer_params"] == p.params(0)
+    assert p.requests[0]["body"]["kv_transfer_params"] == {
+        "do_remote_decode": True, "do_remote_prefill": False}
+
+
+async def test_prefill_client_error_is_relayed_not_retried(backend, proxy):
+    p1, p2, d = await backend("p"), await backend("p"), await backend("d")
+    p1.status = p2.status = 400
+    client = await proxy([p1, p2], [d])
+    resp = await client.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"]["code"] == 400
+    assert len(p1.requests) + len(p2.requests) == 1
+    assert d.requests == []

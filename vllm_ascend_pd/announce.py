@@ -1,0 +1,181 @@
+"""Instance side of the proxy's dynamic registration.
+
+A vLLM instance tells the proxy "I exist, I am a prefill/decode node, reach me
+at http_address" and repeats it every ``interval`` seconds as a heartbeat.
+The proxy evicts instances whose heartbeats stop; :meth:`Announcer.stop`
+sends a final ``leaving`` message so the proxy drops the instance at once.
+
+Wire format: one ZMQ frame, msgpack-encoded :class:`Announcement`, sent from a
+DEALER socket to the proxy's ROUTER socket.  ``version`` is
+:data:`ANNOUNCE_PROTOCOL_VERSION`; the proxy ignores other versions loudly.
+
+Version history:
+  1 - first version.
+
+This module must stay importable without vLLM and must not import the proxy
+or the connector.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from typing import Literal, Optional
+
+import msgspec
+
+ANNOUNCE_PROTOCOL_VERSION = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _logger() -> logging.Logger:
+    """vLLM's logger inside a vLLM process, ``logging`` elsewhere.
+
+    Resolved on first use: the proxy imports this module for the message
+    type and must not pay for importing vLLM (and torch).
+    """
+    if os.environ.get("VLLM_ASCEND_PD_PLAIN_LOGGING", "") in ("1", "true", "yes"):
+        return logging.getLogger(__name__)
+    try:
+        from vllm.logger import init_logger
+    except Exception:
+        return logging.getLogger(__name__)
+    return init_logger(__name__)
+
+
+class Announcement(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
+    role: Literal["prefill", "decode", "both"]
+    http_address: str  # "host:port" of the OpenAI server
+    kv_address: str = ""  # the connector's side channel, informational
+    engine_id: str = ""
+    model: str = ""
+    version: int = ANNOUNCE_PROTOCOL_VERSION
+    # Seconds between heartbeats; lets the proxy size its eviction TTL.
+    interval: float = 0.0
+    # Set on the last message of a clean shutdown.
+    leaving: bool = False
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Announcement)
+
+
+def encode_announcement(ann: Announcement) -> bytes:
+    return _encoder.encode(ann)
+
+
+def decode_announcement(data: bytes) -> Announcement:
+    """Decode and validate; raises ``msgspec.ValidationError``/``DecodeError``."""
+    return _decoder.decode(data)
+
+
+def _zmq_endpoint(proxy_address: str) -> str:
+    addr = proxy_address.strip()
+    if addr.startswith("tcp://"):
+        return addr
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"proxy_address must be 'host:port', got {proxy_address!r}")
+    return f"tcp://{host}:{port}"
+
+
+class Announcer:
+    """Heartbeats an :class:`Announcement` to the proxy from a daemon thread.
+
+    ``start()`` and ``stop()`` never raise into the caller; failures (proxy
+    down, bad address) are logged and retried on the next beat.
+    """
+
+    def __init__(self, proxy_address: str, announcement: Announcement,
+                 interval: float = 3.0):
+        self.proxy_address = proxy_address
+        self.interval = max(float(interval), 0.05)
+        if not announcement.interval:
+            announcement = msgspec.structs.replace(announcement, interval=self.interval)
+        self.announcement = announcement
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self.sent = 0  # heartbeats handed to ZMQ, for tests and diagnostics
+
+    def start(self) -> None:
+        try:
+            with self._lock:
+                if self._thread is not None and self._thread.is_alive():
+                    return
+                self._stop.clear()
+                self._thread = threading.Thread(
+                    target=self._run, name="pd-announcer", daemon=True)
+                self._thread.start()
+        except Exception:
+            _logger().exception("could not start the proxy announcer")
+
+    def stop(self, timeout: float = 2.0) -> None:
+        try:
+            with self._lock:
+                thread, self._thread = self._thread, None
+            self._stop.set()
+            if thread is not None:
+                thread.join(timeout)
+        except Exception:
+            _logger().exception("error while stopping the proxy announcer")
+
+    @property
+    def running(self) -> bool:
+        t = self._thread
+        return t is not None and t.is_alive()
+
+    def _run(self) -> None:
+        try:
+            import zmq
+        except Exception:
+            _logger().exception("pyzmq is not importable; not announcing to the proxy")
+            return
+        ctx = sock = None
+        warned = False
+        try:
+            endpoint = _zmq_endpoint(self.proxy_address)
+            beat = encode_announcement(self.announcement)
+            bye = encode_announcement(
+                msgspec.structs.replace(self.announcement, leaving=True))
+            ctx = zmq.Context()
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 500)
+            # Do not queue heartbeats while the proxy is unreachable: a
+            # backlog would be replayed as stale beats on reconnect.
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.SNDHWM, 4)
+            if endpoint.startswith("tcp://["):
+                sock.setsockopt(zmq.IPV6, 1)
+            sock.connect(endpoint)
+            _logger().info("announcing %s instance %s to proxy %s every %.1fs",
+                        self.announcement.role, self.announcement.http_address,
+                        endpoint, self.interval)
+            while True:
+                try:
+                    sock.send(beat, zmq.NOBLOCK)
+                    self.sent += 1
+                    warned = False
+                except zmq.Again:
+                    if not warned:
+                        _logger().warning("proxy %s not reachable yet; will keep trying",
+                                       endpoint)
+                        warned = True
+                if self._stop.wait(self.interval):
+                    break
+            try:
+                sock.send(bye, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        except Exception:
+            _logger().exception("proxy announcer stopped on an error")
+        finally:
+            try:
+                if sock is not None:
+                    sock.close()
+                if ctx is not None:
+                    ctx.term()
+            except Exception:
+                _logger().debug("announcer socket cleanup failed", exc_info=True)

@@ -1,0 +1,77 @@
+"""``create_app(cfg)``: the proxy as an aiohttp ``web.Application``."""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+from aiohttp import web
+
+from vllm_ascend_pd.proxy.config import ProxyConfig
+from vllm_ascend_pd.proxy.handlers import Handlers
+from vllm_ascend_pd.proxy.health import HealthChecker
+from vllm_ascend_pd.proxy.log import init_logger
+from vllm_ascend_pd.proxy.registration import RegistrationListener
+from vllm_ascend_pd.proxy.state import ProxyState, ReleaseFn
+
+logger = init_logger(__name__)
+
+STATE_KEY = web.AppKey("pd_proxy_state", ProxyState)
+
+
+def create_app(cfg: ProxyConfig, *, release_transfer: Optional[ReleaseFn] = None,
+               rng: Optional[random.Random] = None) -> web.Application:
+    """Build the proxy application.
+
+    ``release_transfer`` replaces ``vllm_ascend_pd.kvclient.release_transfer``
+    (tests inject a fake); ``rng`` seeds the tie-breaking of the balancer.
+    Background work (health checks, registration) starts in ``on_startup``
+    and stops in ``on_cleanup``.
+    """
+    cfg.validate()
+    state = ProxyState(cfg, release_transfer=release_transfer, rng=rng)
+    handlers = Handlers(state)
+    # Body limit enforced by the handler with a JSON 413; aiohttp's own limit
+    # sits just above it so that chunked bodies cannot grow without bound.
+    app = web.Application(client_max_size=cfg.max_body_bytes + 1)
+    app[STATE_KEY] = state
+    r = app.router
+    r.add_post("/v1/completions", handlers.completions)
+    r.add_post("/v1/chat/completions", handlers.chat_completions)
+    r.add_get("/v1/models", handlers.models)
+    r.add_get("/health", handlers.health)
+    r.add_get("/status", handlers.status)
+    r.add_get("/metrics", handlers.metrics)
+    r.add_post("/admin/instances", handlers.admin_add)
+    r.add_delete("/admin/instances", handlers.admin_remove)
+    app.on_startup.append(_on_startup)
+    app.on_cleanup.append(_on_cleanup)
+    return app
+
+
+async def _on_startup(app: web.Application) -> None:
+    state = app[STATE_KEY]
+    cfg = state.cfg
+    for inst in state.registry.instances():
+        state.clients.session(inst.address)  # open the long-lived sessions now
+    state.health = HealthChecker(state.registry, state.clients,
+                                 interval=cfg.health_interval, timeout=cfg.health_timeout)
+    state.health.start()
+    if cfg.register_port is not None:
+        state.registration = RegistrationListener(
+            state.registry, host=cfg.register_host, port=cfg.register_port,
+            ttl=cfg.heartbeat_ttl, on_added=state.on_instance_added,
+            on_removed=state.on_instance_removed)
+        state.registration.start()
+    logger.info("proxy ready: %d prefill, %d decode instances, policy %s",
+                len(cfg.prefill), len(cfg.decode), cfg.policy)
+
+
+async def _on_cleanup(app: web.Application) -> None:
+    state = app[STATE_KEY]
+    if state.registration is not None:
+        await state.registration.stop()
+    if state.health is not None:
+        await state.health.stop()
+    await state.close_background()
+    await state.clients.close()

@@ -1,0 +1,273 @@
+"""HTTP endpoints of the proxy.  Thin: validation here, the PD path in pd.py."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+
+import aiohttp
+from aiohttp import web
+
+from vllm_ascend_pd.proxy import codec
+from vllm_ascend_pd.proxy.balancer import estimate_prompt_tokens
+from vllm_ascend_pd.proxy.config import ConfigError, normalize_address
+from vllm_ascend_pd.proxy.errors import UpstreamClientError, UpstreamError, error_response
+from vllm_ascend_pd.proxy.log import init_logger
+from vllm_ascend_pd.proxy.pd import ClientGone, PDForwarder, PDRequest
+from vllm_ascend_pd.proxy.registry import DECODE, PREFILL, ROLES, Health, Source
+from vllm_ascend_pd.proxy.state import ProxyState
+
+logger = init_logger(__name__)
+
+_PASS_HEADERS = ("Authorization", "traceparent", "tracestate")
+_MAX_REQUEST_ID = 256
+
+
+def _request_id(request: web.Request) -> str:
+    rid = request.headers.get("X-Request-Id")
+    if rid and len(rid) <= _MAX_REQUEST_ID and rid.isprintable():
+        return rid
+    return uuid.uuid4().hex
+
+
+class Handlers:
+    def __init__(self, state: ProxyState):
+        self.s = state
+        self.cfg = state.cfg
+        self.pd = PDForwarder(state)
+        self._started = time.time()
+
+    # ------------------------------------------------------------ completions
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False, endpoint="completions")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True, endpoint="chat_completions")
+
+    async def _generate(self, request: web.Request, *, chat: bool,
+                        endpoint: str) -> web.StreamResponse:
+        s = self.s
+        status = 499
+        try:
+            resp = await self._admit_and_run(request, chat)
+            status = resp.status
+            return resp
+        finally:
+            s.metrics.requests.labels(endpoint, str(status)).inc()
+
+    async def _admit_and_run(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        s, cfg = self.s, self.cfg
+        rid = _request_id(request)
+        rid_hdr = {"X-Request-Id": rid}
+        if s.draining:
+            s.metrics.errors.labels("draining").inc()
+            return error_response(503, "the proxy is shutting down; retry on another "
+                                  "replica", headers={"Retry-After": str(cfg.retry_after),
+                                                      **rid_hdr})
+        if s.inflight >= cfg.max_inflight:
+            s.metrics.errors.labels("overloaded").inc()
+            return error_response(
+                503, f"too many requests in flight ({cfg.max_inflight}); retry later",
+                headers={"Retry-After": str(cfg.retry_after), **rid_hdr})
+        s.enter()
+        try:
+            return await self._run(request, chat, rid)
+        finally:
+            s.leave()
+
+    async def _read_body(self, request: web.Request, rid: str):
+        """Returns the parsed body dict or an error response."""
+        cfg = self.cfg
+        hdr = {"X-Request-Id": rid}
+        if request.content_length is not None and request.content_length > cfg.max_body_bytes:
+            self.s.metrics.errors.labels("body_too_large").inc()
+            return error_response(413, f"request body exceeds {cfg.max_body_bytes} bytes",
+                                  headers=hdr)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self.s.metrics.errors.labels("body_too_large").inc()
+            return error_response(413, f"request body exceeds {cfg.max_body_bytes} bytes",
+                                  headers=hdr)
+        try:
+            body = codec.loads(raw)
+        except codec.DecodeError as exc:
+            self.s.metrics.errors.labels("bad_request").inc()
+            return error_response(400, f"request body is not valid JSON: {exc}", headers=hdr)
+        if not isinstance(body, dict):
+            self.s.metrics.errors.labels("bad_request").inc()
+            return error_response(400, "request body must be a JSON object", headers=hdr)
+        model = body.get("model")
+        if cfg.model is not None and model is not None and model != cfg.model:
+            self.s.metrics.errors.labels("unknown_model").inc()
+            return error_response(404, f"The model `{model}` does not exist.", headers=hdr)
+        return body
+
+    async def _run(self, request: web.Request, chat: bool, rid: str) -> web.StreamResponse:
+        s = self.s
+        body = await self._read_body(request, rid)
+        if isinstance(body, web.StreamResponse):
+            return body
+        headers = {"Content-Type": "application/json", "X-Request-Id": rid}
+        for name in _PASS_HEADERS:
+            value = request.headers.get(name)
+            if value is not None:
+                headers[name] = value
+        # Client-supplied kv_transfer_params are never honoured: only the
+        # chosen prefill instance's own answer is passed to decode.
+        body.pop("kv_transfer_params", None)
+        req = PDRequest(path=request.path, body=body, chat=chat,
+                        stream=bool(body.get("stream")), request_id=rid, headers=headers,
+                        tokens=estimate_prompt_tokens(body))
+        try:
+            req.kv_params = await self.pd.prefill(req)
+            return await self.pd.decode(req, request)
+        except UpstreamClientError as err:
+            return web.Response(status=err.status, body=err.body or None,
+                                content_type=err.content_type or "application/json",
+                                headers={"X-Request-Id": rid})
+        except UpstreamError as err:
+            logger.error("request %s failed: %s", rid, err.message)
+            return error_response(err.status, err.message, headers={"X-Request-Id": rid})
+        except ClientGone as gone:
+            s.metrics.errors.labels("client_disconnect").inc()
+            logger.info("request %s: client disconnected; decode leg cancelled", rid)
+            return gone.response
+        except asyncio.CancelledError:
+            s.metrics.errors.labels("client_disconnect").inc()
+            logger.info("request %s: client disconnected; in-flight leg cancelled", rid)
+            raise
+        finally:
+            if req.kv_params is not None and not req.client_started:
+                # Nobody will pull these blocks: free them on the producer now.
+                s.release_kv(req.kv_params, "request ended before decode output")
+
+    # ------------------------------------------------------------ models
+    async def models(self, request: web.Request) -> web.Response:
+        s = self.s
+        headers = {}
+        if "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+        for role in (DECODE, PREFILL):
+            for inst in s.registry.candidates(role):
+                try:
+                    sess = s.clients.session(inst.address)
+                    async with asyncio.timeout(self.cfg.health_timeout + 1):
+                        async with sess.get("/v1/models", headers=headers) as resp:
+                            data = await resp.read()
+                            if resp.status == 200 or 400 <= resp.status < 500:
+                                return web.Response(status=resp.status, body=data,
+                                                    content_type=resp.content_type)
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError,
+                        RuntimeError) as exc:
+                    logger.debug("GET /v1/models on %s failed: %r", inst.address, exc)
+        if self.cfg.model:
+            return web.json_response({"object": "list", "data": [{
+                "id": self.cfg.model, "object": "model", "created": int(self._started),
+                "owned_by": "vllm-ascend-pd"}]}, dumps=lambda o: codec.dumps(o).decode())
+        return error_response(503, "no healthy instance answered /v1/models; set --model "
+                              "to serve a static model list")
+
+    # ------------------------------------------------------------ health/status
+    def _healthy_counts(self) -> dict:
+        return {role: sum(1 for i in self.s.registry.instances(role)
+                          if i.health is Health.HEALTHY) for role in ROLES}
+
+    async def health(self, request: web.Request) -> web.Response:
+        counts = self._healthy_counts()
+        ok = not self.s.draining and all(counts.values())
+        body = {"status": "ok" if ok else ("draining" if self.s.draining else "degraded"),
+                **counts}
+        return web.Response(status=200 if ok else 503, body=codec.dumps(body),
+                            content_type="application/json")
+
+    async def status(self, request: web.Request) -> web.Response:
+        s = self.s
+        body = {
+            "policy": self.cfg.policy,
+            "model": self.cfg.model,
+            "inflight": s.inflight,
+            "max_inflight": self.cfg.max_inflight,
+            "draining": s.draining,
+            "uptime": round(time.time() - self._started, 3),
+            "healthy": self._healthy_counts(),
+            "instances": s.registry.snapshot(),
+            "registration": (s.registration.endpoint if s.registration else None),
+        }
+        return web.Response(body=codec.dumps(body), content_type="application/json")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if not self.s.metrics.available:
+            return error_response(503, "metrics need prometheus_client: pip install "
+                                  "prometheus_client")
+        data, ctype = self.s.metrics.exposition()
+        resp = web.Response(body=data)
+        resp.headers["Content-Type"] = ctype
+        return resp
+
+    # ------------------------------------------------------------ admin
+    def _admin_denied(self, request: web.Request):
+        token = self.cfg.admin_token
+        if not token:
+            return error_response(403, "the admin API is disabled; start the proxy with "
+                                  "--admin-token to enable it")
+        auth = request.headers.get("Authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), token.encode()):
+            return error_response(401, "missing or wrong admin bearer token",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def _admin_target(self, request: web.Request):
+        try:
+            body = codec.loads(await request.read())
+        except (codec.DecodeError, web.HTTPRequestEntityTooLarge):
+            return error_response(400, "body must be JSON: {\"role\": \"prefill\"|\"decode\","
+                                  " \"address\": \"host:port\"}")
+        if not isinstance(body, dict) or body.get("role") not in ROLES \
+                or not isinstance(body.get("address"), str):
+            return error_response(400, "body must be {\"role\": \"prefill\"|\"decode\", "
+                                  "\"address\": \"host:port\"}")
+        try:
+            address = normalize_address(body["address"])
+        except ConfigError as exc:
+            return error_response(400, str(exc))
+        return body["role"], address
+
+    async def admin_add(self, request: web.Request) -> web.Response:
+        denied = self._admin_denied(request)
+        if denied is not None:
+            return denied
+        target = await self._admin_target(request)
+        if isinstance(target, web.Response):
+            return target
+        role, address = target
+        s = self.s
+        inst, created = s.registry.add(role, address, Source.ADMIN)
+        if created:
+            logger.info("admin: added %s instance %s", role, address)
+            if s.health is not None and s.registry.health_checks:
+                await s.health.probe(inst)
+        return web.Response(status=201 if created else 200, content_type="application/json",
+                            body=codec.dumps({"added": created,
+                                              "instance": inst.to_status(time.monotonic())}))
+
+    async def admin_remove(self, request: web.Request) -> web.Response:
+        denied = self._admin_denied(request)
+        if denied is not None:
+            return denied
+        target = await self._admin_target(request)
+        if isinstance(target, web.Response):
+            return target
+        role, address = target
+        inst = self.s.registry.remove(role, address)
+        if inst is None:
+            return error_response(404, f"no {role} instance {address}")
+        logger.info("admin: removed %s instance %s (%d requests still finishing)", role,
+                    address, inst.inflight_requests)
+        self.s.on_instance_removed(inst)
+        return web.Response(content_type="application/json", body=codec.dumps(
+            {"removed": True, "inflight_requests": inst.inflight_requests}))

@@ -1,0 +1,122 @@
+"""Prometheus metrics of the proxy.
+
+Each application gets its own ``CollectorRegistry`` (no process-global
+state, several proxies can live in one test process).  When
+``prometheus_client`` is not importable the metrics are no-ops and
+``/metrics`` says so with a 503.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+try:
+    import prometheus_client as _prom
+    from prometheus_client.core import GaugeMetricFamily
+except ImportError:  # pragma: no cover - exercised only without the package
+    _prom = None
+
+PREFIX = "vllm_pd_proxy_"
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+ERROR_KINDS = (
+    "bad_request", "body_too_large", "unknown_model", "overloaded", "draining",
+    "prefill_connect", "prefill_timeout", "prefill_status", "prefill_no_params",
+    "prefill_protocol", "prefill_client_error", "no_prefill",
+    "decode_connect", "decode_timeout", "decode_status", "decode_empty",
+    "decode_protocol", "decode_client_error", "decode_midstream", "no_decode",
+    "client_disconnect",
+)
+
+
+class _Noop:
+    def labels(self, *a, **k):
+        return self
+
+    def inc(self, *a, **k):
+        pass
+
+    def dec(self, *a, **k):
+        pass
+
+    def observe(self, *a, **k):
+        pass
+
+    def set(self, *a, **k):
+        pass
+
+
+class ProxyMetrics:
+    """All metrics of one proxy application."""
+
+    available = _prom is not None
+
+    def __init__(self, instances_fn: Optional[Callable[[], list]] = None):
+        if _prom is None:
+            noop = _Noop()
+            self.registry = None
+            self.requests = self.errors = self.failovers = noop
+            self.prefill_latency = self.decode_latency = self.ttft = noop
+            self.inflight = noop
+            return
+        reg = self.registry = _prom.CollectorRegistry(auto_describe=True)
+        self.requests = _prom.Counter(
+            PREFIX + "requests", "Client requests by endpoint and final status.",
+            ["endpoint", "status"], registry=reg)
+        self.errors = _prom.Counter(
+            PREFIX + "errors", "Errors by kind (one per failed attempt).",
+            ["kind"], registry=reg)
+        self.failovers = _prom.Counter(
+            PREFIX + "failovers", "Retries on another instance, by leg.",
+            ["leg"], registry=reg)
+        self.prefill_latency = _prom.Histogram(
+            PREFIX + "prefill_latency_seconds",
+            "Prefill leg: request sent to kv_transfer_params received.",
+            buckets=_LATENCY_BUCKETS, registry=reg)
+        self.decode_latency = _prom.Histogram(
+            PREFIX + "decode_latency_seconds",
+            "Decode leg: request sent to last byte relayed.",
+            buckets=_LATENCY_BUCKETS, registry=reg)
+        self.ttft = _prom.Histogram(
+            PREFIX + "ttft_seconds",
+            "Client request received to first byte sent to the client.",
+            buckets=_LATENCY_BUCKETS, registry=reg)
+        self.inflight = _prom.Gauge(
+            PREFIX + "inflight_requests", "Client requests being served.",
+            registry=reg)
+        for kind in ERROR_KINDS:  # export zeros so rate() works from the start
+            self.errors.labels(kind)
+        for leg in ("prefill", "decode"):
+            self.failovers.labels(leg)
+        if instances_fn is not None:
+            reg.register(_InstanceCollector(instances_fn))
+
+    def exposition(self) -> tuple[bytes, str]:
+        if _prom is None:
+            raise RuntimeError("prometheus_client is not installed")
+        return _prom.generate_latest(self.registry), _prom.CONTENT_TYPE_LATEST
+
+
+class _InstanceCollector:
+    """Per-instance health and load, read from the registry at scrape time."""
+
+    def __init__(self, instances_fn: Callable[[], list]):
+        self._fn = instances_fn
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        healthy = GaugeMetricFamily(PREFIX + "instance_healthy",
+                                    "1 if the instance is routable.",
+                                    labels=["role", "address"])
+        inflight = GaugeMetricFamily(PREFIX + "instance_inflight_requests",
+                                     "Requests outstanding on the instance.",
+                                     labels=["role", "address"])
+        for inst in self._fn():
+            labels = [inst.role, inst.address]
+            healthy.add_metric(labels, 1.0 if inst.health.value == "healthy" else 0.0)
+            inflight.add_metric(labels, float(inst.inflight_requests))
+        yield healthy
+        yield inflight

@@ -1,0 +1,319 @@
+"""The disaggregated request path: prefill leg, then decode leg, with failover.
+
+1. Prefill: a copy of the body with ``max_tokens=1``, ``stream=false`` and
+   ``kv_transfer_params={"do_remote_decode": true}`` goes to a prefill
+   instance; its answer's ``kv_transfer_params`` is kept opaque.
+2. Decode: the original body plus those params goes to a decode instance;
+   its answer is relayed unchanged (SSE event by event).
+
+Failover happens only while nothing has been sent to the client, and never
+retries a node already tried for the same request.  Only instances in the
+registry are contacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import aiohttp
+from aiohttp import web
+
+from vllm_ascend_pd.proxy import codec
+from vllm_ascend_pd.proxy.errors import UpstreamClientError, UpstreamError
+from vllm_ascend_pd.proxy.log import init_logger
+from vllm_ascend_pd.proxy.registry import DECODE, PREFILL, Instance
+from vllm_ascend_pd.proxy.sse import SSEBuffer
+from vllm_ascend_pd.proxy.state import ProxyState
+
+logger = init_logger(__name__)
+
+_SSE = "text/event-stream"
+
+
+@dataclass
+class PDRequest:
+    """Per-request bookkeeping shared by both legs."""
+    path: str
+    body: dict
+    chat: bool
+    stream: bool
+    request_id: str
+    headers: dict  # outbound headers (auth, request id, content type)
+    tokens: int
+    started: float = field(default_factory=time.perf_counter)
+    kv_params: Optional[dict] = None
+    # Decode output reached (or is being streamed to) the client: from here
+    # on there is no failover, and the producer's KV has been consumed.
+    client_started: bool = False
+
+
+def _classify(exc: BaseException, leg: str, addr: str, phase: str) -> UpstreamError:
+    """Map a client-side exception of one attempt to an UpstreamError."""
+    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+        return UpstreamError(f"{leg}_connect", f"cannot connect to {leg} instance {addr}: "
+                             f"{exc}", 502)
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamError(f"{leg}_timeout", f"{leg} instance {addr} timed out {phase}", 504)
+    return UpstreamError(f"{leg}_protocol", f"{leg} instance {addr} failed {phase}: "
+                         f"{type(exc).__name__}: {exc}", 502)
+
+
+_UPSTREAM_EXC = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+
+
+class ClientGone(Exception):
+    """Writing to the client failed: it disconnected."""
+
+    def __init__(self, response: web.StreamResponse):
+        super().__init__("client disconnected")
+        self.response = response
+
+
+async def _send(out: web.StreamResponse, data: Optional[bytes],
+                request: Optional[web.Request] = None, *, eof: bool = False) -> None:
+    """Write to the client; a failed write becomes :class:`ClientGone`."""
+    try:
+        if request is not None:
+            await out.prepare(request)
+        elif eof:
+            await out.write_eof()
+        else:
+            await out.write(data)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+        raise ClientGone(out) from exc
+
+
+class PDForwarder:
+    def __init__(self, state: ProxyState):
+        self.s = state
+        self.cfg = state.cfg
+
+    # ------------------------------------------------------------------ prefill
+    def prefill_body(self, req: PDRequest) -> bytes:
+        body = dict(req.body)
+        body.pop("stream_options", None)
+        body.pop("min_tokens", None)  # would contradict max_tokens=1
+        body["stream"] = False
+        body["max_tokens"] = 1
+        if req.chat:
+            body["max_completion_tokens"] = 1
+        body["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False}
+        return codec.dumps(body)
+
+    async def prefill(self, req: PDRequest) -> dict:
+        """Run the prefill leg with failover; returns P's kv_transfer_params."""
+        payload = self.prefill_body(req)
+        return await self._with_failover(PREFILL, self.cfg.prefill_attempts,
+                                         lambda i: self._prefill_once(i, req, payload))
+
+    async def _prefill_once(self, inst: Instance, req: PDRequest, payload: bytes) -> dict:
+        s = self.s
+        sess = s.clients.session(inst.address)
+        s.registry.acquire(inst, req.tokens)
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.cfg.first_byte_timeout):
+                async with sess.post(req.path, data=payload, headers=req.headers) as resp:
+                    data = await resp.read()
+                    status = resp.status
+                    ctype = resp.content_type
+        except _UPSTREAM_EXC as exc:
+            raise _classify(exc, "prefill", inst.address, "before answering") from exc
+        finally:
+            s.release_instance(inst, req.tokens)
+        if status >= 500:
+            raise UpstreamError("prefill_status", f"prefill instance {inst.address} "
+                                f"answered {status}: {data[:200]!r}", 502)
+        if status >= 400:
+            raise UpstreamClientError(status, data, ctype)
+        try:
+            answer = codec.loads(data)
+        except codec.DecodeError:
+            raise UpstreamError("prefill_protocol", f"prefill instance {inst.address} "
+                                "answered invalid JSON", 502) from None
+        params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        if not isinstance(params, dict) or not params:
+            raise UpstreamError(
+                "prefill_no_params", f"prefill instance {inst.address} returned no "
+                "kv_transfer_params; is it started with --kv-transfer-config "
+                "kv_role=kv_producer/kv_both?", 502)
+        s.metrics.prefill_latency.observe(time.perf_counter() - t0)
+        return params
+
+    # ------------------------------------------------------------------ decode
+    def decode_body(self, req: PDRequest) -> bytes:
+        body = dict(req.body)
+        body["kv_transfer_params"] = req.kv_params
+        return codec.dumps(body)
+
+    async def decode(self, req: PDRequest, request: web.Request) -> web.StreamResponse:
+        payload = self.decode_body(req)
+        return await self._with_failover(
+            DECODE, self.cfg.decode_attempts,
+            lambda i: self._decode_once(i, req, payload, request))
+
+    async def _decode_once(self, inst: Instance, req: PDRequest, payload: bytes,
+                           request: web.Request) -> web.StreamResponse:
+        s = self.s
+        sess = s.clients.session(inst.address)
+        s.registry.acquire(inst, req.tokens)
+        t0 = time.perf_counter()
+        resp: Optional[aiohttp.ClientResponse] = None
+        clean = False
+        try:
+            streaming = req.stream
+            first_byte = self.cfg.first_byte_timeout if streaming else \
+                (self.cfg.nonstream_timeout or None)
+            try:
+                async with asyncio.timeout(first_byte):
+                    resp = await sess.post(req.path, data=payload, headers=req.headers)
+                    if resp.status >= 400:
+                        data = await resp.read()
+                        if resp.status >= 500:
+                            raise UpstreamError(
+                                "decode_status", f"decode instance {inst.address} answered "
+                                f"{resp.status}: {data[:200]!r}", 502)
+                        raise UpstreamClientError(resp.status, data, resp.content_type)
+                    sse = streaming and resp.content_type == _SSE
+                    if sse:
+                        buf = SSEBuffer()
+                        first, eof = await self._first_events(resp, buf, inst)
+                    else:
+                        data = await resp.read()
+                        if not data:
+                            raise UpstreamError("decode_empty", f"decode instance "
+                                                f"{inst.address} answered an empty body", 502)
+            except _UPSTREAM_EXC as exc:
+                raise _classify(exc, "decode", inst.address,
+                                "before its first byte") from exc
+            if not sse:
+                req.client_started = True
+                out = web.Response(status=resp.status, body=data,
+                                   content_type=resp.content_type,
+                                   headers={"X-Request-Id": req.request_id})
+                s.metrics.ttft.observe(time.perf_counter() - req.started)
+                s.metrics.decode_latency.observe(time.perf_counter() - t0)
+                clean = True
+                return out
+            out = await self._relay(request, req, resp, buf, first, eof, inst)
+            s.metrics.decode_latency.observe(time.perf_counter() - t0)
+            clean = True
+            return out
+        finally:
+            if resp is not None:
+                if clean:
+                    resp.release()
+                else:
+                    resp.close()  # aborts the request on the decode instance
+            s.release_instance(inst, req.tokens)
+
+    async def _first_events(self, resp: aiohttp.ClientResponse, buf: SSEBuffer,
+                            inst: Instance) -> tuple[list[bytes], bool]:
+        content = resp.content
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                rest = buf.flush()
+                if rest is None:
+                    raise UpstreamError("decode_empty", f"decode instance {inst.address} "
+                                        "closed the stream before its first event", 502)
+                return [rest], True
+            events = buf.feed(chunk)
+            if events:
+                return events, False
+
+    async def _relay(self, request: web.Request, req: PDRequest,
+                     resp: aiohttp.ClientResponse, buf: SSEBuffer, first: list[bytes],
+                     eof: bool, inst: Instance) -> web.StreamResponse:
+        """Start the client response with the first event(s) and relay the rest."""
+        s = self.s
+        out = web.StreamResponse(status=resp.status, headers={
+            "Content-Type": resp.headers.get("Content-Type", _SSE),
+            "Cache-Control": "no-cache",
+            "X-Request-Id": req.request_id,
+        })
+        req.client_started = True
+        await _send(out, None, request)
+        await _send(out, first[0] if len(first) == 1 else b"".join(first))
+        s.metrics.ttft.observe(time.perf_counter() - req.started)
+        if eof:
+            await _send(out, b"", eof=True)
+            return out
+        gap = self.cfg.event_gap_timeout
+        loop = asyncio.get_running_loop()
+        content = resp.content
+        try:
+            async with asyncio.timeout_at(loop.time() + gap) as tmo:
+                while True:
+                    chunk = await content.readany()
+                    if not chunk:
+                        rest = buf.flush()
+                        if rest is not None:
+                            tmo.reschedule(None)
+                            await _send(out, rest)
+                        break
+                    events = buf.feed(chunk)
+                    if events:
+                        # The client's own pace must not count as backend silence.
+                        tmo.reschedule(None)
+                        await _send(out, events[0] if len(events) == 1 else b"".join(events))
+                        tmo.reschedule(loop.time() + gap)
+        except _UPSTREAM_EXC as exc:
+            await self._midstream_failure(out, req, inst, exc)
+            return out
+        await _send(out, b"", eof=True)
+        return out
+
+    async def _midstream_failure(self, out: web.StreamResponse, req: PDRequest,
+                                 inst: Instance, exc: BaseException) -> None:
+        """The stream already started: end it with an SSE error event."""
+        timeout = isinstance(exc, asyncio.TimeoutError)
+        what = "went silent longer than --event-gap-timeout" if timeout \
+            else f"failed ({type(exc).__name__}: {exc})"
+        logger.warning("request %s: decode instance %s %s after the stream started; "
+                       "ending the stream with an error event", req.request_id,
+                       inst.address, what)
+        self.s.metrics.errors.labels("decode_midstream").inc()
+        self.s.registry.mark_failure(inst)
+        status = 504 if timeout else 502
+        event = b"data: " + codec.dumps({"error": {
+            "message": f"decode instance {what} mid-stream",
+            "type": "GatewayTimeoutError" if timeout else "BadGatewayError",
+            "code": status}}) + b"\n\n"
+        await _send(out, event)
+        await _send(out, b"", eof=True)
+
+    # ------------------------------------------------------------------ failover
+    async def _with_failover(self, role: str, attempts: int, attempt_fn):
+        s = self.s
+        tried: list[str] = []
+        last: Optional[UpstreamError] = None
+        policy = s.policies[role]
+        for n in range(attempts):
+            cands = s.registry.candidates(role, exclude=tried)
+            if not cands:
+                break
+            inst = policy.pick(cands)
+            tried.append(inst.address)
+            if n:
+                s.metrics.failovers.labels(role).inc()
+            try:
+                result = await attempt_fn(inst)
+            except UpstreamError as err:
+                s.metrics.errors.labels(err.kind).inc()
+                s.registry.mark_failure(inst)
+                logger.warning("%s attempt %d failed: %s", role, n + 1, err.message)
+                last = err
+                continue
+            except UpstreamClientError:
+                s.metrics.errors.labels(f"{role}_client_error").inc()
+                raise
+            s.registry.mark_success(inst)
+            return result
+        if last is None:
+            s.metrics.errors.labels(f"no_{role}").inc()
+            raise UpstreamError(f"no_{role}", f"no healthy {role} instance available", 503)
+        raise last

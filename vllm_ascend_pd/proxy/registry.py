@@ -1,0 +1,197 @@
+"""Known instances and their health/load state.  Plain data, no I/O.
+
+The registry is owned by the proxy's event loop: every mutation happens on
+that loop (HTTP handlers, the health checker, the ZMQ registration listener
+all run there), so no locks are needed.  Only instances present here are
+ever contacted by the proxy.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+PREFILL = "prefill"
+DECODE = "decode"
+ROLES = (PREFILL, DECODE)
+
+
+class Health(str, enum.Enum):
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+class Source(str, enum.Enum):
+    STATIC = "static"          # --prefill / --decode
+    REGISTERED = "registered"  # ZMQ announcement; evicted without heartbeats
+    ADMIN = "admin"            # POST /admin/instances
+
+
+@dataclass
+class Instance:
+    role: str
+    address: str  # canonical host:port
+    source: Source
+    health: Health = Health.HEALTHY
+    suspect_until: float = 0.0
+    health_failures: int = 0
+    inflight_requests: int = 0
+    inflight_tokens: int = 0
+    requests_total: int = 0
+    failures_total: int = 0
+    last_heartbeat: Optional[float] = None
+    ttl: Optional[float] = None
+    removed: bool = False
+    meta: dict = field(default_factory=dict)  # engine_id, kv_address, model, ...
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.address}"
+
+    def is_suspect(self, now: float) -> bool:
+        return now < self.suspect_until
+
+    def to_status(self, now: float) -> dict:
+        return {
+            "role": self.role,
+            "address": self.address,
+            "source": self.source.value,
+            "health": self.health.value,
+            "suspect": self.is_suspect(now),
+            "inflight_requests": self.inflight_requests,
+            "inflight_tokens": self.inflight_tokens,
+            "requests_total": self.requests_total,
+            "failures_total": self.failures_total,
+            "heartbeat_age": (None if self.last_heartbeat is None
+                              else round(now - self.last_heartbeat, 3)),
+            **({"meta": self.meta} if self.meta else {}),
+        }
+
+
+class Registry:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic,
+                 suspect_cooldown: float = 5.0, health_failures: int = 2,
+                 health_checks: bool = True):
+        self._clock = clock
+        self._by_role: dict[str, dict[str, Instance]] = {r: {} for r in ROLES}
+        self.suspect_cooldown = suspect_cooldown
+        self.health_failures = health_failures
+        # Without active checks, new dynamic instances are trusted at once.
+        self.health_checks = health_checks
+        self.version = 0  # bumped on membership change
+
+    # -- membership -------------------------------------------------------
+    def add(self, role: str, address: str, source: Source, *,
+            meta: Optional[dict] = None, ttl: Optional[float] = None
+            ) -> tuple[Instance, bool]:
+        """Add (or refresh) an instance.  Returns ``(instance, created)``."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        now = self._clock()
+        inst = self._by_role[role].get(address)
+        created = inst is None
+        if created:
+            start = Health.HEALTHY
+            if source is not Source.STATIC and self.health_checks:
+                start = Health.UNKNOWN  # routable once a probe passes
+            inst = Instance(role=role, address=address, source=source, health=start)
+            self._by_role[role][address] = inst
+            self.version += 1
+        elif inst.source is Source.REGISTERED and source is not Source.REGISTERED:
+            inst.source = source  # pinned by an operator: no longer evictable
+        if source is Source.REGISTERED:
+            inst.last_heartbeat = now
+            inst.ttl = ttl
+        if meta:
+            inst.meta.update(meta)
+        return inst, created
+
+    def remove(self, role: str, address: str) -> Optional[Instance]:
+        inst = self._by_role.get(role, {}).pop(address, None)
+        if inst is not None:
+            inst.removed = True
+            self.version += 1
+        return inst
+
+    def get(self, role: str, address: str) -> Optional[Instance]:
+        return self._by_role.get(role, {}).get(address)
+
+    def instances(self, role: Optional[str] = None) -> list[Instance]:
+        if role is not None:
+            return list(self._by_role[role].values())
+        return [i for r in ROLES for i in self._by_role[r].values()]
+
+    def addresses(self) -> set[str]:
+        return {i.address for i in self.instances()}
+
+    def is_known(self, address: str) -> bool:
+        return any(address in self._by_role[r] for r in ROLES)
+
+    def evict_expired(self) -> list[Instance]:
+        """Drop registered instances whose heartbeats stopped."""
+        now = self._clock()
+        gone = []
+        for role in ROLES:
+            for inst in list(self._by_role[role].values()):
+                if (inst.source is Source.REGISTERED and inst.ttl is not None
+                        and inst.last_heartbeat is not None
+                        and now - inst.last_heartbeat > inst.ttl):
+                    self.remove(role, inst.address)
+                    gone.append(inst)
+        return gone
+
+    # -- selection --------------------------------------------------------
+    def candidates(self, role: str, exclude: Iterable[str] = ()) -> list[Instance]:
+        """Routable instances of ``role`` not in ``exclude``.
+
+        Healthy, non-suspect nodes first; if there are none, healthy nodes
+        that recently failed a request (better one more try than a 503).
+        Nodes the health checker found dead, or not yet probed, are never
+        returned.
+        """
+        now = self._clock()
+        excluded = set(exclude)
+        good, suspect = [], []
+        for inst in self._by_role[role].values():
+            if inst.address in excluded or inst.health is not Health.HEALTHY:
+                continue
+            (suspect if inst.is_suspect(now) else good).append(inst)
+        return good or suspect
+
+    # -- state changes ----------------------------------------------------
+    def acquire(self, inst: Instance, tokens: int) -> None:
+        inst.inflight_requests += 1
+        inst.inflight_tokens += tokens
+        inst.requests_total += 1
+
+    def release(self, inst: Instance, tokens: int) -> None:
+        inst.inflight_requests -= 1
+        inst.inflight_tokens -= tokens
+
+    def mark_failure(self, inst: Instance) -> None:
+        inst.failures_total += 1
+        inst.suspect_until = self._clock() + self.suspect_cooldown
+
+    def mark_success(self, inst: Instance) -> None:
+        inst.suspect_until = 0.0
+
+    def record_probe(self, inst: Instance, ok: bool) -> Optional[Health]:
+        """Apply a health-probe result.  Returns the new health on a change."""
+        before = inst.health
+        if ok:
+            inst.health_failures = 0
+            inst.health = Health.HEALTHY
+            inst.suspect_until = 0.0
+        else:
+            inst.health_failures += 1
+            if inst.health is Health.UNKNOWN or inst.health_failures >= self.health_failures:
+                inst.health = Health.UNHEALTHY
+        return inst.health if inst.health is not before else None
+
+    def snapshot(self) -> dict:
+        now = self._clock()
+        return {role: [i.to_status(now) for i in self._by_role[role].values()]
+                for role in ROLES}

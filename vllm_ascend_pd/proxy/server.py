@@ -1,0 +1,65 @@
+"""Running the proxy: listen, serve, and drain on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+from aiohttp import web
+
+from vllm_ascend_pd.proxy.app import STATE_KEY, create_app
+from vllm_ascend_pd.proxy.config import ProxyConfig
+from vllm_ascend_pd.proxy.log import init_logger
+from vllm_ascend_pd.proxy.state import ReleaseFn
+
+logger = init_logger(__name__)
+
+
+class ProxyServer:
+    """Owns the aiohttp runner of one proxy.
+
+    ``shutdown()`` is what SIGTERM triggers: stop accepting connections,
+    answer 503 to anything still arriving, let in-flight requests finish for
+    up to ``cfg.drain_timeout`` seconds, then cancel the rest and clean up.
+    """
+
+    def __init__(self, cfg: ProxyConfig, *, release_transfer: Optional[ReleaseFn] = None):
+        self.cfg = cfg
+        self.app = create_app(cfg, release_transfer=release_transfer)
+        self.state = self.app[STATE_KEY]
+        self._runner: Optional[web.AppRunner] = None
+        self._site: Optional[web.TCPSite] = None
+        self.port: Optional[int] = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(
+            self.app,
+            handler_cancellation=True,  # a client disconnect cancels its handler
+            access_log=logger if self.cfg.access_log else None,
+            shutdown_timeout=1.0,
+        )
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port,
+                                 backlog=4096, reuse_address=True)
+        await self._site.start()
+        addresses = self._runner.addresses
+        self.port = addresses[0][1] if addresses else self.cfg.port
+        logger.info("proxy listening on http://%s:%d", self.cfg.host, self.port)
+
+    async def shutdown(self) -> None:
+        state = self.state
+        state.draining = True
+        if self._site is not None:
+            await self._site.stop()  # no new connections
+            self._site = None
+        if state.inflight:
+            logger.info("draining %d in-flight requests (up to %.0fs)", state.inflight,
+                        self.cfg.drain_timeout)
+            try:
+                await asyncio.wait_for(state.idle.wait(), self.cfg.drain_timeout)
+            except asyncio.TimeoutError:
+                logger.warning("drain timeout: cancelling %d requests", state.inflight)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        logger.info("proxy stopped")

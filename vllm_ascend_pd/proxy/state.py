@@ -1,0 +1,113 @@
+"""Everything one proxy application owns, in one object."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Awaitable, Callable, Optional
+
+from vllm_ascend_pd.proxy.balancer import Policy, make_policy
+from vllm_ascend_pd.proxy.clients import BackendClients
+from vllm_ascend_pd.proxy.config import ProxyConfig
+from vllm_ascend_pd.proxy.log import init_logger
+from vllm_ascend_pd.proxy.metrics import ProxyMetrics
+from vllm_ascend_pd.proxy.registry import DECODE, PREFILL, Instance, Registry, Source
+
+logger = init_logger(__name__)
+
+ReleaseFn = Callable[..., Awaitable[bool]]
+
+
+async def default_release_transfer(kv_transfer_params: dict, *, timeout: float = 2.0) -> bool:
+    """Ask the producer to free the KV blocks of an abandoned transfer."""
+    try:
+        from vllm_ascend_pd.kvclient import release_transfer
+    except ImportError:
+        logger.warning("vllm_ascend_pd.kvclient is not available; the producer keeps "
+                       "the KV blocks of an abandoned request until its own timeout")
+        return False
+    return await release_transfer(kv_transfer_params, timeout=timeout)
+
+
+class ProxyState:
+    def __init__(self, cfg: ProxyConfig, *, release_transfer: Optional[ReleaseFn] = None,
+                 rng: Optional[random.Random] = None):
+        self.cfg = cfg
+        self.registry = Registry(suspect_cooldown=cfg.suspect_cooldown,
+                                 health_failures=cfg.health_failures,
+                                 health_checks=cfg.health_interval > 0)
+        rng = rng or random.Random()
+        self.policies: dict[str, Policy] = {
+            PREFILL: make_policy(cfg.policy, random.Random(rng.random())),
+            DECODE: make_policy(cfg.policy, random.Random(rng.random())),
+        }
+        self.clients = BackendClients(cfg)
+        self.metrics = ProxyMetrics(self.registry.instances)
+        self.release_transfer: ReleaseFn = release_transfer or default_release_transfer
+        self.inflight = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._background: set[asyncio.Task] = set()
+        self.health = None        # HealthChecker, set by the app
+        self.registration = None  # RegistrationListener, set by the app
+        for addr in cfg.prefill:
+            self.registry.add(PREFILL, addr, Source.STATIC)
+        for addr in cfg.decode:
+            self.registry.add(DECODE, addr, Source.STATIC)
+
+    # -- admission --------------------------------------------------------
+    def enter(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+        self.metrics.inflight.inc()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.dec()
+        if self.inflight == 0:
+            self.idle.set()
+
+    # -- instance lifecycle -----------------------------------------------
+    def release_instance(self, inst: Instance, tokens: int) -> None:
+        self.registry.release(inst, tokens)
+        if inst.removed and inst.inflight_requests == 0:
+            self.close_if_unused(inst.address)
+
+    def on_instance_removed(self, inst: Instance) -> None:
+        if inst.inflight_requests == 0:
+            self.close_if_unused(inst.address)
+
+    def on_instance_added(self, inst: Instance) -> None:
+        if self.health is not None and self.registry.health_checks:
+            self.spawn(self.health.probe(inst))
+
+    def close_if_unused(self, address: str) -> None:
+        if not self.registry.is_known(address):
+            self.clients.close_later(address)
+
+    # -- background work --------------------------------------------------
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def release_kv(self, kv_transfer_params: dict, reason: str) -> asyncio.Task:
+        """Tell the producer to free blocks nobody will pull (not awaited)."""
+        return self.spawn(self._release(kv_transfer_params, reason))
+
+    async def _release(self, params: dict, reason: str) -> None:
+        try:
+            ok = await self.release_transfer(params, timeout=self.cfg.release_timeout)
+        except Exception:
+            logger.exception("release_transfer failed (%s)", reason)
+            return
+        logger.info("released KV of transfer %s (%s): %s",
+                    params.get("transfer_id", "?"), reason, "ok" if ok else "not confirmed")
+
+    async def close_background(self, timeout: float = 3.0) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout)
+            for t in list(self._background):
+                t.cancel()
