@@ -109,7 +109,7 @@ class RegistrationListener:
                     self.handle(payload)
 
     async def _evict_loop(self) -> None:
-        period = min(1.0, (self._ttl or DEFAULT_INTERVAL) / 3)
+        period = min(0.25, (self._ttl or DEFAULT_INTERVAL) / 3)
         while True:
             await asyncio.sleep(period)
             self.evict()

@@ -1,0 +1,62 @@
+"""Admin API: bearer token, add, remove."""
+
+from __future__ import annotations
+
+from conftest import state_of
+
+TOKEN = "s3cret-token"
+
+
+async def test_admin_disabled_without_token(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d])
+    resp = await client.post("/admin/instances", json={"role": "decode",
+                                                       "address": "127.0.0.1:1"},
+                             headers={"Authorization": "Bearer anything"})
+    assert resp.status == 403
+    assert "--admin-token" in (await resp.json())["error"]["message"]
+    assert len(state_of(client).registry.instances("decode")) == 1
+
+
+async def test_admin_requires_bearer_token(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d], admin_token=TOKEN)
+    target = {"role": "decode", "address": "127.0.0.1:1"}
+    for headers in ({}, {"Authorization": "Bearer wrong-token"},
+                    {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}):
+        for method in (client.post, client.delete):
+            resp = await method("/admin/instances", json=target, headers=headers)
+            assert resp.status == 401, headers
+            assert resp.headers["WWW-Authenticate"] == "Bearer"
+            assert (await resp.json())["error"]["code"] == 401
+    assert [i.address for i in state_of(client).registry.instances("decode")] == [d.address]
+
+
+async def test_admin_add_and_remove(backend, proxy):
+    p, d1, d2 = await backend("p"), await backend("d"), await backend("d")
+    client = await proxy([p], [d1], admin_token=TOKEN, health_interval=30)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    resp = await client.post("/admin/instances", headers=auth,
+                             json={"role": "decode", "address": f"http://{d2.address}"})
+    assert resp.status == 201
+    body = await resp.json()
+    assert body["added"] is True and body["instance"]["health"] == "healthy"
+    assert d2.health_probes >= 1  # probed before being put in rotation
+    for _ in range(6):
+        assert (await client.post("/v1/completions", json={"prompt": "x"})).status == 200
+    assert len(d1.requests) == 3 and len(d2.requests) == 3
+
+    resp = await client.delete("/admin/instances", headers=auth,
+                               json={"role": "decode", "address": d1.address})
+    assert resp.status == 200
+    for _ in range(3):
+        assert (await client.post("/v1/completions", json={"prompt": "x"})).status == 200
+    assert len(d1.requests) == 3 and len(d2.requests) == 6
+
+    resp = await client.delete("/admin/instances", headers=auth,
+                               json={"role": "decode", "address": d1.address})
+    assert resp.status == 404
+    for bad in ({"role": "router", "address": "a:1"}, {"role": "decode", "address": "nope"},
+                {"role": "decode", "address": "h:99999"}):
+        resp = await client.post("/admin/instances", headers=auth, json=bad)
+        assert resp.status == 400, bad

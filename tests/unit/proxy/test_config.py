@@ -1,0 +1,64 @@
+"""Flags and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_ascend_pd.proxy.config import ConfigError, ProxyConfig, config_from_args, parse_address
+
+
+def test_flags_of_other_proxies():
+    cfg = config_from_args([
+        "--prefill", "127.0.0.1:8100", "127.0.0.1:8101", "--prefill", "127.0.0.1:8102",
+        "--decode", "h1:8200,h2:8201", "--http-port", "9000", "--host", "0.0.0.0",
+        "--model", "qwen", "--register-port", "30001", "--policy", "least_tokens",
+    ]).validate()
+    assert cfg.prefill == ["127.0.0.1:8100", "127.0.0.1:8101", "127.0.0.1:8102"]
+    assert cfg.decode == ["h1:8200", "h2:8201"]
+    assert (cfg.port, cfg.host, cfg.model, cfg.register_port, cfg.policy) == (
+        9000, "0.0.0.0", "qwen", 30001, "least_tokens")
+    assert config_from_args(["--port", "1234", "--prefill", "a:1", "--decode", "b:2"]
+                            ).port == 1234
+
+
+def test_defaults_bind_loopback():
+    cfg = config_from_args(["--register-port", "5000"]).validate()
+    assert cfg.host == "127.0.0.1" and cfg.register_host == "127.0.0.1"
+
+
+def test_validation_says_what_to_set():
+    with pytest.raises(ConfigError) as e:
+        ProxyConfig().validate()
+    assert "--prefill" in str(e.value) and "--register-port" in str(e.value)
+    with pytest.raises(ConfigError, match="--event-gap-timeout"):
+        ProxyConfig(prefill=["a:1"], decode=["b:2"], event_gap_timeout=0).validate()
+    with pytest.raises(ConfigError, match="--admin-token"):
+        ProxyConfig(prefill=["a:1"], decode=["b:2"], admin_token="short").validate()
+    with pytest.raises(ConfigError, match="port must be"):
+        ProxyConfig(prefill=["a:0"], decode=["b:2"]).validate()
+
+
+def test_duplicate_addresses_are_merged():
+    cfg = ProxyConfig(prefill=["a:1", "http://a:1/", "a:1"], decode=["b:2"]).validate()
+    assert cfg.prefill == ["a:1"]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("h:1", ("h", 1)), ("http://h:80", ("h", 80)), ("[::1]:8000", ("::1", 8000)),
+    ("tcp://10.0.0.1:5", ("10.0.0.1", 5))])
+def test_parse_address(text, expected):
+    assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["h", ":1", "h:x", "h:70000", "::1:80", "h:1/path", ""])
+def test_parse_address_rejects(text):
+    with pytest.raises(ConfigError):
+        parse_address(text)
+
+
+def test_main_rejects_bad_config(capsys):
+    from vllm_ascend_pd.proxy.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(["--prefill", "a:1"])
+    assert e.value.code == 2
+    assert "--decode" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""Client disconnects: the in-flight leg is cancelled, abandoned KV is released."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import sse_events, state_of, wait_for
+
+
+async def test_disconnect_mid_stream_cancels_decode(backend, proxy, release):
+    p, d = await backend("p"), await backend("d")
+    d.events = sse_events(50)
+    d.event_delay = 0.05
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+    assert resp.status == 200
+    first = await resp.content.readuntil(b"\n\n")
+    assert first == d.events[0]
+    resp.close()  # client goes away
+    await wait_for(lambda: d.cancelled == 1)
+    assert d.completed == 0
+    await wait_for(lambda: state_of(client).inflight == 0)
+    inst = state_of(client).registry.instances("decode")[0]
+    assert inst.inflight_requests == 0
+    # Decode output had started: its KV was consumed, nothing to release.
+    await asyncio.sleep(0.05)
+    assert release.calls == []
+    assert state_of(client).metrics.errors.labels("client_disconnect")._value.get() == 1
+
+
+async def test_disconnect_between_prefill_and_decode_releases_kv(backend, proxy, release):
+    p, d = await backend("p"), await backend("d")
+    d.header_delay = 30  # decode has not answered yet
+    client = await proxy([p], [d])
+    task = asyncio.create_task(
+        client.post("/v1/completions", json={"prompt": "x", "stream": True}))
+    await asyncio.wait_for(d.handler_started.wait(), 2)
+    task.cancel()
+    await asyncio.wait_for(release.called.wait(), 2)
+    assert release.calls == [p.params(0)]
+    await wait_for(lambda: d.cancelled == 1)
+
+
+async def test_disconnect_during_prefill_cancels_prefill(backend, proxy, release):
+    p, d = await backend("p"), await backend("d")
+    p.header_delay = 30
+    client = await proxy([p], [d])
+    task = asyncio.create_task(client.post("/v1/completions", json={"prompt": "x"}))
+    await asyncio.wait_for(p.handler_started.wait(), 2)
+    task.cancel()
+    await wait_for(lambda: p.cancelled == 1)
+    await wait_for(lambda: state_of(client).inflight == 0)
+    assert d.requests == []
+    assert release.calls == []  # no KV was produced
+
+
+async def test_decode_4xx_is_relayed_and_kv_released(backend, proxy, release):
+    p, d = await backend("p"), await backend("d")
+    d.status = 400
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["message"] == f"{d.name} failed"
+    await asyncio.wait_for(release.called.wait(), 2)
+    assert release.calls == [p.params(0)]
+
+
+async def test_default_release_is_lazy_and_injectable(monkeypatch):
+    """Without kvclient the default release logs and returns False, never raises."""
+    import sys
+
+    from vllm_ascend_pd.proxy import state
+
+    monkeypatch.setitem(sys.modules, "vllm_ascend_pd.kvclient", None)  # ImportError
+    assert await state.default_release_transfer({"transfer_id": "t"}, timeout=0.1) is False
+
+    calls = []
+
+    class FakeKV:
+        @staticmethod
+        async def release_transfer(params, *, timeout=2.0):
+            calls.append((params, timeout))
+            return True
+
+    monkeypatch.setitem(sys.modules, "vllm_ascend_pd.kvclient", FakeKV)
+    assert await state.default_release_transfer({"transfer_id": "t"}, timeout=0.5) is True
+    assert calls == [({"transfer_id": "t"}, 0.5)]

@@ -1,0 +1,103 @@
+"""Graceful shutdown: stop accepting, drain in-flight requests, then exit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from conftest import free_port, sse_events
+from vllm_ascend_pd.proxy.config import ProxyConfig
+from vllm_ascend_pd.proxy.server import ProxyServer
+
+
+def _cfg(p, d, **kw):
+    return ProxyConfig(prefill=[p.address], decode=[d.address], port=0,
+                       health_interval=0, **kw)
+
+
+async def test_shutdown_drains_inflight_stream(backend, release):
+    p, d = await backend("p"), await backend("d")
+    d.events = sse_events(10)
+    d.event_delay = 0.05
+    server = ProxyServer(_cfg(p, d, drain_timeout=10), release_transfer=release)
+    await server.start()
+    url = f"http://127.0.0.1:{server.port}/v1/completions"
+    async with aiohttp.ClientSession() as sess:
+        async with sess.post(url, json={"prompt": "x", "stream": True}) as resp:
+            first = await resp.content.readuntil(b"\n\n")
+            shutdown = asyncio.create_task(server.shutdown())
+            await asyncio.sleep(0.05)
+            # No new connections once draining ...
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with aiohttp.ClientSession() as other:
+                    await other.post(url, json={"prompt": "x"})
+            assert not shutdown.done()
+            # ... while the in-flight stream runs to its end.
+            rest = await resp.read()
+        assert first + rest == b"".join(d.events)
+    await asyncio.wait_for(shutdown, 5)
+    assert d.completed == 1 and d.cancelled == 0
+
+
+async def test_drain_timeout_bounds_shutdown(backend, release):
+    p, d = await backend("p"), await backend("d")
+    d.stall_after = 1  # never finishes
+    server = ProxyServer(_cfg(p, d, drain_timeout=0.3), release_transfer=release)
+    await server.start()
+    url = f"http://127.0.0.1:{server.port}/v1/completions"
+    async with aiohttp.ClientSession() as sess:
+        async with sess.post(url, json={"prompt": "x", "stream": True}) as resp:
+            await resp.content.readuntil(b"\n\n")
+            t0 = time.monotonic()
+            await asyncio.wait_for(server.shutdown(), 5)
+            assert time.monotonic() - t0 < 2.5
+    for _ in range(100):
+        if d.cancelled:
+            break
+        await asyncio.sleep(0.02)
+    assert d.cancelled == 1  # the cut request was aborted on the decode side
+
+
+async def test_sigterm_drains_then_exits(backend):
+    p, d = await backend("p"), await backend("d")
+    d.events = sse_events(10)
+    d.event_delay = 0.05
+    port = free_port()
+    env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vllm_ascend_pd.proxy", "--prefill", p.address,
+        "--decode", d.address, "--port", str(port), "--health-interval", "0",
+        "--drain-timeout", "10", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as sess:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with sess.get(f"http://127.0.0.1:{port}/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "proxy did not start"
+                await asyncio.sleep(0.1)
+            async with sess.post(f"http://127.0.0.1:{port}/v1/completions",
+                                 json={"prompt": "x", "stream": True}) as resp:
+                first = await resp.content.readuntil(b"\n\n")
+                proc.send_signal(signal.SIGTERM)
+                rest = await resp.read()
+            assert first + rest == b"".join(d.events)
+        rc = await asyncio.wait_for(proc.wait(), 10)
+        stderr = (await proc.stderr.read()).decode()
+        assert rc == 0, stderr
+        assert "draining 1 in-flight requests" in stderr
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,147 @@
+"""Request hardening, admission control and the auxiliary endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import state_of
+
+
+async def test_body_too_large_413(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d], max_body_bytes=2048)
+    resp = await client.post("/v1/completions", json={"prompt": "x" * 5000})
+    assert resp.status == 413
+    body = await resp.json()
+    assert body["error"]["code"] == 413 and "2048" in body["error"]["message"]
+
+    async def chunked():  # no Content-Length: the limit still holds
+        for _ in range(10):
+            yield b" " * 1000
+    resp = await client.post("/v1/completions", data=chunked(),
+                             headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == 413
+    assert p.requests == []
+
+
+async def test_invalid_json_400(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d])
+    for raw in (b"{not json", b"[1, 2]", b""):
+        resp = await client.post("/v1/completions", data=raw,
+                                 headers={"Content-Type": "application/json"})
+        assert resp.status == 400, raw
+        body = await resp.json()
+        assert body["error"]["code"] == 400 and body["error"]["type"] == "BadRequestError"
+    assert p.requests == []
+
+
+async def test_unknown_model_404(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d], model="served")
+    resp = await client.post("/v1/chat/completions", json={
+        "model": "other", "messages": [{"role": "user", "content": "x"}]})
+    assert resp.status == 404
+    assert await resp.json() == {"error": {
+        "message": "The model `other` does not exist.", "type": "NotFoundError",
+        "code": 404}}
+    ok = await client.post("/v1/completions", json={"model": "served", "prompt": "x"})
+    assert ok.status == 200
+    assert p.requests[0]["body"]["model"] == "served"
+
+
+async def test_max_inflight_503_with_retry_after(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    d.header_delay = 0.5
+    client = await proxy([p], [d], max_inflight=2, retry_after=7)
+    slow = [asyncio.create_task(client.post("/v1/completions", json={"prompt": "x"}))
+            for _ in range(2)]
+    await asyncio.sleep(0.2)
+    resp = await client.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "7"
+    assert (await resp.json())["error"]["code"] == 503
+    assert [r.status for r in await asyncio.gather(*slow)] == [200, 200]
+    # Capacity is back once they finished.
+    assert (await client.post("/v1/completions", json={"prompt": "x"})).status == 200
+    assert state_of(client).metrics.errors.labels("overloaded")._value.get() == 1
+
+
+async def test_models_forwarded_then_synthesized(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d], model="served")
+    resp = await client.get("/v1/models")
+    assert resp.status == 200
+    assert (await resp.json())["data"][0]["id"] == f"model-of-{d.name}"  # decode first
+    await d.stop()
+    await p.stop()
+    resp = await client.get("/v1/models")
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["served"]
+
+
+async def test_models_without_backends_or_model_503(proxy):
+    from conftest import dead_address
+    client = await proxy([dead_address()], [dead_address()])
+    resp = await client.get("/v1/models")
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == 503
+
+
+async def test_health_and_status(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d], policy="least_requests")
+    resp = await client.get("/health")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ok", "prefill": 1, "decode": 1}
+    await client.post("/v1/completions", json={"prompt": "x"})
+    status = await (await client.get("/status")).json()
+    assert status["policy"] == "least_requests" and status["inflight"] == 0
+    [pi] = status["instances"]["prefill"]
+    [di] = status["instances"]["decode"]
+    assert pi["address"] == p.address and di["address"] == d.address
+    assert pi["health"] == "healthy" and pi["requests_total"] == 1
+    assert di["inflight_requests"] == 0 and di["source"] == "static"
+    state = state_of(client)
+    for inst in state.registry.instances("decode"):
+        state.registry.record_probe(inst, False)
+        state.registry.record_probe(inst, False)
+    resp = await client.get("/health")
+    assert resp.status == 503
+    assert (await resp.json())["decode"] == 0
+
+
+async def test_metrics_exposition(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d])
+    assert (await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+            ).status == 200
+    await client.post("/v1/completions", data=b"{", headers={"Content-Type": "x"})
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    text = await resp.text()
+    lines = set(text.splitlines())
+    assert 'vllm_pd_proxy_requests_total{endpoint="completions",status="200"} 1.0' in lines
+    assert 'vllm_pd_proxy_requests_total{endpoint="completions",status="400"} 1.0' in lines
+    assert 'vllm_pd_proxy_errors_total{kind="bad_request"} 1.0' in lines
+    assert 'vllm_pd_proxy_errors_total{kind="decode_connect"} 0.0' in lines
+    assert "vllm_pd_proxy_prefill_latency_seconds_count 1.0" in lines
+    assert "vllm_pd_proxy_decode_latency_seconds_count 1.0" in lines
+    assert "vllm_pd_proxy_ttft_seconds_count 1.0" in lines
+    assert "vllm_pd_proxy_inflight_requests 0.0" in lines
+    assert f'vllm_pd_proxy_instance_healthy{{address="{d.address}",role="decode"}} 1.0' \
+        in lines
+
+
+async def test_header_passthrough_long_or_odd_request_id_replaced(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/completions", json={"prompt": "x"},
+                             headers={"X-Request-Id": "a" * 300,
+                                      "traceparent": "00-abc-def-01"})
+    rid = resp.headers["X-Request-Id"]
+    assert rid != "a" * 300 and len(rid) == 32
+    assert d.requests[0]["headers"]["traceparent"] == "00-abc-def-01"

@@ -1,0 +1,143 @@
+"""Dynamic registration over ZMQ, heartbeats and eviction; the Announcer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import zmq
+
+from conftest import free_port, state_of, wait_for
+from vllm_ascend_pd.announce import Announcement, Announcer, encode_announcement
+
+
+def _addresses(client, role):
+    return sorted(i.address for i in state_of(client).registry.instances(role))
+
+
+async def test_announced_instances_serve_and_leave(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    port = free_port()
+    client = await proxy(register_port=port)
+    ann_p = Announcer(f"127.0.0.1:{port}", Announcement(
+        role="prefill", http_address=p.address, engine_id="ep", kv_address="127.0.0.1:7"),
+        interval=0.05)
+    ann_d = Announcer(f"127.0.0.1:{port}", Announcement(
+        role="decode", http_address=d.address, engine_id="ed"), interval=0.05)
+    ann_p.start()
+    ann_d.start()
+    try:
+        await wait_for(lambda: _addresses(client, "prefill") == [p.address]
+                       and _addresses(client, "decode") == [d.address])
+        resp = await client.post("/v1/completions", json={"prompt": "x"})
+        assert resp.status == 200
+        assert len(p.requests) == 1 and len(d.requests) == 1
+        status = await (await client.get("/status")).json()
+        [pi] = status["instances"]["prefill"]
+        assert pi["source"] == "registered"
+        assert pi["meta"] == {"engine_id": "ep", "kv_address": "127.0.0.1:7"}
+        assert status["registration"] == f"tcp://127.0.0.1:{port}"
+    finally:
+        await asyncio.to_thread(ann_d.stop)
+    # A clean stop says goodbye: removed at once, not after the TTL.
+    await wait_for(lambda: _addresses(client, "decode") == [], timeout=1.0)
+    resp = await client.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status == 503
+    await asyncio.to_thread(ann_p.stop)
+
+
+async def test_silent_instance_is_evicted_after_ttl(backend, proxy):
+    d = await backend("d")
+    port = free_port()
+    client = await proxy(register_port=port, heartbeat_ttl=0.3)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        sock.send(encode_announcement(Announcement(role="both", http_address=d.address)))
+        await wait_for(lambda: _addresses(client, "decode") == [d.address]
+                       and _addresses(client, "prefill") == [d.address])
+        t0 = time.monotonic()
+        # Heartbeats keep it alive past the TTL ...
+        for _ in range(5):
+            await asyncio.sleep(0.1)
+            sock.send(encode_announcement(Announcement(role="both",
+                                                       http_address=d.address)))
+        assert _addresses(client, "decode") == [d.address]
+        # ... silence evicts it.
+        t0 = time.monotonic()
+        await wait_for(lambda: _addresses(client, "decode") == [], timeout=2)
+        assert 0.2 < time.monotonic() - t0 < 1.5
+        assert _addresses(client, "prefill") == []
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+async def test_registered_instance_waits_for_health_probe(backend, proxy):
+    d = await backend("d")
+    d.healthy = False
+    port = free_port()
+    client = await proxy(register_port=port, health_interval=0.05)
+    ann = Announcer(f"127.0.0.1:{port}", Announcement(role="decode", http_address=d.address),
+                    interval=0.05)
+    ann.start()
+    try:
+        await wait_for(lambda: _addresses(client, "decode") == [d.address])
+        await wait_for(lambda: d.health_probes >= 2)
+        assert state_of(client).registry.candidates("decode") == []
+        d.healthy = True
+        await wait_for(lambda: len(state_of(client).registry.candidates("decode")) == 1)
+    finally:
+        await asyncio.to_thread(ann.stop)
+
+
+async def test_bad_announcements_are_ignored(proxy):
+    port = free_port()
+    client = await proxy(register_port=port)
+    listener = state_of(client).registration
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        sock.send(b"garbage")
+        sock.send(msgspec.msgpack.encode({"role": "router", "http_address": "a:1"}))
+        sock.send(encode_announcement(Announcement(role="decode", http_address="nope")))
+        sock.send(encode_announcement(Announcement(role="decode",
+                                                   http_address="127.0.0.1:9", version=99)))
+        await wait_for(lambda: listener.rejected == 4)
+        assert listener.received == 0
+        assert state_of(client).registry.instances() == []
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def test_announcer_never_raises():
+    bad = Announcer("not an address", Announcement(role="decode", http_address="h:1"),
+                    interval=0.05)
+    bad.stop()  # before start
+    bad.start()
+    bad.start()  # idempotent
+    time.sleep(0.1)
+    bad.stop()
+    assert not bad.running
+    # Proxy down: heartbeats are dropped, not queued, and stop() is prompt.
+    ann = Announcer(f"127.0.0.1:{free_port()}",
+                    Announcement(role="decode", http_address="h:1"), interval=0.05)
+    ann.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    ann.stop()
+    assert time.monotonic() - t0 < 1.5 and not ann.running
+    assert ann.sent == 0
+
+
+def test_announcement_roundtrip_carries_interval():
+    ann = Announcer("127.0.0.1:1", Announcement(role="prefill", http_address="h:1"),
+                    interval=2.5)
+    from vllm_ascend_pd.announce import decode_announcement
+    decoded = decode_announcement(encode_announcement(ann.announcement))
+    assert decoded == Announcement(role="prefill", http_address="h:1", interval=2.5)
+    assert decoded.version == 1 and decoded.leaving is False
