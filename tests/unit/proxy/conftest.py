@@ -55,6 +55,7 @@ class FakeBackend:
       chunker         - callable(bytes) -> list of chunks to write
       event_delay     - seconds between chunks
       stall_after     - stop (hang) after this many chunks
+      abort_after     - drop the TCP connection after this many chunks
       empty_body      - non-stream decode answers 200 with nothing
       healthy         - GET /health answers 200 (else 503)
     """
@@ -73,6 +74,7 @@ class FakeBackend:
         self.chunker: Optional[Callable[[bytes], list[bytes]]] = None
         self.event_delay = 0.0
         self.stall_after: Optional[int] = None
+        self.abort_after: Optional[int] = None  # drop the connection after N chunks
         self.empty_body = False
         self.healthy = True
         self.requests: list[dict] = []  # {"path", "headers", "body"}
@@ -127,6 +129,9 @@ class FakeBackend:
             for i, chunk in enumerate(chunks):
                 if self.stall_after is not None and i >= self.stall_after:
                     await asyncio.sleep(3600)
+                if self.abort_after is not None and i >= self.abort_after:
+                    request.transport.close()
+                    return resp
                 await resp.write(chunk)
                 if self.event_delay:
                     await asyncio.sleep(self.event_delay)

@@ -199,3 +199,38 @@ async def test_long_generation_is_not_cut(backend, proxy):
                          connect_timeout=0.5)
     resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
     assert await resp.read() == b"".join(d.events)
+
+
+async def test_half_event_then_crash_fails_over_without_leaking_bytes(backend, proxy):
+    """A decode that dies inside its first event has sent nothing usable:
+    the client must get another decode's clean stream, not a torn event."""
+    p, torn, good = await backend("p"), await backend("d"), await backend("d")
+    torn.events = sse_events(5, tag="TORN")
+    cut = len(torn.events[0]) - 5  # all of the first event but its blank line
+    torn.chunker = lambda b: [b[:cut], b[cut:]]
+    torn.abort_after = 1
+    client = await proxy([p], [torn, good], policy="round_robin")
+    for _ in range(2):
+        resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+        assert resp.status == 200
+        data = await resp.read()
+        assert data == b"".join(good.events)
+        assert b"TORN" not in data
+    assert len(torn.requests) == 1
+
+
+async def test_crash_mid_event_after_start_never_sends_partial_event(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    d.events = sse_events(4)
+    whole = d.events[0] + d.events[1]
+    cut = len(whole) + 15  # 15 bytes into the third event
+    d.chunker = lambda b: [b[:len(d.events[0])], b[len(d.events[0]):cut], b[cut:]]
+    d.abort_after = 2
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+    data = await resp.read()
+    assert data.startswith(whole)
+    tail = data[len(whole):]
+    # Only complete events reach the client: the torn third event is dropped
+    # and an error event ends the stream.
+    assert tail.startswith(b'data: {"error":') and tail.count(b"\n\n") == 1
