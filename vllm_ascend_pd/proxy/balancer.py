@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from typing import Optional, Sequence
 
+from vllm_ascend_pd.proxy.codec import RequestBody
 from vllm_ascend_pd.proxy.registry import Instance
 
 
@@ -73,31 +74,20 @@ def make_policy(name: str, rng: Optional[random.Random] = None) -> Policy:
                          f"{', '.join(POLICY_CLASSES)}") from None
 
 
-def estimate_prompt_tokens(body: dict) -> int:
-    """Cheap prompt-size estimate: 4 characters per token, or the id count."""
+def estimate_prompt_tokens(body: RequestBody) -> int:
+    """Cheap prompt-size estimate from the raw JSON, without parsing the prompt.
+
+    A token-id list counts its ids; text counts one token per 4 bytes.
+    """
     total = 0
-    prompt = body.get("prompt")
-    if prompt is not None:
-        total += _count(prompt)
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for msg in messages:
-            if isinstance(msg, dict):
-                total += _count(msg.get("content"))
+    prompt = body.raw("prompt")
+    if prompt:
+        head = prompt.lstrip()[:2]
+        if head[:1] == b"[" and head[1:2].isdigit():
+            total += prompt.count(b",") + 1  # [1, 2, 3]
+        else:
+            total += len(prompt) // 4 + 1
+    messages = body.raw("messages")
+    if messages:
+        total += len(messages) // 4 + 1
     return max(total, 1)
-
-
-def _count(value) -> int:
-    if isinstance(value, str):
-        return len(value) // 4 + 1
-    if isinstance(value, list):
-        if value and isinstance(value[0], int):
-            return len(value)
-        n = 0
-        for item in value:
-            if isinstance(item, dict):  # chat content part
-                n += _count(item.get("text"))
-            else:
-                n += _count(item)
-        return n
-    return 0

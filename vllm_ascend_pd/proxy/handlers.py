@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from vllm_ascend_pd.proxy import codec
+from vllm_ascend_pd.proxy.codec import BodyError, RequestBody
 from vllm_ascend_pd.proxy.balancer import estimate_prompt_tokens
 from vllm_ascend_pd.proxy.config import ConfigError, normalize_address
 from vllm_ascend_pd.proxy.errors import UpstreamClientError, UpstreamError, error_response
@@ -92,13 +93,10 @@ class Handlers:
             return error_response(413, f"request body exceeds {cfg.max_body_bytes} bytes",
                                   headers=hdr)
         try:
-            body = codec.loads(raw)
-        except codec.DecodeError as exc:
+            body = RequestBody.parse(raw)
+        except BodyError as exc:
             self.s.metrics.errors.labels("bad_request").inc()
-            return error_response(400, f"request body is not valid JSON: {exc}", headers=hdr)
-        if not isinstance(body, dict):
-            self.s.metrics.errors.labels("bad_request").inc()
-            return error_response(400, "request body must be a JSON object", headers=hdr)
+            return error_response(400, str(exc), headers=hdr)
         model = body.get("model")
         if cfg.model is not None and model is not None and model != cfg.model:
             self.s.metrics.errors.labels("unknown_model").inc()
@@ -115,9 +113,8 @@ class Handlers:
             value = request.headers.get(name)
             if value is not None:
                 headers[name] = value
-        # Client-supplied kv_transfer_params are never honoured: only the
-        # chosen prefill instance's own answer is passed to decode.
-        body.pop("kv_transfer_params", None)
+        # Client-supplied kv_transfer_params are never honoured: both legs
+        # overwrite the key (see PDForwarder.prefill_body/decode_body).
         req = PDRequest(path=request.path, body=body, chat=chat,
                         stream=bool(body.get("stream")), request_id=rid, headers=headers,
                         tokens=estimate_prompt_tokens(body))

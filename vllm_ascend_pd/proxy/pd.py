@@ -22,11 +22,13 @@ import aiohttp
 from aiohttp import web
 
 from vllm_ascend_pd.proxy import codec
+from vllm_ascend_pd.proxy.codec import RequestBody
 from vllm_ascend_pd.proxy.errors import UpstreamClientError, UpstreamError
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.registry import DECODE, PREFILL, Instance
 from vllm_ascend_pd.proxy.sse import SSEBuffer
 from vllm_ascend_pd.proxy.state import ProxyState
+from vllm_ascend_pd.proxy.timeouts import GapWatchdog
 
 logger = init_logger(__name__)
 
@@ -37,7 +39,7 @@ _SSE = "text/event-stream"
 class PDRequest:
     """Per-request bookkeeping shared by both legs."""
     path: str
-    body: dict
+    body: RequestBody
     chat: bool
     stream: bool
     request_id: str
@@ -93,15 +95,15 @@ class PDForwarder:
 
     # ------------------------------------------------------------------ prefill
     def prefill_body(self, req: PDRequest) -> bytes:
-        body = dict(req.body)
-        body.pop("stream_options", None)
-        body.pop("min_tokens", None)  # would contradict max_tokens=1
-        body["stream"] = False
-        body["max_tokens"] = 1
+        overrides = {
+            "stream": False,
+            "max_tokens": 1,
+            "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False},
+        }
         if req.chat:
-            body["max_completion_tokens"] = 1
-        body["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False}
-        return codec.dumps(body)
+            overrides["max_completion_tokens"] = 1
+        # min_tokens would contradict max_tokens=1.
+        return req.body.encode(overrides, drop=("stream_options", "min_tokens"))
 
     async def prefill(self, req: PDRequest) -> dict:
         """Run the prefill leg with failover; returns P's kv_transfer_params."""
@@ -145,9 +147,8 @@ class PDForwarder:
 
     # ------------------------------------------------------------------ decode
     def decode_body(self, req: PDRequest) -> bytes:
-        body = dict(req.body)
-        body["kv_transfer_params"] = req.kv_params
-        return codec.dumps(body)
+        # Any client-supplied kv_transfer_params is replaced, never honoured.
+        return req.body.encode({"kv_transfer_params": req.kv_params})
 
     async def decode(self, req: PDRequest, request: web.Request) -> web.StreamResponse:
         payload = self.decode_body(req)
@@ -242,28 +243,33 @@ class PDForwarder:
         if eof:
             await _send(out, b"", eof=True)
             return out
-        gap = self.cfg.event_gap_timeout
-        loop = asyncio.get_running_loop()
+        watchdog = GapWatchdog(self.cfg.event_gap_timeout)
         content = resp.content
         try:
-            async with asyncio.timeout_at(loop.time() + gap) as tmo:
-                while True:
-                    chunk = await content.readany()
-                    if not chunk:
-                        rest = buf.flush()
-                        if rest is not None:
-                            tmo.reschedule(None)
-                            await _send(out, rest)
-                        break
-                    events = buf.feed(chunk)
-                    if events:
-                        # The client's own pace must not count as backend silence.
-                        tmo.reschedule(None)
-                        await _send(out, events[0] if len(events) == 1 else b"".join(events))
-                        tmo.reschedule(loop.time() + gap)
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    rest = buf.flush()
+                    if rest is not None:
+                        await _send(out, rest)
+                    break
+                events = buf.feed(chunk)
+                if events:
+                    # The client's own pace must not count as backend silence.
+                    watchdog.paused = True
+                    await _send(out, events[0] if len(events) == 1 else b"".join(events))
+                    watchdog.paused = False
+                    watchdog.progress()
+        except asyncio.CancelledError:
+            if not watchdog.claim():
+                raise
+            await self._midstream_failure(out, req, inst, asyncio.TimeoutError())
+            return out
         except _UPSTREAM_EXC as exc:
             await self._midstream_failure(out, req, inst, exc)
             return out
+        finally:
+            watchdog.close()
         await _send(out, b"", eof=True)
         return out
 

@@ -9,6 +9,7 @@ import pytest
 
 from vllm_ascend_pd.proxy.balancer import (LeastRequests, LeastTokens, RoundRobin,
                                            estimate_prompt_tokens, make_policy)
+from vllm_ascend_pd.proxy.codec import RequestBody
 from vllm_ascend_pd.proxy.registry import Instance, Source
 
 
@@ -61,13 +62,16 @@ def test_least_tokens_uses_tokens_not_requests():
 
 
 def test_estimate_prompt_tokens():
-    assert estimate_prompt_tokens({"prompt": "x" * 400}) == 101
-    assert estimate_prompt_tokens({"prompt": list(range(77))}) == 77
-    assert estimate_prompt_tokens({"prompt": ["x" * 40, "y" * 40]}) == 22
-    assert estimate_prompt_tokens({"messages": [
-        {"role": "user", "content": "x" * 80},
-        {"role": "user", "content": [{"type": "text", "text": "y" * 40}]}]}) == 32
-    assert estimate_prompt_tokens({}) == 1
+    def est(obj):
+        return estimate_prompt_tokens(RequestBody.from_dict(obj))
+    assert est({"prompt": list(range(77))}) == 77  # token ids are counted exactly
+    assert est({"prompt": [5]}) == 1
+    assert 95 <= est({"prompt": "x" * 400}) <= 110  # ~4 bytes per token
+    big, small = est({"prompt": "x" * 4000}), est({"prompt": "x" * 40})
+    assert big > 10 * small
+    chat = est({"messages": [{"role": "user", "content": "x" * 800}]})
+    assert 200 <= chat <= 230
+    assert est({}) == 1
 
 
 def test_unknown_policy():

@@ -1,0 +1,372 @@
+"""Proxy overhead benchmark: direct-to-decode vs through the PD proxy.
+
+Starts, as separate processes on 127.0.0.1:
+  * fake OpenAI backends: a prefill that answers ``kv_transfer_params`` at once
+    and a decode that streams ``--tokens`` SSE events ``--token-ms`` apart;
+  * the proxy (``python -m vllm_ascend_pd.proxy``, uvloop, 1P1D);
+  * a bare aiohttp passthrough (no prefill leg, no SSE framing) as the
+    calibration point of machine-ceilings.md.
+Then drives each target with 1, 64 and 256 concurrent streaming clients
+(closed loop) in the same run and reports added latency (p50/p99 of
+end-to-end and time-to-first-token) and the throughput ratio.
+
+    python benchmarks/proxy/bench_proxy.py            # writes docs/proxy-benchmark.md
+    python benchmarks/proxy/bench_proxy.py --quick    # smoke run, no files
+
+Runs in about 2 minutes with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _new_loop_factory():
+    try:
+        import uvloop
+        return uvloop.new_event_loop
+    except ImportError:
+        return None
+
+
+# ---------------------------------------------------------------- backends
+def _event(i: int) -> bytes:
+    chunk = {"id": "cmpl-bench", "object": "text_completion", "created": 1700000000,
+             "model": "bench", "choices": [{"index": 0, "text": f" tok{i}",
+                                            "logprobs": None, "finish_reason": None}]}
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+def serve_backend(role: str, port: int, tokens: int, token_ms: float) -> None:
+    events = [_event(i) for i in range(tokens)] + [b"data: [DONE]\n\n"]
+    delay = token_ms / 1000.0
+    prefill_answer = json.dumps({
+        "id": "cmpl-p", "object": "text_completion", "choices": [
+            {"index": 0, "text": "x", "finish_reason": "length"}],
+        "kv_transfer_params": {"do_remote_prefill": True, "do_remote_decode": False,
+                               "remote_engine_id": "e", "remote_host": "127.0.0.1",
+                               "remote_port": 1, "remote_block_ids": [1, 2, 3],
+                               "transfer_id": "t"}}).encode()
+
+    async def prefill(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=prefill_answer, content_type="application/json")
+
+    async def decode(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for ev in events:
+            await asyncio.sleep(delay)
+            await resp.write(ev)
+        await resp.write_eof()
+        return resp
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/completions", prefill if role == "prefill" else decode)
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+        await asyncio.Event().wait()
+
+    with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
+        r.run(main())
+
+
+def serve_passthrough(port: int, d_port: int) -> None:
+    """The simplest aiohttp relay: one session, chunks forwarded as they come."""
+
+    async def main() -> None:
+        sess = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+        async def relay(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            async with sess.post(f"http://127.0.0.1:{d_port}{request.path}", data=body,
+                                 headers={"Content-Type": "application/json"}) as up:
+                resp = web.StreamResponse(status=up.status, headers={
+                    "Content-Type": up.headers.get("Content-Type", "text/plain")})
+                await resp.prepare(request)
+                async for chunk in up.content.iter_any():
+                    await resp.write(chunk)
+                await resp.write_eof()
+                return resp
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", relay)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+        await asyncio.Event().wait()
+
+    with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
+        r.run(main())
+
+
+# ---------------------------------------------------------------- client
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc), 0 elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+@dataclass
+class Result:
+    target: str
+    concurrency: int
+    duration: float
+    e2e: list = field(default_factory=list)
+    ttft: list = field(default_factory=list)
+    tokens: int = 0
+    errors: int = 0
+    relay_cpu: float = 0.0  # CPU seconds of the relay process (proxy/passthrough)
+
+    @property
+    def relay_us_per_event(self) -> float:
+        return self.relay_cpu / self.tokens * 1e6 if self.tokens else float("nan")
+
+    @property
+    def throughput(self) -> float:  # streamed events per second
+        return self.tokens / self.duration
+
+    def pct(self, name: str, q: float) -> float:
+        data = sorted(getattr(self, name))
+        if not data:
+            return float("nan")
+        return data[min(len(data) - 1, int(q * len(data)))] * 1000.0
+
+
+async def drive(url: str, target: str, concurrency: int, duration: float,
+                warmup: float, relay_pid: int | None = None) -> Result:
+    body = json.dumps({"model": "bench", "prompt": "hello " * 64, "max_tokens": 32,
+                       "stream": True}).encode()
+    headers = {"Content-Type": "application/json"}
+    res = Result(target, concurrency, duration)
+    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=conn) as sess:
+        loop = asyncio.get_running_loop()
+        t_start = loop.time()
+        t_measure = t_start + warmup
+        t_end = t_measure + duration
+
+        async def worker() -> None:
+            while True:
+                t0 = time.perf_counter()
+                if loop.time() >= t_end:
+                    return
+                measuring = loop.time() >= t_measure
+                first = None
+                n = 0
+                try:
+                    async with sess.post(url, data=body, headers=headers) as resp:
+                        if resp.status != 200:
+                            raise RuntimeError(f"status {resp.status}")
+                        async for chunk in resp.content.iter_any():
+                            if first is None:
+                                first = time.perf_counter()
+                            n += chunk.count(b"\n\n")
+                except Exception:
+                    if measuring:
+                        res.errors += 1
+                    await asyncio.sleep(0.01)
+                    continue
+                t1 = time.perf_counter()
+                # Count only requests that finished inside the window.
+                if measuring and loop.time() <= t_end:
+                    res.e2e.append(t1 - t0)
+                    res.ttft.append(first - t0)
+                    res.tokens += n
+        async def cpu_window() -> None:
+            if relay_pid is None:
+                return
+            await asyncio.sleep(max(0.0, t_measure - loop.time()))
+            c0 = _cpu_seconds(relay_pid)
+            await asyncio.sleep(max(0.0, t_end - loop.time()))
+            res.relay_cpu = _cpu_seconds(relay_pid) - c0
+
+        await asyncio.gather(cpu_window(), *(worker() for _ in range(concurrency)))
+    return res
+
+
+async def wait_ready(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as sess:
+        while True:
+            try:
+                async with sess.get(url) as r:
+                    if r.status in (200, 404, 405):
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} not ready")
+            await asyncio.sleep(0.1)
+
+
+# ---------------------------------------------------------------- report
+def write_report(results: list[Result], args, path: Path, plot_path: Path) -> str:
+    by = {(r.target, r.concurrency): r for r in results}
+    lines = [
+        "# Proxy benchmark",
+        "",
+        f"Generated by `benchmarks/proxy/bench_proxy.py` on {time.strftime('%Y-%m-%d %H:%M')}"
+        f" ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}).",
+        "",
+        f"Fake decode streams {args.tokens} events {args.token_ms} ms apart; fake prefill "
+        "answers at once. Client, proxy and backends share the machine's cores, each in its "
+        f"own process (uvloop). Closed loop, {args.duration:.0f} s measured per cell after "
+        f"{args.warmup:.0f} s warm-up. *Added* = proxied minus direct, same run.",
+        "",
+        "| streams | target | e2e p50 ms | e2e p99 ms | TTFT p50 ms | TTFT p99 ms | "
+        "events/s | added e2e p50 | added e2e p99 | added TTFT p50 | throughput vs direct |"
+        " relay CPU µs/event | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in args.concurrency:
+        d = by.get(("direct", c))
+        for target in ("direct", "proxy", "passthrough"):
+            r = by.get((target, c))
+            if r is None:
+                continue
+            if target == "direct" or d is None:
+                added = ["", "", "", ""]
+            else:
+                added = [f"{r.pct('e2e', .5) - d.pct('e2e', .5):+.2f}",
+                         f"{r.pct('e2e', .99) - d.pct('e2e', .99):+.2f}",
+                         f"{r.pct('ttft', .5) - d.pct('ttft', .5):+.2f}",
+                         f"{r.throughput / d.throughput:.2f}x"]
+            lines.append(
+                f"| {c} | {target} | {r.pct('e2e', .5):.2f} | {r.pct('e2e', .99):.2f} | "
+                f"{r.pct('ttft', .5):.2f} | {r.pct('ttft', .99):.2f} | "
+                f"{r.throughput:.0f} | " + " | ".join(added) +
+                f" | {'' if target == 'direct' else f'{r.relay_us_per_event:.1f}'}"
+                f" | {r.errors} |")
+    text = "\n".join(lines) + "\n"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for target in ("direct", "proxy", "passthrough"):
+            cs = [c for c in args.concurrency if (target, c) in by]
+            if not cs:
+                continue
+            a1.plot(cs, [by[(target, c)].pct("e2e", .5) for c in cs], "o-", label=target)
+            a2.plot(cs, [by[(target, c)].throughput for c in cs], "o-", label=target)
+        a1.set(xscale="log", xlabel="concurrent streams", ylabel="e2e p50 (ms)")
+        a2.set(xscale="log", xlabel="concurrent streams", ylabel="events/s")
+        a1.legend()
+        a2.legend()
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=90)
+        text += f"\n![latency and throughput]({plot_path.name})\n"
+    except ImportError:
+        pass
+    return text
+
+
+# ---------------------------------------------------------------- main
+async def run(args) -> list[Result]:
+    p_port, d_port, x_port, b_port = (_free_port() for _ in range(4))
+    env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
+    procs = []
+    me = str(Path(__file__).resolve())
+    try:
+        for role, port in (("prefill", p_port), ("decode", d_port)):
+            procs.append(subprocess.Popen([sys.executable, me, "--serve-backend", role,
+                                           str(port), str(args.tokens), str(args.token_ms)],
+                                          env=env))
+        procs.append(subprocess.Popen([
+            sys.executable, "-m", "vllm_ascend_pd.proxy", "--prefill", f"127.0.0.1:{p_port}",
+            "--decode", f"127.0.0.1:{d_port}", "--port", str(x_port), "--health-interval",
+            "0", "--max-inflight", "100000", "--log-level", "WARNING"], env=env, cwd=REPO))
+        if not args.no_passthrough:
+            procs.append(subprocess.Popen([sys.executable, me, "--serve-passthrough",
+                                           str(b_port), str(d_port)], env=env))
+        await wait_ready(f"http://127.0.0.1:{d_port}/health")
+        await wait_ready(f"http://127.0.0.1:{x_port}/health")
+        targets = {"direct": (f"http://127.0.0.1:{d_port}/v1/completions", None),
+                   "proxy": (f"http://127.0.0.1:{x_port}/v1/completions", procs[2].pid)}
+        if not args.no_passthrough:
+            await wait_ready(f"http://127.0.0.1:{b_port}/v1/completions")
+            targets["passthrough"] = (f"http://127.0.0.1:{b_port}/v1/completions",
+                                      procs[3].pid)
+        results = []
+        for c in args.concurrency:
+            for name, (url, pid) in targets.items():
+                r = await drive(url, name, c, args.duration, args.warmup, pid)
+                results.append(r)
+                print(f"{c:4d} streams {name:12s} e2e p50 {r.pct('e2e', .5):7.2f} ms "
+                      f"p99 {r.pct('e2e', .99):7.2f} ms  TTFT p50 {r.pct('ttft', .5):6.2f} ms"
+                      f"  {r.throughput:8.0f} events/s  relay {r.relay_us_per_event:5.1f} us CPU/event"
+                      f"  errors {r.errors}", flush=True)
+        return results
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-backend":
+        serve_backend(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-passthrough":
+        serve_passthrough(int(sys.argv[2]), int(sys.argv[3]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--token-ms", type=float, default=2.0)
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--warmup", type=float, default=1.5)
+    ap.add_argument("--no-passthrough", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="short smoke run, no files")
+    ap.add_argument("--out", default=str(REPO / "docs" / "proxy-benchmark.md"))
+    args = ap.parse_args()
+    if args.quick:
+        args.duration, args.warmup = 2.0, 0.5
+    with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
+        results = r.run(run(args))
+    if not args.quick:
+        out = Path(args.out)
+        text = write_report(results, args, out, out.with_suffix(".png"))
+        out.write_text(text)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
