@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 POLICIES = ("round_robin", "least_requests", "least_tokens")
+ADMIN_TOKEN_ENV = "P2P_PROXY_ADMIN_TOKEN"
 
 
 class ConfigError(ValueError):
@@ -201,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest accepted request body (413 above)")
     g.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
                    help="seconds to let in-flight requests finish on SIGTERM")
-    g.add_argument("--admin-token", default=d.admin_token,
-                   help="bearer token for /admin/instances (admin API off without it)")
+    g.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV, d.admin_token),
+                   help="bearer token for /admin/instances (admin API off without it); "
+                        f"also read from ${ADMIN_TOKEN_ENV}, which keeps it out of `ps`")
     g.add_argument("--access-log", action="store_true", help="log every request")
     g.add_argument("--log-level", default=d.log_level)
     g.add_argument("--no-uvloop", dest="uvloop", action="store_false",

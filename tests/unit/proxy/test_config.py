@@ -62,3 +62,11 @@ def test_main_rejects_bad_config(capsys):
         main(["--prefill", "a:1"])
     assert e.value.code == 2
     assert "--decode" in capsys.readouterr().err
+
+
+def test_admin_token_from_environment(monkeypatch):
+    monkeypatch.setenv("P2P_PROXY_ADMIN_TOKEN", "from-the-env")
+    assert config_from_args(["--prefill", "a:1", "--decode", "b:2"]).admin_token == \
+        "from-the-env"
+    assert config_from_args(["--prefill", "a:1", "--decode", "b:2", "--admin-token",
+                             "from-the-flag"]).admin_token == "from-the-flag"
