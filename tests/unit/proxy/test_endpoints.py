@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import state_of
+from conftest import state_of, wait_for
 
 
 async def test_body_too_large_413(backend, proxy):
@@ -53,11 +53,11 @@ async def test_unknown_model_404(backend, proxy):
 
 async def test_max_inflight_503_with_retry_after(backend, proxy):
     p, d = await backend("p"), await backend("d")
-    d.header_delay = 0.5
+    d.header_delay = 1.0
     client = await proxy([p], [d], max_inflight=2, retry_after=7)
     slow = [asyncio.create_task(client.post("/v1/completions", json={"prompt": "x"}))
             for _ in range(2)]
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: state_of(client).inflight == 2)
     resp = await client.post("/v1/completions", json={"prompt": "x"})
     assert resp.status == 503
     assert resp.headers["Retry-After"] == "7"
@@ -145,3 +145,15 @@ async def test_header_passthrough_long_or_odd_request_id_replaced(backend, proxy
     rid = resp.headers["X-Request-Id"]
     assert rid != "a" * 300 and len(rid) == 32
     assert d.requests[0]["headers"]["traceparent"] == "00-abc-def-01"
+
+
+async def test_draining_answers_503_and_health_says_so(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d], retry_after=3)
+    state_of(client).draining = True
+    resp = await client.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status == 503 and resp.headers["Retry-After"] == "3"
+    assert "shutting down" in (await resp.json())["error"]["message"]
+    resp = await client.get("/health")
+    assert resp.status == 503 and (await resp.json())["status"] == "draining"
+    assert p.requests == []

@@ -67,8 +67,8 @@ async def test_silent_instance_is_evicted_after_ttl(backend, proxy):
         assert _addresses(client, "decode") == [d.address]
         # ... silence evicts it.
         t0 = time.monotonic()
-        await wait_for(lambda: _addresses(client, "decode") == [], timeout=2)
-        assert 0.2 < time.monotonic() - t0 < 1.5
+        await wait_for(lambda: _addresses(client, "decode") == [], timeout=4)
+        assert 0.2 < time.monotonic() - t0 < 3
         assert _addresses(client, "prefill") == []
     finally:
         sock.close(0)
