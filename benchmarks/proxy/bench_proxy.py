@@ -130,6 +130,13 @@ def serve_passthrough(port: int, d_port: int) -> None:
 
 
 # ---------------------------------------------------------------- client
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of a process (Linux /proc), 0 elsewhere."""
     try:
@@ -243,8 +250,16 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         "",
         f"Fake decode streams {args.tokens} events {args.token_ms} ms apart; fake prefill "
         "answers at once. Client, proxy and backends share the machine's cores, each in its "
-        f"own process (uvloop). Closed loop, {args.duration:.0f} s measured per cell after "
-        f"{args.warmup:.0f} s warm-up. *Added* = proxied minus direct, same run.",
+        f"own process (uvloop). Closed loop; per cell {args.rounds} rounds of "
+        f"{args.duration:.0f} s measured after {args.warmup:.0f} s warm-up, target order "
+        "alternating between rounds, samples pooled. *Added* = proxied minus direct, same "
+        "run. *Relay CPU* = CPU time of the proxy (or passthrough) process per streamed "
+        "event. `passthrough` is a bare aiohttp relay (no prefill leg, no SSE framing, no "
+        "failover): the calibration point of machine-ceilings.md.",
+        "",
+        f"Load average (1/5/15 min) before the run: {args.load_before}; after: "
+        f"{args.load_after}. The machine has {os.cpu_count()} cores, so anything above "
+        f"{os.cpu_count()} means other work competed for CPU.",
         "",
         "| streams | target | e2e p50 ms | e2e p99 ms | TTFT p50 ms | TTFT p99 ms | "
         "events/s | added e2e p50 | added e2e p99 | added TTFT p50 | throughput vs direct |"
@@ -320,16 +335,28 @@ async def run(args) -> list[Result]:
             await wait_ready(f"http://127.0.0.1:{b_port}/v1/completions")
             targets["passthrough"] = (f"http://127.0.0.1:{b_port}/v1/completions",
                                       procs[3].pid)
-        results = []
+        merged: dict[tuple[str, int], Result] = {}
         for c in args.concurrency:
-            for name, (url, pid) in targets.items():
-                r = await drive(url, name, c, args.duration, args.warmup, pid)
-                results.append(r)
+            # Alternate the order between rounds so that drift in background
+            # load hits every target alike; samples of all rounds are pooled.
+            for rnd in range(args.rounds):
+                items = list(targets.items())
+                for name, (url, pid) in (items if rnd % 2 == 0 else items[::-1]):
+                    r = await drive(url, name, c, args.duration, args.warmup, pid)
+                    m = merged.setdefault((name, c), Result(name, c, 0.0))
+                    m.duration += r.duration
+                    m.e2e += r.e2e
+                    m.ttft += r.ttft
+                    m.tokens += r.tokens
+                    m.errors += r.errors
+                    m.relay_cpu += r.relay_cpu
+            for name in targets:
+                r = merged[(name, c)]
                 print(f"{c:4d} streams {name:12s} e2e p50 {r.pct('e2e', .5):7.2f} ms "
                       f"p99 {r.pct('e2e', .99):7.2f} ms  TTFT p50 {r.pct('ttft', .5):6.2f} ms"
                       f"  {r.throughput:8.0f} events/s  relay {r.relay_us_per_event:5.1f} us CPU/event"
                       f"  errors {r.errors}", flush=True)
-        return results
+        return list(merged.values())
     finally:
         for p in procs:
             p.terminate()
@@ -351,16 +378,19 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--token-ms", type=float, default=2.0)
-    ap.add_argument("--duration", type=float, default=8.0)
-    ap.add_argument("--warmup", type=float, default=1.5)
+    ap.add_argument("--duration", type=float, default=4.0, help="measured s per round")
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-passthrough", action="store_true")
     ap.add_argument("--quick", action="store_true", help="short smoke run, no files")
     ap.add_argument("--out", default=str(REPO / "docs" / "proxy-benchmark.md"))
     args = ap.parse_args()
     if args.quick:
-        args.duration, args.warmup = 2.0, 0.5
+        args.duration, args.warmup, args.rounds = 2.0, 0.5, 1
+    args.load_before = _loadavg()
     with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
         results = r.run(run(args))
+    args.load_after = _loadavg()
     if not args.quick:
         out = Path(args.out)
         text = write_report(results, args, out, out.with_suffix(".png"))
