@@ -1,0 +1,134 @@
+"""The connector's configuration: one validated object, documented once.
+
+Every key of ``kv_connector_extra_config`` is a field below; unknown keys are
+rejected at start-up so a typo never silently falls back to a default.
+``docs/configuration.md`` is generated from these definitions.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+# Ports derive from kv_port; each producer worker rank r listens on
+# kv_port + r (control + tcp data) and the process-group transport uses
+# kv_port + GROUP_PORT_OFFSET + r for its rendezvous.
+MAX_RANKS = 64
+GROUP_PORT_OFFSET = MAX_RANKS
+
+Transport = Literal["auto", "tcp", "hccl", "gloo", "llmdatadist"]
+
+
+def _doc(text: str, **kw: Any) -> msgspec.Meta:
+    return msgspec.Meta(description=text, **kw)
+
+
+class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    transport: Annotated[Transport, _doc(
+        "Data plane. `tcp`: host-staged ZMQ frames (any device). `gloo`/`hccl`: a "
+        "2-rank process group per producer/consumer rank pair. `llmdatadist`: CANN "
+        "block pulls. `auto`: llmdatadist or hccl on NPUs, tcp elsewhere.")] = "auto"
+    kv_ip: Annotated[str, _doc(
+        "Address this instance advertises for KV pulls (producer) and binds to "
+        "unless `kv_bind_host` is set. Default: the host's primary IP.")] = ""
+    kv_bind_host: Annotated[str, _doc(
+        "Address the producer's KV server binds to, e.g. `0.0.0.0`. Default: "
+        "`kv_ip`.")] = ""
+    lease_s: Annotated[float, _doc(
+        "How long a producer keeps a finished prefill's blocks for the consumer "
+        "to pull before freeing them.", gt=0)] = 120.0
+    registration_grace_s: Annotated[float, _doc(
+        "How long the producer waits for a transfer to be registered when a pull "
+        "races ahead of the producer's own bookkeeping.", gt=0)] = 5.0
+    connect_timeout_s: Annotated[float, _doc(
+        "Consumer: time to get a reply to a handshake or pull request.", gt=0)] = 10.0
+    transfer_timeout_s: Annotated[float, _doc(
+        "Consumer: longest silence tolerated while a transfer streams.", gt=0)] = 30.0
+    chunk_mb: Annotated[float, _doc(
+        "Size of one staged chunk on the wire (tcp transport).", gt=0, le=256)] = 2.0
+    buffer_pool_mb: Annotated[float, _doc(
+        "Fixed size of the producer's pre-allocated staging pool (tcp); bounds the "
+        "memory a transfer can use.", gt=0)] = 32.0
+    shared_secret: Annotated[str, _doc(
+        "Optional secret every instance of a deployment shares; pulls and "
+        "handshakes without it are refused.")] = ""
+    proxy_ip: Annotated[str, _doc(
+        "Register with a p2p_disagg_proxy at this address (dynamic xPyD).")] = ""
+    proxy_port: Annotated[int, _doc(
+        "The proxy's `--register-port`.", ge=0, lt=65536)] = 0
+    http_port: Annotated[int, _doc(
+        "This instance's OpenAI HTTP port, announced to the proxy.", ge=0, lt=65536)] = 0
+    heartbeat_s: Annotated[float, _doc(
+        "Interval between registration heartbeats.", gt=0)] = 3.0
+    prefill_device_ips: Annotated[list[str], _doc(
+        "NPU device IPs of the prefill instance, one per device "
+        "(`hccn_tool -i N -ip -g`); used by llmdatadist/hccl.")] = []
+    decode_device_ips: Annotated[list[str], _doc(
+        "NPU device IPs of the decode instance.")] = []
+    llmdatadist_comm_port: Annotated[int, _doc(
+        "Base port of LLMDataDist links (one per rank).", gt=0, lt=65536)] = 26000
+
+
+# Keys seen in older Ascend examples, mapped to what to use instead.
+_RENAMED = {
+    "prompt_device_ips": "prefill_device_ips",
+    "kv_parallel_size": "nothing: vLLM 0.32 sizes transfers from tensor_parallel_size",
+    "kv_rank": "nothing: the role is set by kv_role (kv_producer / kv_consumer)",
+    "kv_buffer_size": "`buffer_pool_mb`",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_extra_config(extra: dict[str, Any] | None) -> ConnectorConfig:
+    extra = dict(extra or {})
+    for old, new in _RENAMED.items():
+        if old in extra:
+            raise ConfigError(
+                f"kv_connector_extra_config key {old!r} is not supported; use {new}"
+            )
+    try:
+        cfg = msgspec.convert(extra, ConnectorConfig)
+    except msgspec.ValidationError as e:
+        known = ", ".join(sorted(ConnectorConfig.__struct_fields__))
+        raise ConfigError(
+            f"invalid kv_connector_extra_config for AscendSimpleConnector: {e}. "
+            f"Known keys: {known}"
+        ) from None
+    if bool(cfg.proxy_ip) != bool(cfg.proxy_port):
+        raise ConfigError("set both proxy_ip and proxy_port to register with a proxy")
+    if cfg.proxy_ip and not cfg.http_port:
+        raise ConfigError(
+            "registration with a proxy needs http_port (the port this instance's "
+            "OpenAI server listens on) in kv_connector_extra_config"
+        )
+    if cfg.buffer_pool_mb < 2 * cfg.chunk_mb:
+        raise ConfigError(
+            f"buffer_pool_mb ({cfg.buffer_pool_mb}) must hold at least two chunks "
+            f"of chunk_mb ({cfg.chunk_mb})"
+        )
+    return cfg
+
+
+def resolve_kv_ip(cfg: ConnectorConfig) -> str:
+    if cfg.kv_ip:
+        return cfg.kv_ip
+    from vllm.utils.network_utils import get_ip
+
+    return get_ip()
+
+
+def control_port(kv_port: int, rank: int) -> int:
+    if not 0 <= rank < MAX_RANKS:
+        raise ConfigError(f"worker rank {rank} exceeds the {MAX_RANKS}-rank port plan")
+    port = kv_port + rank
+    if port >= 65536:
+        raise ConfigError(f"kv_port {kv_port} + rank {rank} exceeds 65535; lower kv_port")
+    return port
+
+
+def group_port(kv_port: int, rank: int) -> int:
+    return control_port(kv_port, rank) + GROUP_PORT_OFFSET

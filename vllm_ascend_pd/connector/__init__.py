@@ -1,0 +1,1 @@
+"""AscendSimpleConnector: the vLLM V1 KV connector (facade, scheduler, worker)."""

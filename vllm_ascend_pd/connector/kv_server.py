@@ -1,0 +1,201 @@
+"""Producer worker: serves this rank's leased blocks to consumers.
+
+One thread owns the ROUTER socket. It answers handshakes, validates every
+pull against the lease table (transfer id, request id, block ids), streams
+the blocks through the transport and ends the lease. Nothing a peer sends
+can raise out of the loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from vllm_ascend_pd import protocol as wire
+from vllm_ascend_pd.connector.stats import TransferStats
+from vllm_ascend_pd.connector.transfers import LeaseTable
+from vllm_ascend_pd.connector.zmq_links import RouterLink, router_socket
+from vllm_ascend_pd.kv_layout import check_compatible
+from vllm_ascend_pd.protocol import LayoutDesc
+from vllm_ascend_pd.transport import TransferError, Transport
+
+from vllm_ascend_pd.log import get_logger
+
+logger = get_logger(__name__)
+
+_POLL_MS = 20
+# Pulls parked while their lease is not yet registered (bounded: peers are untrusted).
+_MAX_WAITING = 1024
+
+
+@dataclass
+class _Waiting:
+    identity: bytes
+    req: wire.PullRequest
+    deadline: float
+
+
+class KVServer:
+    def __init__(
+        self,
+        *,
+        bind_host: str,
+        port: int,
+        engine_id: str,
+        tp_rank: int,
+        layout: LayoutDesc,
+        leases: LeaseTable,
+        transport: Transport,
+        stats: TransferStats,
+        secret: str,
+        registration_grace_s: float,
+        send_timeout_s: float,
+    ):
+        self.engine_id = engine_id
+        self.tp_rank = tp_rank
+        self.layout = layout
+        self.leases = leases
+        self.transport = transport
+        self.stats = stats
+        self.secret = secret
+        self.grace_s = registration_grace_s
+        self.send_timeout_s = send_timeout_s
+        self.port = port
+        self._ctx = zmq.Context()  # private: vLLM manages its own contexts
+        self._sock = router_socket(self._ctx, bind_host, port, f"producer rank {tp_rank}")
+        self._waiting: list[_Waiting] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"ascend-pd-kv-server-{tp_rank}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._sock.close(0)
+        self._ctx.term()
+
+    # The loop never lets a peer's message take the thread down.
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._sock.poll(_POLL_MS, zmq.POLLIN):
+                    self._handle(self._sock.recv_multipart(copy=False))
+                self._retry_waiting()
+                self.stats.record_expired(self.leases.expire())
+            except Exception:  # noqa: BLE001 - logged, loop continues
+                logger.exception("AscendSimpleConnector KV server: unexpected error")
+
+    def _handle(self, frames) -> None:
+        if len(frames) != 2:
+            self.stats.record_rejected("malformed")
+            return  # no reply: a well-formed peer never sends this
+        identity = frames[0].bytes
+        try:
+            msg = wire.decode(frames[1].buffer)
+        except wire.ProtocolError as e:
+            self.stats.record_rejected("malformed")
+            logger.warning("KV server rank %d: dropped a bad message: %s", self.tp_rank, e)
+            return
+        logger.debug("KV server rank %d: %s", self.tp_rank, type(msg).__name__)
+        if isinstance(msg, wire.Hello):
+            self._reply(identity, self._hello(msg))
+        elif isinstance(msg, wire.PullRequest):
+            self._pull(identity, msg, time.monotonic() + self.grace_s)
+        elif isinstance(msg, wire.Release):
+            self._release(identity, msg)
+        else:
+            self.stats.record_rejected("malformed")
+
+    def _authorized(self, token: str) -> bool:
+        return not self.secret or hmac.compare_digest(token.encode(), self.secret.encode())
+
+    def _hello(self, msg: wire.Hello) -> wire.HelloReply:
+        if not self._authorized(msg.auth):
+            self.stats.record_rejected("auth")
+            return wire.HelloReply(False, "authentication failed: set the same shared_secret on both instances")
+        if msg.version != wire.PROTOCOL_VERSION:
+            return wire.HelloReply(
+                False,
+                f"protocol version mismatch (producer {wire.PROTOCOL_VERSION}, consumer "
+                f"{msg.version}): install the same vllm-ascend-pd version on both",
+            )
+        why = check_compatible(self.layout, msg.layout)
+        if why:
+            return wire.HelloReply(False, why, self.engine_id, layout=self.layout)
+        return wire.HelloReply(True, "", self.engine_id, layout=self.layout, transport=self.transport.name)
+
+    def _pull(self, identity: bytes, req: wire.PullRequest, deadline: float) -> None:
+        if not self._authorized(req.auth):
+            self.stats.record_rejected("auth")
+            self._reply(identity, wire.PullReply(False, req.transfer_id, "authentication failed"))
+            return
+        claim = self.leases.begin_send(req.transfer_id, req.request_id, req.block_ids)
+        if isinstance(claim, str):
+            if (
+                claim == "unknown transfer id"
+                and time.monotonic() < deadline
+                and len(self._waiting) < _MAX_WAITING
+            ):
+                # The pull may race ahead of the engine registering the lease.
+                self._waiting.append(_Waiting(identity, req, deadline))
+                return
+            self.stats.record_rejected("unknown_transfer" if "unknown" in claim else "refused")
+            logger.warning(
+                "KV server rank %d: refused pull for request %s: %s",
+                self.tp_rank, req.request_id, claim,
+            )
+            self._reply(identity, wire.PullReply(False, req.transfer_id, claim))
+            return
+        plan_bytes = len(req.block_ids) * self.transport.cache.total_block_bytes()
+        self._reply(identity, wire.PullReply(True, req.transfer_id, total_bytes=plan_bytes))
+        link = RouterLink(self._sock, identity, self.send_timeout_s)
+        start = time.perf_counter()
+        try:
+            nbytes = self.transport.send_blocks(link, req.transfer_id, req.block_ids)
+        except (TransferError, OSError, zmq.ZMQError) as e:
+            cause = getattr(e, "cause", "transport")
+            self.stats.record_send_failure(cause)
+            logger.warning(
+                "KV server rank %d: sending request %s failed: %s",
+                self.tp_rank, req.request_id, e,
+            )
+            self.leases.abort_send(req.transfer_id, f"send failed: {e}")
+            return
+        self.leases.end(req.transfer_id, "pulled")
+        self.stats.record_send(nbytes, len(req.block_ids), time.perf_counter() - start)
+
+    def _release(self, identity: bytes, msg: wire.Release) -> None:
+        if not self._authorized(msg.auth):
+            self.stats.record_rejected("auth")
+            self._reply(identity, wire.ReleaseReply(False, msg.transfer_id, "authentication failed"))
+            return
+        why = self.leases.release(msg.transfer_id, msg.request_id)
+        if why is None:
+            self.stats.record_release()
+        self._reply(identity, wire.ReleaseReply(why is None, msg.transfer_id, why or ""))
+
+    def _retry_waiting(self) -> None:
+        if not self._waiting:
+            return
+        waiting, self._waiting = self._waiting, []
+        now = time.monotonic()
+        for w in waiting:
+            if self.leases.knows(w.req.transfer_id) or now >= w.deadline:
+                self._pull(w.identity, w.req, deadline=0.0)
+            else:
+                self._waiting.append(w)
+
+    def _reply(self, identity: bytes, msg) -> None:
+        try:
+            self._sock.send_multipart([identity, wire.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            logger.warning("KV server rank %d: could not reply %s: %s", self.tp_rank, type(msg).__name__, e)

@@ -1,0 +1,48 @@
+"""Scheduler -> worker messages for one engine step (plain, picklable data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass(frozen=True)
+class SendSpec:
+    """Producer: lease these blocks under ``transfer_id``."""
+
+    request_id: str
+    transfer_id: str
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class RecvSpec:
+    """Consumer: pull ``remote_block_ids`` into ``local_block_ids``."""
+
+    request_id: str
+    remote_host: str
+    remote_port: int
+    transfer_id: str
+    remote_request_id: str
+    remote_block_ids: list[int]
+    local_block_ids: list[int]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """Consumer: tell the producer to free a lease it will never pull."""
+
+    request_id: str
+    remote_host: str
+    remote_port: int
+    transfer_id: str
+    remote_request_id: str
+
+
+@dataclass
+class AscendConnectorMetadata(KVConnectorMetadata):
+    sends: list[SendSpec] = field(default_factory=list)
+    recvs: list[RecvSpec] = field(default_factory=list)
+    releases: list[ReleaseSpec] = field(default_factory=list)

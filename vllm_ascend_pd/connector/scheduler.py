@@ -1,0 +1,196 @@
+"""Scheduler side: decides what to lease (producer) and what to pull
+(consumer). Pure bookkeeping, no I/O; the workers act on the metadata."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vllm_ascend_pd.log import get_logger
+
+from vllm_ascend_pd import protocol as wire
+from vllm_ascend_pd.connector.metadata import (
+    AscendConnectorMetadata,
+    RecvSpec,
+    ReleaseSpec,
+    SendSpec,
+)
+from vllm_ascend_pd.params import InvalidParams, ProducerParams, parse_producer_params, prompt_hash
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.request import Request
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class _Plan:
+    params: ProducerParams | None
+    error: str = ""
+    local_computed: int = 0
+
+
+class SchedulerSide:
+    def __init__(
+        self,
+        *,
+        engine_id: str,
+        is_producer: bool,
+        is_consumer: bool,
+        block_size: int,
+        tp_size: int,
+        kv_host: str,
+        kv_port: int,
+    ):
+        self.engine_id = engine_id
+        self.is_producer = is_producer
+        self.is_consumer = is_consumer
+        self.block_size = block_size
+        self.tp_size = tp_size
+        self.kv_host = kv_host
+        self.kv_port = kv_port
+        self._plans: dict[str, _Plan] = {}
+        self._meta = AscendConnectorMetadata()
+
+    # -- consumer ---------------------------------------------------------
+    def _plan(self, request: "Request") -> _Plan:
+        plan = self._plans.get(request.request_id)
+        if plan is None:
+            plan = _Plan(None)
+            try:
+                plan.params = self._validate(request)
+            except InvalidParams as e:
+                plan.error = str(e)
+                logger.warning(
+                    "AscendSimpleConnector: request %s will be prefilled locally: %s",
+                    request.request_id, e,
+                )
+            self._plans[request.request_id] = plan
+        return plan
+
+    def _validate(self, request: "Request") -> ProducerParams:
+        p = parse_producer_params(request.kv_transfer_params)
+        if p.protocol != wire.PROTOCOL_VERSION:
+            raise InvalidParams(
+                f"producer speaks protocol {p.protocol}, this instance {wire.PROTOCOL_VERSION}: "
+                "install the same vllm-ascend-pd version on both"
+            )
+        if p.block_size != self.block_size:
+            raise InvalidParams(
+                f"producer block size {p.block_size} != consumer {self.block_size}: start "
+                "both with the same --block-size"
+            )
+        if p.tp_size != self.tp_size:
+            raise InvalidParams(
+                f"producer tensor-parallel size {p.tp_size} != consumer {self.tp_size}"
+            )
+        prompt = request.prompt_token_ids or []
+        if p.num_tokens != len(prompt) or p.prompt_hash != prompt_hash(prompt):
+            raise InvalidParams(
+                "kv_transfer_params belong to a different prompt; send the decode "
+                "instance the same prompt the prefill instance served"
+            )
+        return p
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        params = request.kv_transfer_params
+        if not (self.is_consumer and params and params.get("do_remote_prefill")):
+            return 0, False
+        plan = self._plan(request)
+        if plan.params is None:
+            return 0, False
+        plan.local_computed = num_computed_tokens
+        count = plan.params.num_tokens - num_computed_tokens
+        logger.info("DBG matched %s computed=%d count=%d", request.request_id, num_computed_tokens, count)
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(
+        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+    ) -> None:
+        params = request.kv_transfer_params
+        if not (self.is_consumer and params and params.get("do_remote_prefill")):
+            return
+        logger.info("DBG after_alloc %s ext=%d", request.request_id, num_external_tokens)
+        # One transfer per request, even if vLLM calls us again after the load.
+        params["do_remote_prefill"] = False
+        plan = self._plans.pop(request.request_id, None) or self._plan(request)
+        self._plans.pop(request.request_id, None)
+        p = plan.params
+        if p is None:
+            return
+        if num_external_tokens <= 0:
+            logger.info("DBG release (no external tokens) %s", request.request_id)
+            self._meta.releases.append(self._release_spec(request.request_id, p))
+            return
+        bs = self.block_size
+        first = plan.local_computed // bs
+        last = -(-(plan.local_computed + num_external_tokens) // bs)
+        local_ids = list(blocks.get_block_ids()[0][first:last])
+        remote_ids = p.remote_block_ids[first:last]
+        if len(local_ids) != len(remote_ids) or not local_ids:
+            logger.error(
+                "AscendSimpleConnector: request %s block plan mismatch (local %d, remote %d)",
+                request.request_id, len(local_ids), len(remote_ids),
+            )
+        self._meta.recvs.append(
+            RecvSpec(
+                request.request_id, p.remote_host, p.remote_port, p.transfer_id,
+                p.remote_request_id, remote_ids, local_ids, num_external_tokens,
+            )
+        )
+
+    def _release_spec(self, request_id: str, p: ProducerParams) -> ReleaseSpec:
+        return ReleaseSpec(request_id, p.remote_host, p.remote_port, p.transfer_id, p.remote_request_id)
+
+    # -- both ---------------------------------------------------------------
+    def build_connector_meta(self) -> AscendConnectorMetadata:
+        meta, self._meta = self._meta, AscendConnectorMetadata()
+        return meta
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
+        params = request.kv_transfer_params
+        self._plans.pop(request.request_id, None)
+        if not params:
+            return False, None
+        if params.get("do_remote_prefill"):
+            # Finished before allocation (rejected or aborted on this side):
+            # the producer still holds the blocks, so tell it to free them.
+            params["do_remote_prefill"] = False
+            try:
+                p = parse_producer_params(params)
+            except InvalidParams:
+                return False, None
+            logger.info("DBG release (finished before alloc) %s status=%s", request.request_id, request.status)
+            self._meta.releases.append(self._release_spec(request.request_id, p))
+            return False, None
+        if not (self.is_producer and params.get("do_remote_decode")):
+            return False, None
+        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            return False, None  # aborted or errored: nothing to hand off
+        num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
+        n_blocks = -(-num_tokens // self.block_size)
+        if num_tokens <= 0 or len(block_ids) < n_blocks:
+            return False, None
+        block_ids = list(block_ids[:n_blocks])
+        transfer_id = secrets.token_urlsafe(24)
+        self._meta.sends.append(SendSpec(request.request_id, transfer_id, block_ids))
+        out = ProducerParams(
+            remote_engine_id=self.engine_id,
+            remote_host=self.kv_host,
+            remote_port=self.kv_port,
+            remote_block_ids=block_ids,
+            remote_request_id=request.request_id,
+            transfer_id=transfer_id,
+            tp_size=self.tp_size,
+            block_size=self.block_size,
+            num_tokens=num_tokens,
+            prompt_hash=prompt_hash(request.prompt_token_ids or []),
+            protocol=wire.PROTOCOL_VERSION,
+        )
+        import msgspec
+
+        return True, msgspec.structs.asdict(out)

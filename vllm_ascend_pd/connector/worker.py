@@ -1,0 +1,200 @@
+"""Worker side: owns the paged-cache view, the transport, and per role the
+KV server (producer) and the puller (consumer)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm_ascend_pd.log import get_logger
+
+from vllm_ascend_pd.config import ConnectorConfig, control_port, group_port, resolve_kv_ip
+from vllm_ascend_pd.connector.kv_server import KVServer
+from vllm_ascend_pd.connector.metadata import AscendConnectorMetadata
+from vllm_ascend_pd.connector.puller import Puller, PullJob, ReleaseJob
+from vllm_ascend_pd.connector.stats import TransferStats
+from vllm_ascend_pd.connector.transfers import LeaseTable
+from vllm_ascend_pd.connector.zmq_links import tcp_endpoint
+from vllm_ascend_pd.kv_layout import PagedKVCache
+from vllm_ascend_pd.transport import TransportOptions, create_transport
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = get_logger(__name__)
+
+_MB = 1024 * 1024
+
+
+def resolve_transport(name: str, device_type: str) -> str:
+    if name != "auto":
+        return name
+    if device_type == "npu":
+        return "llmdatadist" if importlib.util.find_spec("llm_datadist") else "hccl"
+    return "tcp"
+
+
+class WorkerSide:
+    def __init__(
+        self,
+        vllm_config: "VllmConfig",
+        cfg: ConnectorConfig,
+        kv_cache_config: Any,
+        *,
+        engine_id: str,
+        is_producer: bool,
+        is_consumer: bool,
+        kv_port: int,
+        tp_rank: int,
+        tp_size: int,
+    ):
+        self.vllm_config = vllm_config
+        self.cfg = cfg
+        self.kv_cache_config = kv_cache_config
+        self.engine_id = engine_id
+        self.is_producer = is_producer
+        self.is_consumer = is_consumer
+        self.kv_port = kv_port
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.stats = TransferStats()
+        self.leases = LeaseTable(cfg.lease_s)
+        self.server: KVServer | None = None
+        self.puller: Puller | None = None
+        self.cache: PagedKVCache | None = None
+        self._last_pending = 0
+        self._held: tuple[set[str], set[str]] = (set(), set())
+
+    def _block_dim(self, layer: str, tensor: torch.Tensor) -> int:
+        if importlib.util.find_spec("vllm.v1.kv_cache_layout") is not None:
+            # vLLM >= 0.32 hands every layer out as a logical [B, H, N, C] view.
+            return 0
+        # Older vLLM: ask the layer's attention backend where blocks live.
+        ctx = self.vllm_config.compilation_config.static_forward_context[layer]
+        backend = ctx.get_attn_backend()
+        sentinel = 1_000_003
+        spec = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        shape = backend.get_kv_cache_shape(sentinel, spec.block_size, spec.num_kv_heads, spec.head_size)
+        dim = list(shape).index(sentinel)
+        try:
+            order = backend.get_kv_cache_stride_order()
+            dim = list(order).index(dim)
+        except (AttributeError, NotImplementedError):
+            pass
+        return dim
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        cache_cfg = self.vllm_config.cache_config
+        self.cache = PagedKVCache.from_vllm(
+            kv_caches,
+            num_blocks=self.kv_cache_config.num_blocks,
+            block_size=cache_cfg.block_size,
+            block_dim_of=self._block_dim,
+            is_mla=bool(getattr(self.vllm_config.model_config, "use_mla", False)),
+        )
+        device = self.cache.tensors[0].device.type
+        name = resolve_transport(self.cfg.transport, device)
+        host = resolve_kv_ip(self.cfg)
+        options = TransportOptions(
+            chunk_bytes=int(self.cfg.chunk_mb * _MB),
+            pool_bytes=int(self.cfg.buffer_pool_mb * _MB),
+            idle_timeout_s=self.cfg.transfer_timeout_s,
+            device=device,
+            local_rank=self.tp_rank,
+            group_port=group_port(self.kv_port, self.tp_rank),
+            host=host,
+        )
+        transport = create_transport(name, self.cache, options)
+        layout = self.cache.describe(self.tp_size)
+        logger.info(
+            "AscendSimpleConnector rank %d: %d cache tensors, %d blocks of %d bytes, transport %s",
+            self.tp_rank, len(self.cache.tensors), self.cache.num_blocks,
+            self.cache.total_block_bytes(), name,
+        )
+        if self.is_producer:
+            port = control_port(self.kv_port, self.tp_rank)
+            self.server = KVServer(
+                bind_host=self.cfg.kv_bind_host or host,
+                port=port,
+                engine_id=self.engine_id,
+                tp_rank=self.tp_rank,
+                layout=layout,
+                leases=self.leases,
+                transport=transport,
+                stats=self.stats,
+                secret=self.cfg.shared_secret,
+                registration_grace_s=self.cfg.registration_grace_s,
+                send_timeout_s=self.cfg.transfer_timeout_s,
+            )
+            self.server.start()
+        if self.is_consumer:
+            self.puller = Puller(
+                engine_id=self.engine_id,
+                tp_rank=self.tp_rank,
+                layout=layout,
+                transport=transport,
+                stats=self.stats,
+                secret=self.cfg.shared_secret,
+                connect_timeout_s=self.cfg.connect_timeout_s,
+            )
+
+    def start_load_kv(self, meta: AscendConnectorMetadata) -> None:
+        if meta.sends or meta.recvs or meta.releases:
+            logger.info("DBG start_load_kv sends=%d recvs=%d rel=%d", len(meta.sends), len(meta.recvs), len(meta.releases))
+        for s in meta.sends:
+            logger.debug("lease %s: %d blocks", s.request_id, len(s.block_ids))
+            self.leases.register(s.request_id, s.transfer_id, s.block_ids)
+        if self.puller is None:
+            if meta.recvs or meta.releases:
+                logger.error("AscendSimpleConnector: consumer work on a non-consumer instance")
+            return
+        for r in meta.recvs:
+            self.puller.submit(
+                PullJob(
+                    r.request_id,
+                    tcp_endpoint(r.remote_host, control_port(r.remote_port, self.tp_rank)),
+                    r.transfer_id,
+                    r.remote_request_id,
+                    r.remote_block_ids,
+                    r.local_block_ids,
+                    r.num_tokens,
+                )
+            )
+        for rel in meta.releases:
+            self.puller.submit(
+                ReleaseJob(
+                    rel.request_id,
+                    tcp_endpoint(rel.remote_host, control_port(rel.remote_port, self.tp_rank)),
+                    rel.transfer_id,
+                    rel.remote_request_id,
+                )
+            )
+
+    def get_finished(self) -> tuple[set[str], set[str], set[str]]:
+        sending = self.leases.take_finished()
+        recving: set[str] = set()
+        failed: set[str] = set()
+        if self.puller is not None:
+            # Report one step late: never finish a load in the same step that parked it.
+            recving, failed = self._held
+            self._held = self.puller.take_results()
+        if sending or recving or failed:
+            logger.info("DBG get_finished %s %s %s", sending, recving, failed)
+        return sending, recving, failed
+
+    def get_stats(self) -> dict[str, Any] | None:
+        if self.is_producer:
+            pending = self.leases.pending()
+            if pending != self._last_pending:  # a gauge: report changes only
+                self._last_pending = pending
+                self.stats.set_pending(pending)
+        return self.stats.take()
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.puller is not None:
+            self.puller.close()
+            self.puller = None

@@ -1,0 +1,84 @@
+"""ZMQ sockets and the ``Link`` adapters transports send through."""
+
+from __future__ import annotations
+
+import zmq
+
+from vllm_ascend_pd.transport.base import TransferError
+
+
+class RouterLink:
+    """Producer side: one consumer behind a ROUTER socket."""
+
+    def __init__(self, sock: zmq.Socket, identity: bytes, send_timeout_s: float):
+        self.sock = sock
+        self.identity = identity
+        self.sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
+
+    def send(self, frames, *, copy: bool = True, track: bool = False):
+        try:
+            return self.sock.send_multipart([self.identity, *frames], copy=copy, track=track)
+        except zmq.Again:
+            raise TransferError("consumer stopped reading (send timed out)", "peer_stalled") from None
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                raise TransferError("consumer disconnected mid-transfer", "peer_lost") from None
+            raise
+
+    def recv(self, timeout_s: float):
+        raise TransferError("the producer's link is send-only", "protocol")
+
+
+class DealerLink:
+    """Consumer side: the DEALER socket connected to one producer rank."""
+
+    def __init__(self, sock: zmq.Socket, endpoint: str):
+        self.sock = sock
+        self.endpoint = endpoint
+
+    def send(self, frames, *, copy: bool = True, track: bool = False):
+        return self.sock.send_multipart(frames, copy=copy, track=track)
+
+    def recv(self, timeout_s: float):
+        if not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            raise TransferError(
+                f"no data from producer {self.endpoint} for {timeout_s:.1f}s "
+                "(dead, overloaded or firewalled KV port?)",
+                cause="timeout",
+            )
+        return self.sock.recv_multipart(copy=False)
+
+
+def router_socket(ctx: zmq.Context, bind_host: str, port: int, role_hint: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.LINGER, 0)
+    # Bounded before parsing: a hostile peer cannot make us buffer huge frames.
+    from vllm_ascend_pd.protocol import MAX_CONTROL_BYTES
+
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
+    try:
+        sock.bind(f"tcp://{_bracket(bind_host)}:{port}")
+    except zmq.ZMQError as e:
+        sock.close(0)
+        raise RuntimeError(
+            f"AscendSimpleConnector cannot listen on {bind_host}:{port} ({role_hint}): "
+            f"{e}. Another process (often a second vLLM instance on this host) uses "
+            "it: give every instance its own kv_port, at least 128 apart, or free the port."
+        ) from None
+    return sock
+
+
+def dealer_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    return f"tcp://{_bracket(host)}:{port}"
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

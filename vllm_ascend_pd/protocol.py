@@ -1,0 +1,124 @@
+"""Wire messages between producer and consumer workers (ZMQ control plane).
+
+Every message is a tagged ``msgspec.Struct``; peers exchange ``Hello`` first and
+refuse a different ``PROTOCOL_VERSION`` or an incompatible cache layout.
+
+Version history:
+  1: initial (Hello, Pull, Release; tcp chunk stream).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+# Decoding is bounded before anything is parsed (see MAX_CONTROL_BYTES users).
+MAX_CONTROL_BYTES = 4 * 1024 * 1024
+
+
+class TensorDesc(msgspec.Struct, frozen=True):
+    """One cache tensor of one layer, block dimension first."""
+
+    name: str
+    dtype: str
+    block_shape: tuple[int, ...]  # shape of one block (everything but dim 0)
+
+
+class LayoutDesc(msgspec.Struct, frozen=True):
+    block_size: int
+    tensors: tuple[TensorDesc, ...]
+    is_mla: bool = False
+    tp_size: int = 1
+
+
+class Hello(msgspec.Struct, tag="hello"):
+    version: int
+    engine_id: str
+    tp_rank: int
+    layout: LayoutDesc
+    auth: str = ""
+
+
+class HelloReply(msgspec.Struct, tag="hello_reply"):
+    ok: bool
+    error: str = ""
+    engine_id: str = ""
+    version: int = PROTOCOL_VERSION
+    layout: LayoutDesc | None = None
+    transport: str = ""
+
+
+class PullRequest(msgspec.Struct, tag="pull"):
+    transfer_id: str
+    request_id: str  # the producer's own request id
+    block_ids: list[int]  # producer block ids, in token order
+    consumer_engine_id: str = ""
+    consumer_rank: int = 0
+    auth: str = ""
+
+
+class PullReply(msgspec.Struct, tag="pull_reply"):
+    ok: bool
+    transfer_id: str
+    error: str = ""
+    num_chunks: int = 0
+    total_bytes: int = 0
+
+
+class ChunkHeader(msgspec.Struct, tag="chunk"):
+    transfer_id: str
+    seq: int
+    nbytes: int
+
+
+class TransferDone(msgspec.Struct, tag="done"):
+    transfer_id: str
+    ok: bool
+    error: str = ""
+
+
+class Release(msgspec.Struct, tag="release"):
+    transfer_id: str
+    request_id: str
+    auth: str = ""
+
+
+class ReleaseReply(msgspec.Struct, tag="release_reply"):
+    ok: bool
+    transfer_id: str
+    error: str = ""
+
+
+Message = (
+    Hello
+    | HelloReply
+    | PullRequest
+    | PullReply
+    | ChunkHeader
+    | TransferDone
+    | Release
+    | ReleaseReply
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class ProtocolError(ValueError):
+    """A peer sent something that is not a valid message."""
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes | memoryview) -> Message:
+    if len(data) > MAX_CONTROL_BYTES:
+        raise ProtocolError(
+            f"control message of {len(data)} bytes exceeds {MAX_CONTROL_BYTES}"
+        )
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ProtocolError(f"malformed control message: {e}") from None

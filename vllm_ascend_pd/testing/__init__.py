@@ -1,0 +1,1 @@
+"""Helpers to run real vLLM on a CPU: a tiny model and server processes."""

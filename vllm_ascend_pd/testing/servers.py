@@ -1,0 +1,146 @@
+"""Start and stop real vLLM OpenAI servers on 127.0.0.1 (tests, demo, benchmarks).
+
+Each server runs in its own process group so teardown reaches its engine and
+worker children; only processes started here are ever signalled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port(avoid: set[int] | None = None, span: int = 1) -> int:
+    """A free TCP port p on 127.0.0.1 with p..p+span-1 also free."""
+    avoid = avoid or set()
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p + span >= 65536 or any(q in avoid for q in range(p, p + span)):
+            continue
+        if all(_is_free(q) for q in range(p, p + span)):
+            return p
+    raise RuntimeError("no free port range found")
+
+
+def free_kv_port(avoid: set[int] | None = None, span: int = 4) -> int:
+    """A kv_port base below the kernel's ephemeral range, so ports vLLM and
+    others pick at random (from that range) cannot collide with it."""
+    import random
+
+    avoid = avoid or set()
+    rnd = random.Random()
+    for _ in range(500):
+        p = rnd.randrange(20000, 32000 - span)
+        if any(q in avoid for q in range(p, p + span)):
+            continue
+        if all(_is_free(q) for q in range(p, p + span)):
+            return p
+    raise RuntimeError("no free kv port range found")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@dataclass
+class VllmServer:
+    name: str
+    model: str
+    port: int
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
+            "--served-model-name", "tiny", *self.args,
+        ]
+
+    def start(self) -> "VllmServer":
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+        env.update(self.env)
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            self.command(), env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log: {self.log_path}\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not ready after {timeout_s}s; log: {self.log_path}\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """Hard kill (fault injection)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+
+
+def kv_config(role: str, kv_port: int, **extra) -> str:
+    cfg = {
+        "kv_connector": "AscendSimpleConnector",
+        "kv_role": role,
+        "kv_port": kv_port,
+        "kv_connector_extra_config": {"kv_ip": "127.0.0.1", **extra},
+    }
+    return json.dumps(cfg)
+
+
+BASE_ARGS = ["--enforce-eager", "--block-size", "32", "--max-model-len", "4096", "--dtype", "float32", "--seed", "0"]

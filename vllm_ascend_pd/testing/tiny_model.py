@@ -1,0 +1,102 @@
+"""Build a tiny Llama-style model (GQA, random weights, fixed seed) and a
+tokenizer trained on the spot, so tests and the demo need no download."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+_WORDS = (
+    "the a prefill decode block cache tensor ascend npu vllm server proxy request "
+    "token layer head model engine stream batch queue transfer memory port group "
+    "rank worker scheduler connector lease pull push fast slow correct exact "
+    "alpha beta gamma delta one two three four five six seven eight nine ten"
+).split()
+
+
+def _corpus(n_lines: int, seed: int) -> list[str]:
+    rnd = random.Random(seed)
+    return [" ".join(rnd.choice(_WORDS) for _ in range(rnd.randint(4, 16))) for _ in range(n_lines)]
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 1234,
+    num_layers: int = 2,
+    hidden: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab_size: int = 512,
+    max_positions: int = 4096,
+) -> Path:
+    """Write a HF-format Llama model + tokenizer to ``out_dir`` (idempotent)."""
+    out = Path(out_dir)
+    marker = out / ".complete"
+    if marker.exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(2000, seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    # A minimal chat template so /v1/chat/completions works.
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    fast.save_pretrained(out)
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_positions,
+        # Wide logits make greedy argmax robust to float reordering between
+        # a one-pass prefill and prefill-then-transfer.
+        initializer_range=0.5,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    marker.write_text("ok")
+    return out
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=1234)
+    args = ap.parse_args()
+    build_tiny_model(args.out_dir, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
