@@ -50,6 +50,9 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     buffer_pool_mb: Annotated[float, _doc(
         "Fixed size of the producer's pre-allocated staging pool (tcp); bounds the "
         "memory a transfer can use.", gt=0)] = 32.0
+    pump_budget_ms: Annotated[float, _doc(
+        "Longest time per engine step the connector spends moving KV data; "
+        "bounds the decode latency a transfer can add.", gt=0, le=1000)] = 20.0
     shared_secret: Annotated[str, _doc(
         "Optional secret every instance of a deployment shares; pulls and "
         "handshakes without it are refused.")] = ""

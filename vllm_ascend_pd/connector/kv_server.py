@@ -1,35 +1,35 @@
 """Producer worker: serves this rank's leased blocks to consumers.
 
-One thread owns the ROUTER socket. It answers handshakes, validates every
-pull against the lease table (transfer id, request id, block ids), streams
-the blocks through the transport and ends the lease. Nothing a peer sends
-can raise out of the loop.
+Driven by ``pump()`` from the engine thread every step (see pump.py). It
+answers handshakes, validates every pull against the lease table (transfer
+id, request id, block ids), streams the blocks through the transport and ends
+the lease. Nothing a peer sends can raise out of ``pump()``.
 """
 
 from __future__ import annotations
 
 import hmac
-import threading
 import time
 from dataclasses import dataclass
 
 import zmq
 
 from vllm_ascend_pd import protocol as wire
+from vllm_ascend_pd.connector.pump import Pump, Task
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
 from vllm_ascend_pd.connector.zmq_links import RouterLink, router_socket
 from vllm_ascend_pd.kv_layout import check_compatible
-from vllm_ascend_pd.protocol import LayoutDesc
-from vllm_ascend_pd.transport import TransferError, Transport
-
 from vllm_ascend_pd.log import get_logger
+from vllm_ascend_pd.protocol import LayoutDesc
+from vllm_ascend_pd.transport import Transport
 
 logger = get_logger(__name__)
 
-_POLL_MS = 20
 # Pulls parked while their lease is not yet registered (bounded: peers are untrusted).
 _MAX_WAITING = 1024
+# Messages read per pump, so a flood cannot monopolise the engine thread.
+_MAX_MESSAGES = 256
 
 
 @dataclass
@@ -53,7 +53,6 @@ class KVServer:
         stats: TransferStats,
         secret: str,
         registration_grace_s: float,
-        send_timeout_s: float,
     ):
         self.engine_id = engine_id
         self.tp_rank = tp_rank
@@ -63,36 +62,33 @@ class KVServer:
         self.stats = stats
         self.secret = secret
         self.grace_s = registration_grace_s
-        self.send_timeout_s = send_timeout_s
         self.port = port
-        self._ctx = zmq.Context()  # private: vLLM manages its own contexts
+        self._ctx = zmq.Context()
         self._sock = router_socket(self._ctx, bind_host, port, f"producer rank {tp_rank}")
         self._waiting: list[_Waiting] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"ascend-pd-kv-server-{tp_rank}", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
+        self._sends = Pump()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
         self._sock.close(0)
         self._ctx.term()
 
-    # The loop never lets a peer's message take the thread down.
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if self._sock.poll(_POLL_MS, zmq.POLLIN):
-                    self._handle(self._sock.recv_multipart(copy=False))
-                self._retry_waiting()
-                self.stats.record_expired(self.leases.expire())
-            except Exception:  # noqa: BLE001 - logged, loop continues
-                logger.exception("AscendSimpleConnector KV server: unexpected error")
+    @property
+    def sending(self) -> int:
+        return len(self._sends.tasks)
+
+    def pump(self, budget_s: float) -> None:
+        try:
+            for _ in range(_MAX_MESSAGES):
+                try:
+                    frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._handle(frames)
+            self._retry_waiting()
+            self._sends.run(budget_s)
+            self.stats.record_expired(self.leases.expire())
+        except Exception:  # noqa: BLE001 - the engine must keep running
+            logger.exception("AscendSimpleConnector KV server: unexpected error")
 
     def _handle(self, frames) -> None:
         if len(frames) != 2:
@@ -105,7 +101,6 @@ class KVServer:
             self.stats.record_rejected("malformed")
             logger.warning("KV server rank %d: dropped a bad message: %s", self.tp_rank, e)
             return
-        logger.debug("KV server rank %d: %s", self.tp_rank, type(msg).__name__)
         if isinstance(msg, wire.Hello):
             self._reply(identity, self._hello(msg))
         elif isinstance(msg, wire.PullRequest):
@@ -157,21 +152,23 @@ class KVServer:
             return
         plan_bytes = len(req.block_ids) * self.transport.cache.total_block_bytes()
         self._reply(identity, wire.PullReply(True, req.transfer_id, total_bytes=plan_bytes))
-        link = RouterLink(self._sock, identity, self.send_timeout_s)
+        link = RouterLink(self._sock, identity)
         start = time.perf_counter()
-        try:
-            nbytes = self.transport.send_blocks(link, req.transfer_id, req.block_ids)
-        except (TransferError, OSError, zmq.ZMQError) as e:
+
+        def done(nbytes: int) -> None:
+            self.leases.end(req.transfer_id, "pulled")
+            self.stats.record_send(nbytes, len(req.block_ids), time.perf_counter() - start)
+
+        def failed(e: BaseException) -> None:
             cause = getattr(e, "cause", "transport")
             self.stats.record_send_failure(cause)
             logger.warning(
-                "KV server rank %d: sending request %s failed: %s",
-                self.tp_rank, req.request_id, e,
+                "KV server rank %d: sending request %s failed: %s", self.tp_rank, req.request_id, e
             )
             self.leases.abort_send(req.transfer_id, f"send failed: {e}")
-            return
-        self.leases.end(req.transfer_id, "pulled")
-        self.stats.record_send(nbytes, len(req.block_ids), time.perf_counter() - start)
+
+        gen = self.transport.send_blocks(link, req.transfer_id, req.block_ids)
+        self._sends.add(Task(req.transfer_id, gen, done, failed))
 
     def _release(self, identity: bytes, msg: wire.Release) -> None:
         if not self._authorized(msg.auth):

@@ -103,7 +103,6 @@ class SchedulerSide:
             return 0, False
         plan.local_computed = num_computed_tokens
         count = plan.params.num_tokens - num_computed_tokens
-        logger.info("DBG matched %s computed=%d count=%d", request.request_id, num_computed_tokens, count)
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(
@@ -112,7 +111,6 @@ class SchedulerSide:
         params = request.kv_transfer_params
         if not (self.is_consumer and params and params.get("do_remote_prefill")):
             return
-        logger.info("DBG after_alloc %s ext=%d", request.request_id, num_external_tokens)
         # One transfer per request, even if vLLM calls us again after the load.
         params["do_remote_prefill"] = False
         plan = self._plans.pop(request.request_id, None) or self._plan(request)
@@ -121,7 +119,6 @@ class SchedulerSide:
         if p is None:
             return
         if num_external_tokens <= 0:
-            logger.info("DBG release (no external tokens) %s", request.request_id)
             self._meta.releases.append(self._release_spec(request.request_id, p))
             return
         bs = self.block_size
@@ -164,7 +161,6 @@ class SchedulerSide:
                 p = parse_producer_params(params)
             except InvalidParams:
                 return False, None
-            logger.info("DBG release (finished before alloc) %s status=%s", request.request_id, request.status)
             self._meta.releases.append(self._release_spec(request.request_id, p))
             return False, None
         if not (self.is_producer and params.get("do_remote_decode")):

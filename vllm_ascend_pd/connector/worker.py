@@ -64,7 +64,6 @@ class WorkerSide:
         self.puller: Puller | None = None
         self.cache: PagedKVCache | None = None
         self._last_pending = 0
-        self._held: tuple[set[str], set[str]] = (set(), set())
 
     def _block_dim(self, layer: str, tensor: torch.Tensor) -> int:
         if importlib.util.find_spec("vllm.v1.kv_cache_layout") is not None:
@@ -125,9 +124,7 @@ class WorkerSide:
                 stats=self.stats,
                 secret=self.cfg.shared_secret,
                 registration_grace_s=self.cfg.registration_grace_s,
-                send_timeout_s=self.cfg.transfer_timeout_s,
             )
-            self.server.start()
         if self.is_consumer:
             self.puller = Puller(
                 engine_id=self.engine_id,
@@ -140,14 +137,12 @@ class WorkerSide:
             )
 
     def start_load_kv(self, meta: AscendConnectorMetadata) -> None:
-        if meta.sends or meta.recvs or meta.releases:
-            logger.info("DBG start_load_kv sends=%d recvs=%d rel=%d", len(meta.sends), len(meta.recvs), len(meta.releases))
         for s in meta.sends:
-            logger.debug("lease %s: %d blocks", s.request_id, len(s.block_ids))
             self.leases.register(s.request_id, s.transfer_id, s.block_ids)
         if self.puller is None:
             if meta.recvs or meta.releases:
                 logger.error("AscendSimpleConnector: consumer work on a non-consumer instance")
+            self.pump()
             return
         for r in meta.recvs:
             self.puller.submit(
@@ -170,17 +165,23 @@ class WorkerSide:
                     rel.remote_request_id,
                 )
             )
+        self.pump()
+
+    def pump(self) -> None:
+        """Advance transfers; called from the engine thread twice per step."""
+        budget = self.cfg.pump_budget_ms / 1e3
+        if self.server is not None:
+            self.server.pump(budget)
+        if self.puller is not None:
+            self.puller.pump(budget)
 
     def get_finished(self) -> tuple[set[str], set[str], set[str]]:
+        self.pump()
         sending = self.leases.take_finished()
         recving: set[str] = set()
         failed: set[str] = set()
         if self.puller is not None:
-            # Report one step late: never finish a load in the same step that parked it.
-            recving, failed = self._held
-            self._held = self.puller.take_results()
-        if sending or recving or failed:
-            logger.info("DBG get_finished %s %s %s", sending, recving, failed)
+            recving, failed = self.puller.take_results()
         return sending, recving, failed
 
     def get_stats(self) -> dict[str, Any] | None:

@@ -1,31 +1,36 @@
-"""ZMQ sockets and the ``Link`` adapters transports send through."""
+"""ZMQ sockets and the ``Link`` adapters transports send through.
+
+All sockets are non-blocking and owned by the worker's engine thread.
+"""
 
 from __future__ import annotations
 
 import zmq
 
-from vllm_ascend_pd.transport.base import TransferError
+from vllm_ascend_pd.protocol import MAX_CONTROL_BYTES
+from vllm_ascend_pd.transport.base import TransferError, WouldBlock
 
 
 class RouterLink:
     """Producer side: one consumer behind a ROUTER socket."""
 
-    def __init__(self, sock: zmq.Socket, identity: bytes, send_timeout_s: float):
+    def __init__(self, sock: zmq.Socket, identity: bytes):
         self.sock = sock
         self.identity = identity
-        self.sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
 
     def send(self, frames, *, copy: bool = True, track: bool = False):
         try:
-            return self.sock.send_multipart([self.identity, *frames], copy=copy, track=track)
+            return self.sock.send_multipart(
+                [self.identity, *frames], flags=zmq.NOBLOCK, copy=copy, track=track
+            )
         except zmq.Again:
-            raise TransferError("consumer stopped reading (send timed out)", "peer_stalled") from None
+            raise WouldBlock from None
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
                 raise TransferError("consumer disconnected mid-transfer", "peer_lost") from None
             raise
 
-    def recv(self, timeout_s: float):
+    def try_recv(self):
         raise TransferError("the producer's link is send-only", "protocol")
 
 
@@ -37,16 +42,16 @@ class DealerLink:
         self.endpoint = endpoint
 
     def send(self, frames, *, copy: bool = True, track: bool = False):
-        return self.sock.send_multipart(frames, copy=copy, track=track)
+        try:
+            return self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy, track=track)
+        except zmq.Again:
+            raise WouldBlock from None
 
-    def recv(self, timeout_s: float):
-        if not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-            raise TransferError(
-                f"no data from producer {self.endpoint} for {timeout_s:.1f}s "
-                "(dead, overloaded or firewalled KV port?)",
-                cause="timeout",
-            )
-        return self.sock.recv_multipart(copy=False)
+    def try_recv(self):
+        try:
+            return self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
 
 
 def router_socket(ctx: zmq.Context, bind_host: str, port: int, role_hint: str) -> zmq.Socket:
@@ -54,8 +59,6 @@ def router_socket(ctx: zmq.Context, bind_host: str, port: int, role_hint: str) -
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.LINGER, 0)
     # Bounded before parsing: a hostile peer cannot make us buffer huge frames.
-    from vllm_ascend_pd.protocol import MAX_CONTROL_BYTES
-
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
     try:
         sock.bind(f"tcp://{_bracket(bind_host)}:{port}")
@@ -64,7 +67,8 @@ def router_socket(ctx: zmq.Context, bind_host: str, port: int, role_hint: str) -
         raise RuntimeError(
             f"AscendSimpleConnector cannot listen on {bind_host}:{port} ({role_hint}): "
             f"{e}. Another process (often a second vLLM instance on this host) uses "
-            "it: give every instance its own kv_port, at least 128 apart, or free the port."
+            "it: give every instance its own kv_port, at least 128 apart and below the "
+            "kernel's ephemeral port range, or free the port."
         ) from None
     return sock
 

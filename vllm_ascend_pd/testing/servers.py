@@ -81,6 +81,8 @@ class VllmServer:
     def start(self) -> "VllmServer":
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # In-process engine: see docs/known-issues.md (mp executor hang on CPU).
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
         env.update(self.env)
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
@@ -143,4 +145,4 @@ def kv_config(role: str, kv_port: int, **extra) -> str:
     return json.dumps(cfg)
 
 
-BASE_ARGS = ["--enforce-eager", "--block-size", "32", "--max-model-len", "4096", "--dtype", "float32", "--seed", "0"]
+BASE_ARGS = ["--distributed-executor-backend", "uni", "--enforce-eager", "--block-size", "32", "--max-model-len", "4096", "--dtype", "float32", "--seed", "0"]

@@ -9,11 +9,40 @@ process group, LLMDataDist) may use it for their own small messages.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Generator
 from typing import Any, ClassVar, Protocol
 
 from vllm_ascend_pd.kv_layout import PagedKVCache
+
+
+def wait_recv(link: "Link", timeout_s: float, what: str) -> Generator[bool, None, list[Any]]:
+    """Yield until the peer sends a message; TransferError after ``timeout_s`` of silence."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        frames = link.try_recv()
+        if frames is not None:
+            return frames
+        if time.monotonic() >= deadline:
+            raise TransferError(
+                f"no {what} from the peer for {timeout_s:.1f}s (dead, overloaded or "
+                "firewalled KV port?)",
+                cause="timeout",
+            )
+        yield False
+
+
+def wait_send(link: "Link", frames: list[Any], timeout_s: float, **kw: Any) -> Generator[bool, None, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return link.send(frames, **kw)
+        except WouldBlock:
+            if time.monotonic() >= deadline:
+                raise TransferError("the peer stopped reading", cause="peer_stalled") from None
+            yield False
 
 
 class TransferError(RuntimeError):
@@ -25,11 +54,24 @@ class TransferError(RuntimeError):
 
 
 class Link(Protocol):
-    def send(self, frames: list[Any], *, copy: bool = True, track: bool = False) -> Any: ...
-
-    def recv(self, timeout_s: float) -> list[Any]:
-        """Next multipart message from the peer; TransferError on timeout."""
+    def send(self, frames: list[Any], *, copy: bool = True, track: bool = False) -> Any:
+        """Queue a multipart message; raises ``WouldBlock`` if the peer is full."""
         ...
+
+    def try_recv(self) -> list[Any] | None:
+        """The next multipart message from the peer, or None if none is waiting."""
+        ...
+
+
+class WouldBlock(Exception):
+    """The link cannot take another message right now."""
+
+
+# Transfers are generators driven by the worker's engine thread: they yield
+# whenever they would block, so no background thread competes for the GIL
+# with vLLM's busy-polling worker loop.
+# Each yield says whether the step made progress (False: blocked on the peer).
+Step = Generator[bool, None, int]
 
 
 @dataclass(frozen=True)
@@ -52,11 +94,11 @@ class Transport(ABC):
         self.options = options
 
     @abstractmethod
-    def send_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> int:
-        """Producer: stream ``block_ids`` to the peer; return bytes sent."""
+    def send_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> Step:
+        """Producer: stream ``block_ids`` to the peer; returns bytes sent."""
 
     @abstractmethod
-    def recv_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> int:
+    def recv_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> Step:
         """Consumer: receive into ``block_ids`` (same order as the producer's list)."""
 
     def close(self) -> None:

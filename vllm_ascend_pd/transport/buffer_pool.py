@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Generator
 
 import torch
 
@@ -20,26 +21,26 @@ class BufferPool:
         if count < 2:
             raise ValueError("a buffer pool needs at least two buffers")
         self.nbytes = nbytes
+        self.count = count
         self._free: collections.deque = collections.deque(
             (torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory), None)
             for _ in range(count)
         )
-        self.count = count
 
-    def acquire(self, timeout_s: float) -> torch.Tensor:
-        buf, tracker = self._free.popleft()
-        if tracker is not None and not tracker.done:
-            deadline = time.monotonic() + timeout_s
-            try:
-                tracker.wait(max(0.0, deadline - time.monotonic()))
-            except Exception:  # zmq.NotDone on timeout
-                self._free.appendleft((buf, tracker))
+    def acquire(self, timeout_s: float) -> Generator[bool, None, torch.Tensor]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            buf, tracker = self._free[0]
+            if tracker is None or tracker.done:
+                self._free.popleft()
+                return buf
+            if time.monotonic() >= deadline:
                 raise TransferError(
                     "the consumer stopped reading: no staging buffer was released "
                     f"within {timeout_s:.1f}s",
                     cause="peer_stalled",
-                ) from None
-        return buf
+                )
+            yield False
 
     def release(self, buf: torch.Tensor, tracker=None) -> None:
         self._free.append((buf, tracker))

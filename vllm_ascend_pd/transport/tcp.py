@@ -13,7 +13,15 @@ import torch
 
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.kv_layout import PagedKVCache, plan_chunks
-from vllm_ascend_pd.transport.base import Link, TransferError, Transport, TransportOptions
+from vllm_ascend_pd.transport.base import (
+    Link,
+    Step,
+    TransferError,
+    Transport,
+    TransportOptions,
+    wait_recv,
+    wait_send,
+)
 from vllm_ascend_pd.transport.buffer_pool import BufferPool
 
 # Received frames are read-only memory we only read from.
@@ -38,14 +46,15 @@ class TcpTransport(Transport):
             self._pool = BufferPool(count, self.chunk_bytes, pin_memory=self._on_device)
         return self._pool
 
-    def send_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> int:
+    def send_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> Step:
         cache = self.cache
+        timeout = self.options.idle_timeout_s
         idx_all = torch.tensor(block_ids, dtype=torch.long, device=cache.tensors[0].device)
         total = 0
         for seq, ch in enumerate(plan_chunks(cache, len(block_ids), self.chunk_bytes)):
             t = cache.tensors[ch.tensor]
             n = (ch.stop - ch.start) * cache.block_bytes(ch.tensor)
-            buf = self.pool.acquire(self.options.idle_timeout_s)
+            buf = yield from self.pool.acquire(timeout)
             try:
                 out = buf[:n].view(t.dtype).view((ch.stop - ch.start, *t.shape[1:]))
                 idx = idx_all[ch.start : ch.stop]
@@ -54,23 +63,27 @@ class TcpTransport(Transport):
                 else:
                     torch.index_select(t, 0, idx, out=out)
                 header = wire.encode(wire.ChunkHeader(transfer_id, seq, n))
-                tracker = link.send([header, buf[:n].numpy()], copy=False, track=True)
+                tracker = yield from wait_send(
+                    link, [header, buf[:n].numpy()], timeout, copy=False, track=True
+                )
             except BaseException:
                 self.pool.release(buf)
                 raise
             self.pool.release(buf, tracker)
             total += n
-        link.send([wire.encode(wire.TransferDone(transfer_id, True))])
+            yield True
+        yield from wait_send(link, [wire.encode(wire.TransferDone(transfer_id, True))], timeout)
         return total
 
-    def recv_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> int:
+    def recv_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> Step:
         cache = self.cache
+        timeout = self.options.idle_timeout_s
         device = cache.tensors[0].device
         idx_all = torch.tensor(block_ids, dtype=torch.long, device=device)
         total = 0
         plan = plan_chunks(cache, len(block_ids), self.chunk_bytes)
         for seq, ch in enumerate(plan):
-            frames = link.recv(self.options.idle_timeout_s)
+            frames = yield from wait_recv(link, timeout, "KV data")
             msg = wire.decode(_buffer(frames[0]))
             if isinstance(msg, wire.TransferDone):
                 raise TransferError(
@@ -98,11 +111,11 @@ class TcpTransport(Transport):
                 src = src.to(device, non_blocking=False)
             t.index_copy_(0, idx_all[ch.start : ch.stop], src)
             total += n
-        done = wire.decode(_buffer(link.recv(self.options.idle_timeout_s)[0]))
+            yield True
+        frames = yield from wait_recv(link, timeout, "end of transfer")
+        done = wire.decode(_buffer(frames[0]))
         if not isinstance(done, wire.TransferDone) or not done.ok:
-            raise TransferError(
-                f"transfer {transfer_id} did not end cleanly", cause="protocol"
-            )
+            raise TransferError(f"transfer {transfer_id} did not end cleanly", cause="protocol")
         return total
 
 

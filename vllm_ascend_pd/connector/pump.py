@@ -1,0 +1,50 @@
+"""Round-robin driver for transfer generators, run from the engine thread.
+
+vLLM's CPU workers busy-poll for the next step with ``os.sched_yield``, which
+starves any Python thread of the GIL; so all connector I/O advances here, in
+small non-blocking steps, from the hooks vLLM calls every engine step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Task:
+    key: Any
+    gen: Generator[bool, None, Any]
+    on_done: Callable[[Any], None]
+    on_error: Callable[[BaseException], None]
+
+
+class Pump:
+    def __init__(self) -> None:
+        self.tasks: list[Task] = []
+
+    def add(self, task: Task) -> None:
+        self.tasks.append(task)
+
+    def run(self, budget_s: float) -> None:
+        deadline = time.perf_counter() + budget_s
+        while self.tasks:
+            progressed = False
+            for task in list(self.tasks):
+                try:
+                    progressed |= next(task.gen) is not False
+                except StopIteration as stop:
+                    self.tasks.remove(task)
+                    task.on_done(stop.value)
+                    progressed = True
+                except Exception as e:  # noqa: BLE001 - reported to the owner
+                    self.tasks.remove(task)
+                    task.on_error(e)
+                    progressed = True
+            if time.perf_counter() >= deadline or not progressed:
+                return
+
+    def busy(self, key: Any) -> bool:
+        return any(t.key == key for t in self.tasks)
