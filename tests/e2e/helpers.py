@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+
+
+def post(url: str, path: str, body: dict, timeout: float = 120) -> dict:
+    req = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    if not found:
+        raise KeyError(f"{name}{labels} not in /metrics of {url}")
+    return total
+
+
+def wait_for(pred, timeout: float = 30.0, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last={last!r})")
+
+
+def prompt_of(tokenizer, n_tokens: int, seed: int = 0) -> list[int]:
+    words = "alpha beta gamma delta prefill decode block cache tensor ascend".split()
+    ids: list[int] = []
+    i = seed
+    while len(ids) < n_tokens:
+        ids.extend(tokenizer.encode(" " + words[i % len(words)], add_special_tokens=False))
+        i += 7
+    return ids[:n_tokens]

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+
+from vllm_ascend_pd import protocol as wire
+from vllm_ascend_pd.config import ConfigError, control_port, parse_extra_config
+from vllm_ascend_pd.params import InvalidParams, parse_producer_params, prompt_hash
+
+
+def good_params(**over):
+    p = dict(remote_engine_id="e", remote_host="127.0.0.1", remote_port=20000,
+             remote_block_ids=[1, 2], remote_request_id="r", transfer_id="x" * 32,
+             tp_size=1, block_size=32, num_tokens=40, prompt_hash=prompt_hash([1, 2]),
+             protocol=wire.PROTOCOL_VERSION, do_remote_prefill=True)
+    p.update(over)
+    return p
+
+
+def test_defaults_and_unknown_key():
+    assert parse_extra_config({}).transport == "auto"
+    with pytest.raises(ConfigError, match="kv_ipp"):
+        parse_extra_config({"kv_ipp": "1.2.3.4"})
+
+
+@pytest.mark.parametrize("key,hint", [("prompt_device_ips", "prefill_device_ips"), ("kv_rank", "kv_role")])
+def test_old_keys_name_the_new_form(key, hint):
+    with pytest.raises(ConfigError, match=hint):
+        parse_extra_config({key: 1})
+
+
+def test_bad_values():
+    with pytest.raises(ConfigError, match="lease_s"):
+        parse_extra_config({"lease_s": 0})
+    with pytest.raises(ConfigError, match="http_port"):
+        parse_extra_config({"proxy_ip": "127.0.0.1", "proxy_port": 9000})
+    with pytest.raises(ConfigError, match="buffer_pool_mb"):
+        parse_extra_config({"chunk_mb": 8, "buffer_pool_mb": 8})
+
+
+def test_port_plan():
+    assert control_port(20000, 3) == 20003
+    with pytest.raises(ConfigError):
+        control_port(65535, 1)
+
+
+def test_params_roundtrip():
+    assert parse_producer_params(good_params()).num_tokens == 40
+
+
+@pytest.mark.parametrize("bad", [
+    None, [], "x",
+    {"do_remote_prefill": True},
+    good_params(remote_port="20000"),
+    good_params(remote_port=70000),
+    good_params(remote_block_ids=[1]),  # 40 tokens need 2 blocks
+    good_params(remote_block_ids=[1, -2]),
+    good_params(transfer_id="short"),
+    good_params(num_tokens=0),
+])
+def test_malformed_params_rejected(bad):
+    with pytest.raises(InvalidParams):
+        parse_producer_params(bad)

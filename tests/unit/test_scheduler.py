@@ -1,0 +1,124 @@
+"""The scheduler-side state machine with minimal stand-ins for vLLM's Request
+and KVCacheBlocks (plain data; the real ones are exercised end to end)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from vllm_ascend_pd.connector.scheduler import SchedulerSide
+from vllm_ascend_pd.params import parse_producer_params
+
+vllm_request = pytest.importorskip("vllm.v1.request")
+RequestStatus = vllm_request.RequestStatus
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    kv_transfer_params: dict | None = None
+    status: object = None
+    num_computed_tokens: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class FakeBlocks:
+    ids: list[int] = field(default_factory=list)
+
+    def get_block_ids(self):
+        return (self.ids,)
+
+
+def side(producer=False, consumer=False):
+    return SchedulerSide(engine_id="E", is_producer=producer, is_consumer=consumer,
+                         block_size=4, tp_size=1, kv_host="127.0.0.1", kv_port=20000)
+
+
+def produce(prompt):
+    p = side(producer=True)
+    req = FakeRequest("p-1", prompt, {"do_remote_decode": True}, RequestStatus.FINISHED_LENGTH_CAPPED, len(prompt))
+    delay, params = p.request_finished(req, [7, 8, 9, 10])
+    return p, delay, params
+
+
+def test_producer_leases_blocks_and_returns_params():
+    p, delay, params = produce(list(range(10)))
+    assert delay is True
+    parsed = parse_producer_params(params)
+    assert parsed.remote_block_ids == [7, 8, 9] and parsed.num_tokens == 10
+    meta = p.build_connector_meta()
+    assert [s.block_ids for s in meta.sends] == [[7, 8, 9]]
+    assert p.build_connector_meta().sends == []  # per-step state resets
+
+
+def test_producer_aborted_request_frees_immediately():
+    p = side(producer=True)
+    req = FakeRequest("p", [1, 2, 3], {"do_remote_decode": True}, RequestStatus.FINISHED_ABORTED, 3)
+    assert p.request_finished(req, [1]) == (False, None)
+    assert p.build_connector_meta().sends == []
+
+
+def test_consumer_pulls_only_missing_blocks_after_prefix_hit():
+    prompt = list(range(10))
+    _, _, params = produce(prompt)
+    c = side(consumer=True)
+    req = FakeRequest("d-1", prompt, dict(params))
+    # 4 tokens (one block) already cached locally.
+    assert c.get_num_new_matched_tokens(req, 4) == (6, True)
+    assert c.get_num_new_matched_tokens(req, 4) == (6, True)  # side-effect free
+    c.update_state_after_alloc(req, FakeBlocks([100, 101, 102]), 6)
+    meta = c.build_connector_meta()
+    (r,) = meta.recvs
+    assert r.remote_block_ids == [8, 9] and r.local_block_ids == [101, 102] and r.num_tokens == 6
+    # A second call after the load does not start another transfer.
+    c.update_state_after_alloc(req, FakeBlocks([100, 101, 102]), 0)
+    assert c.build_connector_meta().recvs == [] and req.kv_transfer_params["do_remote_prefill"] is False
+
+
+def test_consumer_full_prefix_hit_releases_producer():
+    prompt = list(range(8))
+    _, _, params = produce(prompt)
+    c = side(consumer=True)
+    req = FakeRequest("d", prompt, dict(params))
+    assert c.get_num_new_matched_tokens(req, 8) == (0, False)
+    c.update_state_after_alloc(req, FakeBlocks([1, 2]), 0)
+    meta = c.build_connector_meta()
+    assert meta.recvs == [] and [x.transfer_id for x in meta.releases] == [params["transfer_id"]]
+
+
+def test_consumer_rejected_before_alloc_releases_producer():
+    prompt = list(range(8))
+    _, _, params = produce(prompt)
+    c = side(consumer=True)
+    req = FakeRequest("d", [0], dict(params), RequestStatus.FINISHED_ABORTED)
+    assert c.request_finished(req, []) == (False, None)
+    assert len(c.build_connector_meta().releases) == 1
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda p: p.update(remote_port="nope"),
+    lambda p: p.update(block_size=16),
+    lambda p: p.update(prompt_hash="0" * 32),
+    lambda p: p.pop("transfer_id"),
+])
+def test_consumer_bad_params_prefill_locally(mutate):
+    prompt = list(range(10))
+    _, _, params = produce(prompt)
+    params = dict(params)
+    mutate(params)
+    c = side(consumer=True)
+    req = FakeRequest("d", prompt, params)
+    assert c.get_num_new_matched_tokens(req, 0) == (0, False)
+
+
+def test_params_for_another_prompt_are_not_applied():
+    _, _, params = produce(list(range(10)))
+    c = side(consumer=True)
+    req = FakeRequest("d", list(range(1, 11)), dict(params))
+    assert c.get_num_new_matched_tokens(req, 0) == (0, False)

@@ -1,0 +1,162 @@
+"""The tcp transport and the control plane, in one process over loopback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from vllm_ascend_pd import protocol as wire
+from vllm_ascend_pd.connector.kv_server import KVServer
+from vllm_ascend_pd.connector.puller import Puller, PullJob, ReleaseJob
+from vllm_ascend_pd.connector.stats import TransferStats
+from vllm_ascend_pd.connector.transfers import LeaseTable
+from vllm_ascend_pd.kv_layout import PagedKVCache
+from vllm_ascend_pd.testing.servers import free_port
+from vllm_ascend_pd.transport import TransportOptions, create_transport
+
+NB = 64
+TID = "t" * 24
+
+
+def make_cache(fill: float, dtype=torch.float32) -> PagedKVCache:
+    caches = {
+        f"layer.{i}": (torch.arange(NB * 2 * 32 * 8, dtype=torch.float32).view(NB, 2, 32, 8) * fill + i).to(dtype)
+        for i in range(3)
+    }
+    return PagedKVCache.from_vllm(caches, NB, 32, lambda n, t: 0)
+
+
+@pytest.fixture
+def pair():
+    src, dst = make_cache(1.0), make_cache(0.0)
+    opt = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=2)
+    leases = LeaseTable(60)
+    port = free_port()
+    server = KVServer(
+        bind_host="127.0.0.1", port=port, engine_id="P", tp_rank=0, layout=src.describe(),
+        leases=leases, transport=create_transport("tcp", src, opt), stats=TransferStats(),
+        secret="", registration_grace_s=0.5,
+    )
+    stats = TransferStats()
+    puller = Puller(
+        engine_id="D", tp_rank=0, layout=dst.describe(), transport=create_transport("tcp", dst, opt),
+        stats=stats, secret="", connect_timeout_s=2,
+    )
+    yield src, dst, leases, server, puller, f"tcp://127.0.0.1:{port}", stats
+    server.close()
+    puller.close()
+
+
+def drive(server, puller, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        puller.pump(0.01)
+        server.pump(0.01)
+        done, failed = puller.take_results()
+        if done:
+            return done, failed
+    raise AssertionError("no result")
+
+
+def test_pull_copies_exact_blocks_and_frees_lease(pair):
+    src, dst, leases, server, puller, ep, stats = pair
+    blocks = [3, 9, 4, 40, 41]
+    local = [10, 11, 12, 13, 14]
+    leases.register("req-p", TID, blocks)
+    puller.submit(PullJob("req-d", ep, TID, "req-p", blocks, local, 150))
+    done, failed = drive(server, puller)
+    assert (done, failed) == ({"req-d"}, set())
+    fresh = make_cache(0.0)
+    untouched = [b for b in range(NB) if b not in local]
+    for s, d, f in zip(src.tensors, dst.tensors, fresh.tensors):
+        assert torch.equal(d[local], s[blocks])
+        assert torch.equal(d[untouched], f[untouched])
+    assert leases.take_finished() == {"req-p"}
+    data = stats.take()
+    assert data["loaded_tokens"] == 150 and data["recv_blocks"] == 5
+
+
+def test_replayed_transfer_is_refused(pair):
+    src, dst, leases, server, puller, ep, _ = pair
+    leases.register("req-p", TID, [1, 2])
+    puller.submit(PullJob("a", ep, TID, "req-p", [1, 2], [5, 6], 64))
+    assert drive(server, puller) == ({"a"}, set())
+    puller.submit(PullJob("b", ep, TID, "req-p", [1, 2], [7, 8], 64))
+    assert drive(server, puller) == ({"b"}, {"b"})
+    assert torch.count_nonzero(dst.tensors[0][[7, 8]]) == 0
+
+
+def test_wrong_request_or_foreign_blocks_get_no_data(pair):
+    src, dst, leases, server, puller, ep, _ = pair
+    leases.register("req-p", TID, [1, 2])
+    puller.submit(PullJob("a", ep, TID, "other-request", [1, 2], [5, 6], 64))
+    assert drive(server, puller) == ({"a"}, {"a"})
+    puller.submit(PullJob("b", ep, TID, "req-p", [1, 33], [5, 6], 64))
+    assert drive(server, puller) == ({"b"}, {"b"})
+    assert torch.count_nonzero(dst.tensors[0][[5, 6]]) == 0
+    assert leases.pending() == 1  # still leased for the legitimate pull
+
+
+def test_unknown_transfer_fails_after_grace(pair):
+    _, _, _, server, puller, ep, stats = pair
+    puller.submit(PullJob("a", ep, "u" * 24, "req", [1], [1], 32))
+    assert drive(server, puller) == ({"a"}, {"a"})
+    assert stats.take()["failures"] == {"refused": 1}
+
+
+def test_release_frees_lease(pair):
+    _, _, leases, server, puller, ep, _ = pair
+    leases.register("req-p", TID, [1, 2])
+    puller.submit(ReleaseJob("d", ep, TID, "req-p"))
+    for _ in range(200):
+        puller.pump(0.01)
+        server.pump(0.01)
+        if leases.pending() == 0:
+            break
+    assert leases.take_finished() == {"req-p"}
+
+
+def test_dead_producer_times_out(pair):
+    _, _, _, server, puller, _, stats = pair
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    puller.connect_timeout_s = 0.3
+    puller.submit(PullJob("a", dead, TID, "req", [1], [1], 32))
+    start = time.monotonic()
+    assert drive(server, puller) == ({"a"}, {"a"})
+    assert time.monotonic() - start < 3
+    assert stats.take()["failures"] == {"timeout": 1}
+
+
+def test_incompatible_layout_is_refused_at_handshake(pair):
+    src, _, leases, server, _, ep, _ = pair
+    other = make_cache(0.0, torch.float16)
+    opt = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=2)
+    puller = Puller(engine_id="D2", tp_rank=0, layout=other.describe(), transport=create_transport("tcp", other, opt),
+                    stats=TransferStats(), secret="", connect_timeout_s=2)
+    try:
+        leases.register("req-p", TID, [1])
+        puller.submit(PullJob("a", ep, TID, "req-p", [1], [1], 32))
+        assert drive(server, puller) == ({"a"}, {"a"})
+        assert leases.pending() == 1
+    finally:
+        puller.close()
+
+
+def test_lease_expiry_reports_finished():
+    now = [0.0]
+    leases = LeaseTable(5.0, clock=lambda: now[0])
+    leases.register("r", TID, [1])
+    assert leases.expire() == 0
+    now[0] = 6.0
+    assert leases.expire() == 1
+    assert leases.take_finished() == {"r"}
+    assert "expired" in leases.begin_send(TID, "r", [1])
+
+
+def test_protocol_rejects_garbage():
+    with pytest.raises(wire.ProtocolError):
+        wire.decode(b"\xff\x00garbage")
+    with pytest.raises(wire.ProtocolError):
+        wire.decode(b"x" * (wire.MAX_CONTROL_BYTES + 1))
