@@ -60,3 +60,12 @@ def test_params_roundtrip():
 def test_malformed_params_rejected(bad):
     with pytest.raises(InvalidParams):
         parse_producer_params(bad)
+
+
+def test_configuration_reference_is_generated_from_config():
+    from pathlib import Path
+
+    from vllm_ascend_pd.config_doc import render
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert doc.read_text() == render(), "run: python -m vllm_ascend_pd.config_doc > docs/configuration.md"
