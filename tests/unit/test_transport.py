@@ -9,7 +9,8 @@ import torch
 
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.connector.kv_server import KVServer
-from vllm_ascend_pd.connector.puller import Puller, PullJob, ReleaseJob
+from vllm_ascend_pd.connector.metadata import RecvSpec, ReleaseSpec
+from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
 from vllm_ascend_pd.kv_layout import PagedKVCache
@@ -44,7 +45,7 @@ def pair():
         engine_id="D", tp_rank=0, layout=dst.describe(), transport=create_transport("tcp", dst, opt),
         stats=stats, secret="", connect_timeout_s=2,
     )
-    yield src, dst, leases, server, puller, f"tcp://127.0.0.1:{port}", stats
+    yield src, dst, leases, server, puller, port, stats
     server.close()
     puller.close()
 
@@ -65,7 +66,7 @@ def test_pull_copies_exact_blocks_and_frees_lease(pair):
     blocks = [3, 9, 4, 40, 41]
     local = [10, 11, 12, 13, 14]
     leases.register("req-p", TID, blocks)
-    puller.submit(PullJob("req-d", ep, TID, "req-p", blocks, local, 150))
+    puller.submit(RecvSpec("req-d", "127.0.0.1", ep, TID, "req-p", blocks, local, 150))
     done, failed = drive(server, puller)
     assert (done, failed) == ({"req-d"}, set())
     fresh = make_cache(0.0)
@@ -81,9 +82,9 @@ def test_pull_copies_exact_blocks_and_frees_lease(pair):
 def test_replayed_transfer_is_refused(pair):
     src, dst, leases, server, puller, ep, _ = pair
     leases.register("req-p", TID, [1, 2])
-    puller.submit(PullJob("a", ep, TID, "req-p", [1, 2], [5, 6], 64))
+    puller.submit(RecvSpec("a", "127.0.0.1", ep, TID, "req-p", [1, 2], [5, 6], 64))
     assert drive(server, puller) == ({"a"}, set())
-    puller.submit(PullJob("b", ep, TID, "req-p", [1, 2], [7, 8], 64))
+    puller.submit(RecvSpec("b", "127.0.0.1", ep, TID, "req-p", [1, 2], [7, 8], 64))
     assert drive(server, puller) == ({"b"}, {"b"})
     assert torch.count_nonzero(dst.tensors[0][[7, 8]]) == 0
 
@@ -91,9 +92,9 @@ def test_replayed_transfer_is_refused(pair):
 def test_wrong_request_or_foreign_blocks_get_no_data(pair):
     src, dst, leases, server, puller, ep, _ = pair
     leases.register("req-p", TID, [1, 2])
-    puller.submit(PullJob("a", ep, TID, "other-request", [1, 2], [5, 6], 64))
+    puller.submit(RecvSpec("a", "127.0.0.1", ep, TID, "other-request", [1, 2], [5, 6], 64))
     assert drive(server, puller) == ({"a"}, {"a"})
-    puller.submit(PullJob("b", ep, TID, "req-p", [1, 33], [5, 6], 64))
+    puller.submit(RecvSpec("b", "127.0.0.1", ep, TID, "req-p", [1, 33], [5, 6], 64))
     assert drive(server, puller) == ({"b"}, {"b"})
     assert torch.count_nonzero(dst.tensors[0][[5, 6]]) == 0
     assert leases.pending() == 1  # still leased for the legitimate pull
@@ -101,7 +102,7 @@ def test_wrong_request_or_foreign_blocks_get_no_data(pair):
 
 def test_unknown_transfer_fails_after_grace(pair):
     _, _, _, server, puller, ep, stats = pair
-    puller.submit(PullJob("a", ep, "u" * 24, "req", [1], [1], 32))
+    puller.submit(RecvSpec("a", "127.0.0.1", ep, "u" * 24, "req", [1], [1], 32))
     assert drive(server, puller) == ({"a"}, {"a"})
     assert stats.take()["failures"] == {"refused": 1}
 
@@ -109,7 +110,7 @@ def test_unknown_transfer_fails_after_grace(pair):
 def test_release_frees_lease(pair):
     _, _, leases, server, puller, ep, _ = pair
     leases.register("req-p", TID, [1, 2])
-    puller.submit(ReleaseJob("d", ep, TID, "req-p"))
+    puller.submit(ReleaseSpec("d", "127.0.0.1", ep, TID, "req-p"))
     for _ in range(200):
         puller.pump(0.01)
         server.pump(0.01)
@@ -120,9 +121,9 @@ def test_release_frees_lease(pair):
 
 def test_dead_producer_times_out(pair):
     _, _, _, server, puller, _, stats = pair
-    dead = f"tcp://127.0.0.1:{free_port()}"
+    dead = free_port()
     puller.connect_timeout_s = 0.3
-    puller.submit(PullJob("a", dead, TID, "req", [1], [1], 32))
+    puller.submit(RecvSpec("a", "127.0.0.1", dead, TID, "req", [1], [1], 32))
     start = time.monotonic()
     assert drive(server, puller) == ({"a"}, {"a"})
     assert time.monotonic() - start < 3
@@ -137,7 +138,7 @@ def test_incompatible_layout_is_refused_at_handshake(pair):
                     stats=TransferStats(), secret="", connect_timeout_s=2)
     try:
         leases.register("req-p", TID, [1])
-        puller.submit(PullJob("a", ep, TID, "req-p", [1], [1], 32))
+        puller.submit(RecvSpec("a", "127.0.0.1", ep, TID, "req-p", [1], [1], 32))
         assert drive(server, puller) == ({"a"}, {"a"})
         assert leases.pending() == 1
     finally:

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorRole,
-    KVConnectorTransferResults,
 )
 from vllm_ascend_pd.log import get_logger
 
@@ -114,7 +113,10 @@ class AscendSimpleConnector(KVConnectorBase_V1):
         sending, recving, _ = self._worker.get_finished()
         return sending or None, recving or None
 
-    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+    def get_transfer_results(self, finished_req_ids: set[str]):
+        # vLLM >= 0.32 only; older runners call get_finished().
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+
         assert self._worker is not None
         sending, recving, failed = self._worker.get_finished()
         return KVConnectorTransferResults(

@@ -72,10 +72,6 @@ class KVServer:
         self._sock.close(0)
         self._ctx.term()
 
-    @property
-    def sending(self) -> int:
-        return len(self._sends.tasks)
-
     def pump(self, budget_s: float) -> None:
         try:
             for _ in range(_MAX_MESSAGES):
@@ -165,7 +161,7 @@ class KVServer:
             logger.warning(
                 "KV server rank %d: sending request %s failed: %s", self.tp_rank, req.request_id, e
             )
-            self.leases.abort_send(req.transfer_id, f"send failed: {e}")
+            self.leases.end(req.transfer_id, f"send failed: {e}")
 
         gen = self.transport.send_blocks(link, req.transfer_id, req.block_ids)
         self._sends.add(Task(req.transfer_id, gen, done, failed))

@@ -14,39 +14,21 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
 
 import zmq
 
 from vllm_ascend_pd import protocol as wire
+from vllm_ascend_pd.config import control_port
+from vllm_ascend_pd.connector.metadata import RecvSpec, ReleaseSpec
 from vllm_ascend_pd.connector.pump import Pump, Task
 from vllm_ascend_pd.connector.stats import TransferStats
-from vllm_ascend_pd.connector.zmq_links import DealerLink, dealer_socket
+from vllm_ascend_pd.connector.zmq_links import DealerLink, dealer_socket, tcp_endpoint
 from vllm_ascend_pd.log import get_logger
 from vllm_ascend_pd.protocol import LayoutDesc
 from vllm_ascend_pd.transport import TransferError, Transport
 from vllm_ascend_pd.transport.base import wait_recv, wait_send
 
 logger = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class PullJob:
-    request_id: str
-    endpoint: str
-    transfer_id: str
-    remote_request_id: str
-    remote_block_ids: list[int]
-    local_block_ids: list[int]
-    num_tokens: int
-
-
-@dataclass(frozen=True)
-class ReleaseJob:
-    request_id: str
-    endpoint: str
-    transfer_id: str
-    remote_request_id: str
 
 
 class Puller:
@@ -75,17 +57,15 @@ class Puller:
         self._done: set[str] = set()
         self._failed: set[str] = set()
 
-    def submit(self, job: PullJob | ReleaseJob) -> None:
-        self._queues[job.endpoint].append(job)
-
-    @property
-    def pending(self) -> int:
-        return len(self._pump.tasks) + sum(len(q) for q in self._queues.values())
+    def submit(self, spec: RecvSpec | ReleaseSpec) -> None:
+        """Queue a pull or a release; rank r talks to the producer's rank r."""
+        endpoint = tcp_endpoint(spec.remote_host, control_port(spec.remote_port, self.tp_rank))
+        self._queues[endpoint].append((endpoint, spec))
 
     def pump(self, budget_s: float) -> None:
         for endpoint, queue in self._queues.items():
             if queue and not self._pump.busy(endpoint):
-                self._start(queue.popleft())
+                self._start(*queue.popleft())
         self._pump.run(budget_s)
 
     def take_results(self) -> tuple[set[str], set[str]]:
@@ -100,8 +80,8 @@ class Puller:
         self._links.clear()
         self._ctx.term()
 
-    def _start(self, job: PullJob | ReleaseJob) -> None:
-        if isinstance(job, PullJob):
+    def _start(self, endpoint: str, job: RecvSpec | ReleaseSpec) -> None:
+        if isinstance(job, RecvSpec):
             start = time.perf_counter()
 
             def done(nbytes: int) -> None:
@@ -111,16 +91,16 @@ class Puller:
                 self._done.add(job.request_id)
 
             def failed(e: BaseException) -> None:
-                self._drop(job.endpoint)
+                self._drop(endpoint)
                 cause = getattr(e, "cause", "transport")
                 self.stats.record_recv_failure(cause)
                 logger.warning(
                     "AscendSimpleConnector: loading KV for request %s from %s failed (%s): %s",
-                    job.request_id, job.endpoint, cause, e,
+                    job.request_id, endpoint, cause, e,
                 )
                 self._failed.add(job.request_id)
 
-            self._pump.add(Task(job.endpoint, self._pull(job), done, failed))
+            self._pump.add(Task(endpoint, self._pull(endpoint, job), done, failed))
         else:
 
             def released(ok: bool) -> None:
@@ -128,14 +108,14 @@ class Puller:
                     logger.info("AscendSimpleConnector: producer had already freed %s", job.remote_request_id)
 
             def release_failed(e: BaseException) -> None:
-                self._drop(job.endpoint)
+                self._drop(endpoint)
                 logger.warning(
                     "AscendSimpleConnector: could not tell producer %s to free request %s "
                     "(its lease will expire instead): %s",
-                    job.endpoint, job.remote_request_id, e,
+                    endpoint, job.remote_request_id, e,
                 )
 
-            self._pump.add(Task(job.endpoint, self._release(job), released, release_failed))
+            self._pump.add(Task(endpoint, self._release(endpoint, job), released, release_failed))
 
     def _drop(self, endpoint: str) -> None:
         link = self._links.pop(endpoint, None)
@@ -169,8 +149,8 @@ class Puller:
         self._links[endpoint] = link
         return link
 
-    def _pull(self, job: PullJob) -> Generator[bool, None, int]:
-        link = yield from self._link(job.endpoint)
+    def _pull(self, endpoint: str, job: RecvSpec) -> Generator[bool, None, int]:
+        link = yield from self._link(endpoint)
         req = wire.PullRequest(
             job.transfer_id, job.remote_request_id, job.remote_block_ids,
             self.engine_id, self.tp_rank, self.secret,
@@ -178,11 +158,11 @@ class Puller:
         yield from wait_send(link, [wire.encode(req)], self.connect_timeout_s)
         reply = yield from self._expect(link, wire.PullReply, "pull")
         if not reply.ok or reply.transfer_id != job.transfer_id:
-            raise TransferError(f"producer {job.endpoint} refused the pull: {reply.error}", "refused")
+            raise TransferError(f"producer {endpoint} refused the pull: {reply.error}", "refused")
         return (yield from self.transport.recv_blocks(link, job.transfer_id, job.local_block_ids))
 
-    def _release(self, job: ReleaseJob) -> Generator[bool, None, bool]:
-        link = yield from self._link(job.endpoint)
+    def _release(self, endpoint: str, job: ReleaseSpec) -> Generator[bool, None, bool]:
+        link = yield from self._link(endpoint)
         msg = wire.Release(job.transfer_id, job.remote_request_id, self.secret)
         yield from wait_send(link, [wire.encode(msg)], self.connect_timeout_s)
         reply = yield from self._expect(link, wire.ReleaseReply, "release")

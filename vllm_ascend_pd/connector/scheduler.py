@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vllm_ascend_pd.log import get_logger
+import msgspec
 
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.connector.metadata import (
@@ -16,6 +16,7 @@ from vllm_ascend_pd.connector.metadata import (
     ReleaseSpec,
     SendSpec,
 )
+from vllm_ascend_pd.log import get_logger
 from vllm_ascend_pd.params import InvalidParams, ProducerParams, parse_producer_params, prompt_hash
 
 if TYPE_CHECKING:
@@ -113,9 +114,8 @@ class SchedulerSide:
             return
         # One transfer per request, even if vLLM calls us again after the load.
         params["do_remote_prefill"] = False
-        plan = self._plans.pop(request.request_id, None) or self._plan(request)
-        self._plans.pop(request.request_id, None)
-        p = plan.params
+        p = self._plan(request).params
+        plan = self._plans.pop(request.request_id)
         if p is None:
             return
         if num_external_tokens <= 0:
@@ -187,6 +187,4 @@ class SchedulerSide:
             prompt_hash=prompt_hash(request.prompt_token_ids or []),
             protocol=wire.PROTOCOL_VERSION,
         )
-        import msgspec
-
         return True, msgspec.structs.asdict(out)

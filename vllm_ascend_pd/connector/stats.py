@@ -4,7 +4,6 @@ vLLM's KVConnectorStats, logged by vLLM and exported on each instance's
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,37 +36,32 @@ def empty_data() -> dict[str, Any]:
 
 
 class TransferStats:
-    """Thread-safe accumulator, drained once per engine step."""
+    """Accumulator filled by the worker's engine thread, drained once per step."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._data = empty_data()
 
     def _bump(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self._data[key] += n
+        self._data[key] += n
 
     def _cause(self, key: str, cause: str) -> None:
-        with self._lock:
-            d = self._data[key]
-            d[cause] = d.get(cause, 0) + 1
+        d = self._data[key]
+        d[cause] = d.get(cause, 0) + 1
 
     def record_recv(self, nbytes: int, blocks: int, tokens: int, seconds: float) -> None:
-        with self._lock:
-            d = self._data
-            d["recv_transfers"] += 1
-            d["recv_bytes"] += nbytes
-            d["recv_blocks"] += blocks
-            d["loaded_tokens"] += tokens
-            d["recv_seconds"].append(seconds)
+        d = self._data
+        d["recv_transfers"] += 1
+        d["recv_bytes"] += nbytes
+        d["recv_blocks"] += blocks
+        d["loaded_tokens"] += tokens
+        d["recv_seconds"].append(seconds)
 
     def record_send(self, nbytes: int, blocks: int, seconds: float) -> None:
-        with self._lock:
-            d = self._data
-            d["send_transfers"] += 1
-            d["send_bytes"] += nbytes
-            d["send_blocks"] += blocks
-            d["send_seconds"].append(seconds)
+        d = self._data
+        d["send_transfers"] += 1
+        d["send_bytes"] += nbytes
+        d["send_blocks"] += blocks
+        d["send_seconds"].append(seconds)
 
     def record_recv_failure(self, cause: str) -> None:
         self._cause("failures", cause)
@@ -86,12 +80,10 @@ class TransferStats:
         self._bump("releases")
 
     def set_pending(self, n: int) -> None:
-        with self._lock:
-            self._data["leases_pending"] = n
+        self._data["leases_pending"] = n
 
     def take(self) -> dict[str, Any] | None:
-        with self._lock:
-            data, self._data = self._data, empty_data()
+        data, self._data = self._data, empty_data()
         return None if _is_empty(data) else data
 
 

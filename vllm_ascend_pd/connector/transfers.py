@@ -1,12 +1,11 @@
-"""Producer-side bookkeeping of leased blocks, shared by the engine thread
-(registers transfers, collects finished ones) and the KV server thread
-(validates pulls, marks them done)."""
+"""Producer-side bookkeeping of leased blocks. The engine thread registers
+leases and collects finished ones; the KV server (pumped from the same
+thread) validates pulls against them and ends them."""
 
 from __future__ import annotations
 
 import collections
 import enum
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -30,91 +29,81 @@ class LeaseTable:
     def __init__(self, lease_s: float, clock=time.monotonic):
         self._lease_s = lease_s
         self._clock = clock
-        self._lock = threading.Lock()
         self._by_transfer: dict[str, Lease] = {}
         self._finished: set[str] = set()
         # Recently ended transfers, to tell a replay from a bogus id.
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self.expired_total = 0
 
     def register(self, request_id: str, transfer_id: str, block_ids: list[int]) -> None:
-        lease = Lease(
+        self._by_transfer[transfer_id] = Lease(
             request_id,
             transfer_id,
             list(block_ids),
             self._clock() + self._lease_s,
             block_set=frozenset(block_ids),
         )
-        with self._lock:
-            self._by_transfer[transfer_id] = lease
+
+    def _check(self, transfer_id: str, request_id: str) -> Lease | str:
+        lease = self._by_transfer.get(transfer_id)
+        if lease is None:
+            return self._ended.get(transfer_id) or "unknown transfer id"
+        if lease.request_id != request_id:
+            return "transfer id does not belong to that request"
+        return lease
 
     def begin_send(self, transfer_id: str, request_id: str, block_ids: list[int]) -> Lease | str:
         """Claim a lease for one pull; return it, or the reason it is refused."""
-        with self._lock:
-            lease = self._by_transfer.get(transfer_id)
-            if lease is None:
-                why = self._ended.get(transfer_id)
-                return why or "unknown transfer id"
-            if lease.request_id != request_id:
-                return "transfer id does not belong to that request"
-            if lease.state is not State.LEASED:
-                return "transfer is already being pulled"
-            if not block_ids or not lease.block_set.issuperset(block_ids):
-                return "block ids are not part of this transfer"
-            lease.state = State.SENDING
+        lease = self._check(transfer_id, request_id)
+        if isinstance(lease, str):
             return lease
-
-    def end(self, transfer_id: str, reason: str) -> bool:
-        """Finish a lease (pulled, released or expired); frees its blocks."""
-        with self._lock:
-            lease = self._by_transfer.pop(transfer_id, None)
-            if lease is None:
-                return False
-            self._finished.add(lease.request_id)
-            self._ended[transfer_id] = f"transfer already ended ({reason})"
-            while len(self._ended) > 4096:
-                self._ended.popitem(last=False)
-            return True
+        if lease.state is not State.LEASED:
+            return "transfer is already being pulled"
+        if not block_ids or not lease.block_set.issuperset(block_ids):
+            return "block ids are not part of this transfer"
+        lease.state = State.SENDING
+        return lease
 
     def release(self, transfer_id: str, request_id: str) -> str | None:
         """Free a lease the consumer will not pull; return why not, or None."""
-        with self._lock:
-            lease = self._by_transfer.get(transfer_id)
-            if lease is None:
-                return self._ended.get(transfer_id) or "unknown transfer id"
-            if lease.request_id != request_id:
-                return "transfer id does not belong to that request"
-            if lease.state is not State.LEASED:
-                return "transfer is being pulled"
+        lease = self._check(transfer_id, request_id)
+        if isinstance(lease, str):
+            return lease
+        if lease.state is not State.LEASED:
+            return "transfer is being pulled"
         self.end(transfer_id, "released by consumer")
         return None
 
-    def abort_send(self, transfer_id: str, reason: str) -> None:
-        # A failed send leaves nothing to retry safely: the consumer recomputes.
-        self.end(transfer_id, reason)
+    def end(self, transfer_id: str, reason: str) -> bool:
+        """Finish a lease (pulled, released, failed or expired); frees its blocks.
+
+        A failed send is ended too: nothing can be retried safely, the
+        consumer recomputes."""
+        lease = self._by_transfer.pop(transfer_id, None)
+        if lease is None:
+            return False
+        self._finished.add(lease.request_id)
+        self._ended[transfer_id] = f"transfer already ended ({reason})"
+        while len(self._ended) > 4096:
+            self._ended.popitem(last=False)
+        return True
 
     def knows(self, transfer_id: str) -> bool:
-        with self._lock:
-            return transfer_id in self._by_transfer or transfer_id in self._ended
+        return transfer_id in self._by_transfer or transfer_id in self._ended
 
     def expire(self) -> int:
         now = self._clock()
-        with self._lock:
-            stale = [
-                t
-                for t, lease in self._by_transfer.items()
-                if lease.state is State.LEASED and lease.deadline <= now
-            ]
+        stale = [
+            t
+            for t, lease in self._by_transfer.items()
+            if lease.state is State.LEASED and lease.deadline <= now
+        ]
         for t in stale:
-            if self.end(t, "lease expired"):
-                self.expired_total += 1
+            self.end(t, "lease expired")
         return len(stale)
 
     def take_finished(self) -> set[str]:
-        with self._lock:
-            done, self._finished = self._finished, set()
-            return done
+        done, self._finished = self._finished, set()
+        return done
 
     def pending(self) -> int:
-        with self._lock:
-            return len(self._by_transfer)
+        return len(self._by_transfer)

@@ -12,10 +12,9 @@ from vllm_ascend_pd.log import get_logger
 from vllm_ascend_pd.config import ConnectorConfig, control_port, group_port, resolve_kv_ip
 from vllm_ascend_pd.connector.kv_server import KVServer
 from vllm_ascend_pd.connector.metadata import AscendConnectorMetadata
-from vllm_ascend_pd.connector.puller import Puller, PullJob, ReleaseJob
+from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
-from vllm_ascend_pd.connector.zmq_links import tcp_endpoint
 from vllm_ascend_pd.kv_layout import PagedKVCache
 from vllm_ascend_pd.transport import TransportOptions, create_transport
 
@@ -139,32 +138,11 @@ class WorkerSide:
     def start_load_kv(self, meta: AscendConnectorMetadata) -> None:
         for s in meta.sends:
             self.leases.register(s.request_id, s.transfer_id, s.block_ids)
-        if self.puller is None:
-            if meta.recvs or meta.releases:
-                logger.error("AscendSimpleConnector: consumer work on a non-consumer instance")
-            self.pump()
-            return
-        for r in meta.recvs:
-            self.puller.submit(
-                PullJob(
-                    r.request_id,
-                    tcp_endpoint(r.remote_host, control_port(r.remote_port, self.tp_rank)),
-                    r.transfer_id,
-                    r.remote_request_id,
-                    r.remote_block_ids,
-                    r.local_block_ids,
-                    r.num_tokens,
-                )
-            )
-        for rel in meta.releases:
-            self.puller.submit(
-                ReleaseJob(
-                    rel.request_id,
-                    tcp_endpoint(rel.remote_host, control_port(rel.remote_port, self.tp_rank)),
-                    rel.transfer_id,
-                    rel.remote_request_id,
-                )
-            )
+        if self.puller is not None:
+            for spec in (*meta.recvs, *meta.releases):
+                self.puller.submit(spec)
+        elif meta.recvs or meta.releases:
+            logger.error("AscendSimpleConnector: consumer work on a non-consumer instance")
         self.pump()
 
     def pump(self) -> None:

@@ -219,6 +219,10 @@ class Handlers:
         return None
 
     async def _admin_target(self, request: web.Request):
+        """(role, address) of an authorised admin request, or the error response."""
+        denied = self._admin_denied(request)
+        if denied is not None:
+            return denied
         try:
             body = codec.loads(await request.read())
         except (codec.DecodeError, web.HTTPRequestEntityTooLarge):
@@ -235,9 +239,6 @@ class Handlers:
         return body["role"], address
 
     async def admin_add(self, request: web.Request) -> web.Response:
-        denied = self._admin_denied(request)
-        if denied is not None:
-            return denied
         target = await self._admin_target(request)
         if isinstance(target, web.Response):
             return target
@@ -253,9 +254,6 @@ class Handlers:
                                               "instance": inst.to_status(time.monotonic())}))
 
     async def admin_remove(self, request: web.Request) -> web.Response:
-        denied = self._admin_denied(request)
-        if denied is not None:
-            return denied
         target = await self._admin_target(request)
         if isinstance(target, web.Response):
             return target
