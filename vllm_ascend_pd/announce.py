@@ -38,11 +38,9 @@ def _logger() -> logging.Logger:
     """
     if os.environ.get("VLLM_ASCEND_PD_PLAIN_LOGGING", "") in ("1", "true", "yes"):
         return logging.getLogger(__name__)
-    try:
-        from vllm.logger import init_logger
-    except Exception:
-        return logging.getLogger(__name__)
-    return init_logger(__name__)
+    from vllm_ascend_pd.log import get_logger
+
+    return get_logger(__name__)
 
 
 class Announcement(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):

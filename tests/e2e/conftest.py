@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +26,13 @@ def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
 
 
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
 class Cluster:
     def __init__(self, model: str, logs: Path):
         used: set[int] = set()
@@ -37,11 +45,25 @@ class Cluster:
             used.add(p)
             return p
 
-        self.P = VllmServer("P", model, port(), [*BASE_ARGS, "--kv-transfer-config", kv_config("kv_producer", kv)], log_path=logs / "P.log")
-        self.D = VllmServer("D", model, port(), [*BASE_ARGS, "--kv-transfer-config", kv_config("kv_consumer", kv + 2)], log_path=logs / "D.log")
-        self.S = VllmServer("S", model, port(), list(BASE_ARGS), log_path=logs / "S.log")
         self.proxy_port = port()
-        self.proxy: subprocess.Popen | None = None
+        # A second proxy learns P and D only from their registration heartbeats.
+        self.dyn_proxy_port = port()
+        self.register_port = port()
+        p_port, d_port = port(), port()
+        announce = {"proxy_ip": "127.0.0.1", "proxy_port": self.register_port, "heartbeat_s": 0.5}
+        self.P = VllmServer(
+            "P", model, p_port,
+            [*BASE_ARGS, "--kv-transfer-config", kv_config("kv_producer", kv, http_port=p_port, **announce)],
+            log_path=logs / "P.log",
+        )
+        self.D = VllmServer(
+            "D", model, d_port,
+            [*BASE_ARGS, "--kv-transfer-config",
+             kv_config("kv_consumer", kv + 2, failure_policy="recompute", http_port=d_port, **announce)],
+            log_path=logs / "D.log",
+        )
+        self.S = VllmServer("S", model, port(), list(BASE_ARGS), log_path=logs / "S.log")
+        self.proxies: list[subprocess.Popen] = []
         self.logs = logs
 
     @property
@@ -49,38 +71,58 @@ class Cluster:
         return (self.P, self.D, self.S)
 
     def start(self) -> None:
+        self.start_registration_proxy()
         for s in self.servers:
             s.start()
         with ThreadPoolExecutor(3) as ex:
             list(ex.map(lambda s: s.wait_ready(600), self.servers))
+        self._start_proxy("proxy", self.proxy_port, "--prefill", f"127.0.0.1:{self.P.port}",
+                          "--decode", f"127.0.0.1:{self.D.port}")
+
+    def start_registration_proxy(self) -> None:
+        """Started before the servers so their first heartbeats are heard."""
+        self._start_proxy("dyn-proxy", self.dyn_proxy_port, "--register-port", str(self.register_port),
+                          "--heartbeat-ttl", "3")
+
+    def _start_proxy(self, name: str, port: int, *args: str) -> None:
         env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
-        self.proxy = subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "vllm_ascend_pd.proxy", "--host", "127.0.0.1",
-             "--port", str(self.proxy_port), "--prefill", f"127.0.0.1:{self.P.port}",
-             "--decode", f"127.0.0.1:{self.D.port}", "--model", "tiny"],
-            stdout=open(self.logs / "proxy.log", "ab"), stderr=subprocess.STDOUT,
+             "--port", str(port), "--model", "tiny", *args],
+            stdout=open(self.logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT,
             start_new_session=True, env=env,
         )
+        self.proxies.append(proc)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(self.proxy_url + "/health", timeout=2)
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                 return
+            except urllib.error.HTTPError:
+                return  # answering (503 until instances are healthy)
             except OSError:
+                if proc.poll() is not None:
+                    break
                 time.sleep(0.3)
-        raise RuntimeError("proxy did not start; see proxy.log")
+        raise RuntimeError(f"{name} did not start; see {self.logs / (name + '.log')}")
 
     @property
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.proxy_port}"
 
+    @property
+    def dyn_proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.dyn_proxy_port}"
+
     def stop(self) -> None:
-        if self.proxy is not None and self.proxy.poll() is None:
-            os.killpg(self.proxy.pid, 15)
-            try:
-                self.proxy.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proxy.pid, 9)
+        for proc in self.proxies:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    proc.wait(5)
         for s in self.servers:
             s.stop()
 

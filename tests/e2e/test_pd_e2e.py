@@ -14,13 +14,6 @@ pytestmark = pytest.mark.e2e
 BLOCK = 32  # BASE_ARGS --block-size
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 def completion(url: str, prompt: list[int], max_tokens: int = 12) -> list[int]:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "return_token_ids": True}

@@ -42,6 +42,7 @@ class AscendSimpleConnector(KVConnectorBase_V1):
         tp_size = pc.tensor_parallel_size
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._announcer = None
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(
                 engine_id=self.engine_id,
@@ -52,6 +53,8 @@ class AscendSimpleConnector(KVConnectorBase_V1):
                 kv_host=resolve_kv_ip(self.cfg),
                 kv_port=ktc.kv_port,
             )
+            if self.cfg.proxy_ip:
+                self._announcer = self._start_announcer(vllm_config)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -66,6 +69,30 @@ class AscendSimpleConnector(KVConnectorBase_V1):
                 tp_rank=get_tensor_model_parallel_rank(),
                 tp_size=tp_size,
             )
+
+    def _start_announcer(self, vllm_config: "VllmConfig"):
+        from vllm_ascend_pd.announce import Announcement, Announcer
+
+        host = resolve_kv_ip(self.cfg)
+        model = vllm_config.model_config.served_model_name or ""
+        if isinstance(model, list):
+            model = model[0] if model else ""
+        role = {(True, False): "prefill", (False, True): "decode"}.get(
+            (self.is_producer, self.is_consumer), "both"
+        )
+        announcer = Announcer(
+            proxy_address=f"{self.cfg.proxy_ip}:{self.cfg.proxy_port}",
+            announcement=Announcement(
+                role=role,
+                http_address=f"{host}:{self.cfg.http_port}",
+                kv_address=f"{host}:{vllm_config.kv_transfer_config.kv_port}",
+                engine_id=self.engine_id,
+                model=model,
+            ),
+            interval=self.cfg.heartbeat_s,
+        )
+        announcer.start()
+        return announcer
 
     # ---------------- scheduler side ----------------
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int):
@@ -138,5 +165,8 @@ class AscendSimpleConnector(KVConnectorBase_V1):
         return AscendPDPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
+        if self._announcer is not None:
+            self._announcer.stop()
+            self._announcer = None
         if self._worker is not None:
             self._worker.shutdown()

@@ -1,6 +1,7 @@
 """Producer worker: serves this rank's leased blocks to consumers.
 
-Driven by ``pump()`` from the engine thread every step (see pump.py). It
+Driven by ``pump()`` from the engine thread every step, or from the
+worker's idle servicer between steps (see pump.py and worker.py). It
 answers handshakes, validates every pull against the lease table (transfer
 id, request id, block ids), streams the blocks through the transport and ends
 the lease. Nothing a peer sends can raise out of ``pump()``.

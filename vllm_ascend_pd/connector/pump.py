@@ -1,8 +1,10 @@
-"""Round-robin driver for transfer generators, run from the engine thread.
+"""Round-robin driver for transfer generators.
 
 vLLM's CPU workers busy-poll for the next step with ``os.sched_yield``, which
-starves any Python thread of the GIL; so all connector I/O advances here, in
-small non-blocking steps, from the hooks vLLM calls every engine step.
+starves any other Python thread of the GIL while the engine is busy; so all
+connector I/O advances here, in small non-blocking steps, from the hooks vLLM
+calls every engine step (and, while the engine is idle, from the worker's
+idle servicer thread).
 """
 
 from __future__ import annotations

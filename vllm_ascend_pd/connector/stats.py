@@ -36,7 +36,7 @@ def empty_data() -> dict[str, Any]:
 
 
 class TransferStats:
-    """Accumulator filled by the worker's engine thread, drained once per step."""
+    """Accumulator filled under the worker's lock, drained once per step."""
 
     def __init__(self) -> None:
         self._data = empty_data()

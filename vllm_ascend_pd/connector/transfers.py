@@ -1,6 +1,6 @@
 """Producer-side bookkeeping of leased blocks. The engine thread registers
-leases and collects finished ones; the KV server (pumped from the same
-thread) validates pulls against them and ends them."""
+leases and collects finished ones; the KV server validates pulls against them
+and ends them. All callers hold the worker's lock (see worker.py)."""
 
 from __future__ import annotations
 

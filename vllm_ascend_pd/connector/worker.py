@@ -4,6 +4,8 @@ KV server (producer) and the puller (consumer)."""
 from __future__ import annotations
 
 import importlib.util
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 _MB = 1024 * 1024
+# How long the engine may go without pumping before the idle servicer does.
+_IDLE_PUMP_S = 0.05
 
 
 def resolve_transport(name: str, device_type: str) -> str:
@@ -63,6 +67,10 @@ class WorkerSide:
         self.puller: Puller | None = None
         self.cache: PagedKVCache | None = None
         self._last_pending = 0
+        # Serialises the engine thread and the idle servicer.
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._last_pump = 0.0
 
     def _block_dim(self, layer: str, tensor: torch.Tensor) -> int:
         if importlib.util.find_spec("vllm.v1.kv_cache_layout") is not None:
@@ -135,42 +143,67 @@ class WorkerSide:
                 connect_timeout_s=self.cfg.connect_timeout_s,
             )
 
-    def start_load_kv(self, meta: AscendConnectorMetadata) -> None:
-        for s in meta.sends:
-            self.leases.register(s.request_id, s.transfer_id, s.block_ids)
-        if self.puller is not None:
-            for spec in (*meta.recvs, *meta.releases):
-                self.puller.submit(spec)
-        elif meta.recvs or meta.releases:
-            logger.error("AscendSimpleConnector: consumer work on a non-consumer instance")
-        self.pump()
+        self._idle_thread = threading.Thread(
+            target=self._serve_when_idle, name=f"ascend-pd-idle-{self.tp_rank}", daemon=True
+        )
+        self._idle_thread.start()
 
-    def pump(self) -> None:
-        """Advance transfers; called from the engine thread twice per step."""
+    def start_load_kv(self, meta: AscendConnectorMetadata) -> None:
+        with self._lock:
+            for s in meta.sends:
+                self.leases.register(s.request_id, s.transfer_id, s.block_ids)
+            if self.puller is not None:
+                for spec in (*meta.recvs, *meta.releases):
+                    self.puller.submit(spec)
+            elif meta.recvs or meta.releases:
+                logger.error("AscendSimpleConnector: consumer work on a non-consumer instance")
+            self._pump()
+
+    def _pump(self) -> None:
+        """Advance transfers. Caller holds ``_lock``."""
         budget = self.cfg.pump_budget_ms / 1e3
         if self.server is not None:
             self.server.pump(budget)
         if self.puller is not None:
             self.puller.pump(budget)
+        self._last_pump = time.monotonic()
+
+    def _serve_when_idle(self) -> None:
+        # The engine thread pumps on every step. Between steps (an idle
+        # engine) this thread answers peers instead, e.g. a late or replayed
+        # pull, a handshake or a release; it only gets the GIL then anyway.
+        while not self._closed.wait(_IDLE_PUMP_S):
+            if time.monotonic() - self._last_pump < _IDLE_PUMP_S:
+                continue
+            with self._lock:
+                if not self._closed.is_set():
+                    self._pump()
 
     def get_finished(self) -> tuple[set[str], set[str], set[str]]:
-        self.pump()
-        sending = self.leases.take_finished()
-        recving: set[str] = set()
-        failed: set[str] = set()
-        if self.puller is not None:
-            recving, failed = self.puller.take_results()
-        return sending, recving, failed
+        with self._lock:
+            self._pump()
+            sending = self.leases.take_finished()
+            recving: set[str] = set()
+            failed: set[str] = set()
+            if self.puller is not None:
+                recving, failed = self.puller.take_results()
+            return sending, recving, failed
 
     def get_stats(self) -> dict[str, Any] | None:
-        if self.is_producer:
-            pending = self.leases.pending()
-            if pending != self._last_pending:  # a gauge: report changes only
-                self._last_pending = pending
-                self.stats.set_pending(pending)
-        return self.stats.take()
+        with self._lock:
+            if self.is_producer:
+                pending = self.leases.pending()
+                if pending != self._last_pending:  # a gauge: report changes only
+                    self._last_pending = pending
+                    self.stats.set_pending(pending)
+            return self.stats.take()
 
     def shutdown(self) -> None:
+        self._closed.set()
+        with self._lock:
+            self._close_endpoints()
+
+    def _close_endpoints(self) -> None:
         if self.server is not None:
             self.server.close()
             self.server = None

@@ -135,13 +135,15 @@ class VllmServer:
             proc.wait(10)
 
 
-def kv_config(role: str, kv_port: int, **extra) -> str:
+def kv_config(role: str, kv_port: int, *, failure_policy: str | None = None, **extra) -> str:
     cfg = {
         "kv_connector": "AscendSimpleConnector",
         "kv_role": role,
         "kv_port": kv_port,
         "kv_connector_extra_config": {"kv_ip": "127.0.0.1", **extra},
     }
+    if failure_policy:
+        cfg["kv_load_failure_policy"] = failure_policy
     return json.dumps(cfg)
 
 
