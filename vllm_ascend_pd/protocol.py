@@ -120,5 +120,6 @@ def decode(data: bytes | memoryview) -> Message:
         )
     try:
         return _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+        # Invalid UTF-8 in a str field surfaces as UnicodeDecodeError.
         raise ProtocolError(f"malformed control message: {e}") from None

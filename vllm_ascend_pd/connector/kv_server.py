@@ -74,13 +74,17 @@ class KVServer:
         self._ctx.term()
 
     def pump(self, budget_s: float) -> None:
-        try:
-            for _ in range(_MAX_MESSAGES):
-                try:
-                    frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
+        for _ in range(_MAX_MESSAGES):
+            try:
+                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
                 self._handle(frames)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the rest
+                self.stats.record_rejected("malformed")
+                logger.exception("AscendSimpleConnector KV server: error handling a message")
+        try:
             self._retry_waiting()
             self._sends.run(budget_s)
             self.stats.record_expired(self.leases.expire())
