@@ -20,6 +20,9 @@ from vllm_ascend_pd.testing.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.e2e
 
+# Short enough for the lease-expiry test, long enough for 32 concurrent pulls.
+LEASE_S = 15.0
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
@@ -53,7 +56,8 @@ class Cluster:
         announce = {"proxy_ip": "127.0.0.1", "proxy_port": self.register_port, "heartbeat_s": 0.5}
         self.P = VllmServer(
             "P", model, p_port,
-            [*BASE_ARGS, "--kv-transfer-config", kv_config("kv_producer", kv, http_port=p_port, **announce)],
+            [*BASE_ARGS, "--kv-transfer-config",
+             kv_config("kv_producer", kv, http_port=p_port, lease_s=LEASE_S, **announce)],
             log_path=logs / "P.log",
         )
         self.D = VllmServer(

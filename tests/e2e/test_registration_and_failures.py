@@ -53,3 +53,51 @@ def _failures(cluster, cause: str) -> float:
         return metric(cluster.D.url, "vllm:ascend_pd_failed_transfers_total", cause=cause)
     except KeyError:
         return 0.0
+
+
+def _prefill(cluster, prompt) -> dict:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0,
+            "kv_transfer_params": {"do_remote_decode": True}}
+    return post(cluster.P.url, "/v1/completions", body)["kv_transfer_params"]
+
+
+def test_expired_lease_frees_producer_and_decode_recomputes(cluster, tokenizer):
+    from tests.e2e.conftest import LEASE_S
+
+    prompt = prompt_of(tokenizer, 90, seed=21)
+    expired_before = metric(cluster.P.url, "vllm:ascend_pd_leases_expired_total")
+    params = _prefill(cluster, prompt)
+    assert metric(cluster.P.url, "vllm:ascend_pd_leases_pending") == 1
+    wait_for(lambda: producer_idle(cluster), timeout=LEASE_S + 15)
+    assert metric(cluster.P.url, "vllm:ascend_pd_leases_expired_total") == expired_before + 1
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "kv_transfer_params": params}
+    late = post(cluster.D.url, "/v1/completions", body)
+    assert late["choices"][0]["token_ids"] == completion(cluster.S.url, prompt, 8)
+
+
+def test_release_without_pull_frees_producer(cluster, tokenizer):
+    from vllm_ascend_pd.kvclient import release_transfer_sync
+
+    released_before = metric(cluster.P.url, "vllm:ascend_pd_leases_released_total")
+    params = _prefill(cluster, prompt_of(tokenizer, 50, seed=31))
+    assert release_transfer_sync(params, timeout=5) is True
+    wait_for(lambda: producer_idle(cluster), timeout=5)
+    assert metric(cluster.P.url, "vllm:ascend_pd_leases_released_total") == released_before + 1
+    # Releasing again is harmless and reports that nothing was freed.
+    assert release_transfer_sync(params, timeout=5) is False
+
+
+def test_decode_rejection_releases_producer(cluster, tokenizer):
+    import urllib.error
+
+    released_before = metric(cluster.P.url, "vllm:ascend_pd_leases_released_total")
+    prompt = prompt_of(tokenizer, 120, seed=41)
+    params = _prefill(cluster, prompt)
+    # More logprobs than D allows: D refuses the request before admitting it.
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 4, "logprobs": 1000, "kv_transfer_params": params}
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post(cluster.D.url, "/v1/completions", body)
+    assert err.value.code == 400
+    wait_for(lambda: producer_idle(cluster), timeout=5)
+    assert metric(cluster.P.url, "vllm:ascend_pd_leases_released_total") == released_before + 1

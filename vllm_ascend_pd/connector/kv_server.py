@@ -70,8 +70,10 @@ class KVServer:
         self._sends = Pump()
 
     def close(self) -> None:
-        self._sock.close(0)
-        self._ctx.term()
+        for task in self._sends.tasks:
+            task.gen.close()
+        self._sends.tasks.clear()
+        self._ctx.destroy(linger=0)
 
     def pump(self, budget_s: float) -> None:
         for _ in range(_MAX_MESSAGES):

@@ -75,10 +75,12 @@ class Puller:
         return done | failed, failed
 
     def close(self) -> None:
-        for link in self._links.values():
-            link.sock.close(0)
+        # Closing an unfinished job's generator closes the socket it opened.
+        for task in self._pump.tasks:
+            task.gen.close()
+        self._pump.tasks.clear()
         self._links.clear()
-        self._ctx.term()
+        self._ctx.destroy(linger=0)
 
     def _start(self, endpoint: str, job: RecvSpec | ReleaseSpec) -> None:
         if isinstance(job, RecvSpec):
