@@ -39,8 +39,8 @@ def tokenizer(tiny_model):
 class Cluster:
     def __init__(self, model: str, logs: Path):
         used: set[int] = set()
-        kv = free_kv_port()
-        used.update(range(kv, kv + 4))
+        kv = free_kv_port(span=8)
+        used.update(range(kv, kv + 8))
         self.kv_port = kv
 
         def port() -> int:
@@ -67,21 +67,30 @@ class Cluster:
             log_path=logs / "D.log",
         )
         self.S = VllmServer("S", model, port(), list(BASE_ARGS), log_path=logs / "S.log")
+        # A second pair for 2P2D through the proxy.
+        self.P2 = VllmServer("P2", model, port(), [*BASE_ARGS, "--kv-transfer-config", kv_config("kv_producer", kv + 4)],
+                             log_path=logs / "P2.log")
+        self.D2 = VllmServer("D2", model, port(), [*BASE_ARGS, "--kv-transfer-config", kv_config("kv_consumer", kv + 6)],
+                             log_path=logs / "D2.log")
+        self.xpyd_proxy_port = port()
         self.proxies: list[subprocess.Popen] = []
         self.logs = logs
 
     @property
     def servers(self):
-        return (self.P, self.D, self.S)
+        return (self.P, self.D, self.S, self.P2, self.D2)
 
     def start(self) -> None:
         self.start_registration_proxy()
         for s in self.servers:
             s.start()
-        with ThreadPoolExecutor(3) as ex:
+        with ThreadPoolExecutor(len(self.servers)) as ex:
             list(ex.map(lambda s: s.wait_ready(600), self.servers))
         self._start_proxy("proxy", self.proxy_port, "--prefill", f"127.0.0.1:{self.P.port}",
                           "--decode", f"127.0.0.1:{self.D.port}")
+        self._start_proxy("xpyd-proxy", self.xpyd_proxy_port,
+                          "--prefill", f"127.0.0.1:{self.P.port}", f"127.0.0.1:{self.P2.port}",
+                          "--decode", f"127.0.0.1:{self.D.port}", f"127.0.0.1:{self.D2.port}")
 
     def start_registration_proxy(self) -> None:
         """Started before the servers so their first heartbeats are heard."""
@@ -113,6 +122,10 @@ class Cluster:
     @property
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def xpyd_proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.xpyd_proxy_port}"
 
     @property
     def dyn_proxy_url(self) -> str:

@@ -4,6 +4,7 @@ legitimate transfer must still be served exactly."""
 from __future__ import annotations
 
 import random
+import time
 
 import msgspec
 import torch
@@ -57,8 +58,12 @@ def test_fuzzed_kv_port_survives_and_serves(pair):  # noqa: F811
             socks[i % len(socks)].send_multipart(frames)
             if i % 200 == 0:
                 server.pump(0.01)
-        for _ in range(200):
+        # Keep serving for a while: delivery is asynchronous and pump() returns
+        # as soon as nothing is waiting.
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
             server.pump(0.01)
+            time.sleep(0.001)
     finally:
         for s in socks:
             s.close(0)
