@@ -1,0 +1,5 @@
+import sys
+
+from vllm_ascend_pd.cli import main
+
+sys.exit(main())

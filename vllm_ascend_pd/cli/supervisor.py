@@ -1,0 +1,120 @@
+"""Start, watch and stop the processes of ``vllm-ascend-pd up``.
+
+Every child runs in its own session (process group), so stopping it reaches
+its engine and worker children, and a Ctrl-C in the terminal reaches only us:
+we then stop exactly the groups we started, by their ids.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    url: str  # base URL whose /health says "ready"
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    ready_after: float | None = None  # seconds from start
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env.update(self.env)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def pgid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=timeout_s) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+
+def signal_groups(children: list[Child], sig: int) -> None:
+    for c in children:
+        if c.proc is not None and c.proc.poll() is None:
+            try:
+                os.killpg(c.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``, from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state ppid pgrp ...
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def group_alive(pgid: int) -> bool:
+    if os.path.isdir("/proc/self"):
+        return bool(group_members(pgid))
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def stop_all(children: list[Child], timeout_s: float = 30.0) -> list[str]:
+    """SIGTERM every group we started, SIGKILL what is left after timeout_s.
+    Returns the names that needed SIGKILL."""
+    live = [c for c in children if c.proc is not None]
+    signal_groups(live, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for c in live:
+        try:
+            c.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    # Leaders gone, but engine/worker children of a group may linger.
+    while time.monotonic() < deadline and any(group_alive(c.proc.pid) for c in live):
+        time.sleep(0.2)
+    killed = [c.name for c in live if group_alive(c.proc.pid)]
+    for c in live:
+        if group_alive(c.proc.pid):
+            try:
+                os.killpg(c.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if c.proc.poll() is None:
+            c.proc.wait(10)
+    return killed
