@@ -63,8 +63,8 @@ async def _on_startup(app: web.Application) -> None:
             ttl=cfg.heartbeat_ttl, on_added=state.on_instance_added,
             on_removed=state.on_instance_removed)
         state.registration.start()
-    logger.info("proxy ready: %d prefill, %d decode instances, policy %s",
-                len(cfg.prefill), len(cfg.decode), cfg.policy)
+    logger.info("proxy ready: %d prefill, %d decode, %d kv_both instances, policy %s",
+                len(cfg.prefill), len(cfg.decode), len(cfg.both), cfg.policy)
 
 
 async def _on_cleanup(app: web.Application) -> None:

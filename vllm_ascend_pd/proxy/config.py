@@ -75,6 +75,8 @@ class ProxyConfig:
     # Static instances, "host:port" each.
     prefill: list[str] = field(default_factory=list)
     decode: list[str] = field(default_factory=list)
+    # kv_both instances: each serves as P for some requests and D for others.
+    both: list[str] = field(default_factory=list)
     # Served model name; when set, requests naming another model get 404.
     model: Optional[str] = None
     policy: str = "round_robin"
@@ -121,7 +123,7 @@ class ProxyConfig:
             if not cond:
                 errors.append(msg)
 
-        for role in ("prefill", "decode"):
+        for role in ("prefill", "decode", "both"):
             normed = []
             for addr in getattr(self, role):
                 try:
@@ -130,11 +132,17 @@ class ProxyConfig:
                     errors.append(str(exc))
             # Keep order, drop duplicates.
             setattr(self, role, list(dict.fromkeys(normed)))
+        for role in ("prefill", "decode"):
+            twice = sorted(set(self.both) & set(getattr(self, role)))
+            check(not twice, f"{', '.join(twice)} given to both --both and --{role}: list "
+                  "a kv_both instance under --both only")
         if self.register_port is None:
-            check(bool(self.prefill), "no prefill instance: set --prefill host:port "
-                  "(one or more) or enable dynamic registration with --register-port")
-            check(bool(self.decode), "no decode instance: set --decode host:port "
-                  "(one or more) or enable dynamic registration with --register-port")
+            check(bool(self.prefill or self.both), "no prefill instance: set --prefill "
+                  "host:port (one or more; --both for kv_both instances) or enable "
+                  "dynamic registration with --register-port")
+            check(bool(self.decode or self.both), "no decode instance: set --decode "
+                  "host:port (one or more; --both for kv_both instances) or enable "
+                  "dynamic registration with --register-port")
         else:
             check(0 < self.register_port < 65536, "--register-port must be in 1..65535")
             check(self.register_port != self.port,
@@ -216,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="HOST:PORT", help="prefill instances (repeatable)")
     g.add_argument("--decode", "--decoder", nargs="+", action=_Extend, default=[],
                    metavar="HOST:PORT", help="decode instances (repeatable)")
+    g.add_argument("--both", nargs="+", action=_Extend, default=[], metavar="HOST:PORT",
+                   help="kv_both instances, each used as prefill for some requests and "
+                        "decode for others, never both for one request while another "
+                        "instance can take the decode leg (repeatable)")
     g.add_argument("--register-port", type=int, default=d.register_port,
                    help="enable dynamic registration on this ZMQ port")
     g.add_argument("--register-host", default=d.register_host,

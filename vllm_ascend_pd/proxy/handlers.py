@@ -173,8 +173,8 @@ class Handlers:
                           if i.health is Health.HEALTHY) for role in ROLES}
 
     async def health(self, request: web.Request) -> web.Response:
-        counts = self._healthy_counts()
-        ok = not self.s.draining and all(counts.values())
+        counts = self._healthy_counts()  # prefill/decode include kv_both instances
+        ok = not self.s.draining and bool(counts[PREFILL]) and bool(counts[DECODE])
         body = {"status": "ok" if ok else ("draining" if self.s.draining else "degraded"),
                 **counts}
         return web.Response(status=200 if ok else 503, body=codec.dumps(body),
@@ -226,12 +226,12 @@ class Handlers:
         try:
             body = codec.loads(await request.read())
         except (codec.DecodeError, web.HTTPRequestEntityTooLarge):
-            return error_response(400, "body must be JSON: {\"role\": \"prefill\"|\"decode\","
-                                  " \"address\": \"host:port\"}")
+            return error_response(400, "body must be JSON: {\"role\": \"prefill\"|\"decode\""
+                                  "|\"both\", \"address\": \"host:port\"}")
         if not isinstance(body, dict) or body.get("role") not in ROLES \
                 or not isinstance(body.get("address"), str):
-            return error_response(400, "body must be {\"role\": \"prefill\"|\"decode\", "
-                                  "\"address\": \"host:port\"}")
+            return error_response(400, "body must be {\"role\": \"prefill\"|\"decode\"|"
+                                  "\"both\", \"address\": \"host:port\"}")
         try:
             address = normalize_address(body["address"])
         except ConfigError as exc:

@@ -47,6 +47,9 @@ class PDRequest:
     tokens: int
     started: float = field(default_factory=time.perf_counter)
     kv_params: Optional[dict] = None
+    # Who prefilled: a kv_both instance is not picked for this request's
+    # decode leg while another decode-capable instance is available.
+    prefill_address: Optional[str] = None
     # Decode output reached (or is being streamed to) the client: from here
     # on there is no failover, and the producer's KV has been consumed.
     client_started: bool = False
@@ -143,6 +146,7 @@ class PDForwarder:
                 "kv_transfer_params; is it started with --kv-transfer-config "
                 "kv_role=kv_producer/kv_both?", 502)
         s.metrics.prefill_latency.observe(time.perf_counter() - t0)
+        req.prefill_address = inst.address
         return params
 
     # ------------------------------------------------------------------ decode
@@ -152,9 +156,10 @@ class PDForwarder:
 
     async def decode(self, req: PDRequest, request: web.Request) -> web.StreamResponse:
         payload = self.decode_body(req)
+        avoid = (req.prefill_address,) if req.prefill_address else ()
         return await self._with_failover(
             DECODE, self.cfg.decode_attempts,
-            lambda i: self._decode_once(i, req, payload, request))
+            lambda i: self._decode_once(i, req, payload, request), avoid=avoid)
 
     async def _decode_once(self, inst: Instance, req: PDRequest, payload: bytes,
                            request: web.Request) -> web.StreamResponse:
@@ -293,13 +298,16 @@ class PDForwarder:
         await _send(out, b"", eof=True)
 
     # ------------------------------------------------------------------ failover
-    async def _with_failover(self, role: str, attempts: int, attempt_fn):
+    async def _with_failover(self, role: str, attempts: int, attempt_fn,
+                             avoid: tuple[str, ...] = ()):
+        """``avoid``: used only when no other candidate is left."""
         s = self.s
         tried: list[str] = []
         last: Optional[UpstreamError] = None
         policy = s.policies[role]
         for n in range(attempts):
-            cands = s.registry.candidates(role, exclude=tried)
+            cands = (avoid and s.registry.candidates(role, exclude=[*tried, *avoid])) \
+                or s.registry.candidates(role, exclude=tried)
             if not cands:
                 break
             inst = policy.pick(cands)

@@ -18,7 +18,7 @@ import zmq.asyncio
 from vllm_ascend_pd.announce import ANNOUNCE_PROTOCOL_VERSION, Announcement, decode_announcement
 from vllm_ascend_pd.proxy.config import ConfigError, format_address, normalize_address
 from vllm_ascend_pd.proxy.log import init_logger
-from vllm_ascend_pd.proxy.registry import DECODE, PREFILL, Instance, Registry, Source
+from vllm_ascend_pd.proxy.registry import Instance, Registry, Source
 
 logger = init_logger(__name__)
 
@@ -67,29 +67,26 @@ class RegistrationListener:
             self.rejected += 1
             logger.warning("ignoring announcement: %s", exc)
             return []
-        roles = (PREFILL, DECODE) if ann.role == "both" else (ann.role,)
-        touched = []
-        for role in roles:
-            if ann.leaving:
-                inst = self._registry.get(role, address)
-                if inst is not None and inst.source is Source.REGISTERED:
-                    self._registry.remove(role, address)
-                    logger.info("%s instance %s left", role, address)
-                    self._on_removed(inst)
-                    touched.append(inst)
-                continue
-            meta = {k: v for k, v in (("engine_id", ann.engine_id),
-                                      ("kv_address", ann.kv_address),
-                                      ("model", ann.model)) if v}
-            inst, created = self._registry.add(role, address, Source.REGISTERED,
-                                               meta=meta, ttl=self.ttl_for(ann))
-            if created:
-                logger.info("%s instance %s registered (engine %s)", role, address,
-                            ann.engine_id or "?")
-                self._on_added(inst)
-            touched.append(inst)
+        role = ann.role  # "both": one instance that serves either leg
         self.received += 1
-        return touched
+        if ann.leaving:
+            inst = self._registry.get(role, address)
+            if inst is None or inst.source is not Source.REGISTERED:
+                return []
+            self._registry.remove(role, address)
+            logger.info("%s instance %s left", role, address)
+            self._on_removed(inst)
+            return [inst]
+        meta = {k: v for k, v in (("engine_id", ann.engine_id),
+                                  ("kv_address", ann.kv_address),
+                                  ("model", ann.model)) if v}
+        inst, created = self._registry.add(role, address, Source.REGISTERED,
+                                           meta=meta, ttl=self.ttl_for(ann))
+        if created:
+            logger.info("%s instance %s registered (engine %s)", role, address,
+                        ann.engine_id or "?")
+            self._on_added(inst)
+        return [inst]
 
     def evict(self) -> list[Instance]:
         gone = self._registry.evict_expired()

@@ -15,7 +15,12 @@ from typing import Callable, Iterable, Optional
 
 PREFILL = "prefill"
 DECODE = "decode"
-ROLES = (PREFILL, DECODE)
+# A kv_both instance: one instance (one set of load counters, one health
+# state) that serves as P for one request and as D for another.
+BOTH = "both"
+ROLES = (PREFILL, DECODE, BOTH)
+# Which registered roles can serve a leg of each kind.
+SERVES = {PREFILL: (PREFILL, BOTH), DECODE: (DECODE, BOTH), BOTH: (BOTH,)}
 
 
 class Health(str, enum.Enum):
@@ -120,9 +125,10 @@ class Registry:
         return self._by_role.get(role, {}).get(address)
 
     def instances(self, role: Optional[str] = None) -> list[Instance]:
-        if role is not None:
-            return list(self._by_role[role].values())
-        return [i for r in ROLES for i in self._by_role[r].values()]
+        """Instances that can serve ``role`` (``both`` ones serve either leg),
+        or every instance once when ``role`` is None."""
+        roles = SERVES[role] if role is not None else ROLES
+        return [i for r in roles for i in self._by_role[r].values()]
 
     def addresses(self) -> set[str]:
         return {i.address for i in self.instances()}
@@ -155,7 +161,7 @@ class Registry:
         now = self._clock()
         excluded = set(exclude)
         good, suspect = [], []
-        for inst in self._by_role[role].values():
+        for inst in self.instances(role):
             if inst.address in excluded or inst.health is not Health.HEALTHY:
                 continue
             (suspect if inst.is_suspect(now) else good).append(inst)

@@ -11,7 +11,7 @@ from vllm_ascend_pd.proxy.clients import BackendClients
 from vllm_ascend_pd.proxy.config import ProxyConfig
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.metrics import ProxyMetrics
-from vllm_ascend_pd.proxy.registry import DECODE, PREFILL, Instance, Registry, Source
+from vllm_ascend_pd.proxy.registry import BOTH, DECODE, PREFILL, Instance, Registry, Source
 
 logger = init_logger(__name__)
 
@@ -55,6 +55,8 @@ class ProxyState:
             self.registry.add(PREFILL, addr, Source.STATIC)
         for addr in cfg.decode:
             self.registry.add(DECODE, addr, Source.STATIC)
+        for addr in cfg.both:
+            self.registry.add(BOTH, addr, Source.STATIC)
 
     # -- admission --------------------------------------------------------
     def enter(self) -> None:

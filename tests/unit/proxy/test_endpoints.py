@@ -95,7 +95,7 @@ async def test_health_and_status(backend, proxy):
     client = await proxy([p], [d], policy="least_requests")
     resp = await client.get("/health")
     assert resp.status == 200
-    assert await resp.json() == {"status": "ok", "prefill": 1, "decode": 1}
+    assert await resp.json() == {"status": "ok", "prefill": 1, "decode": 1, "both": 0}
     await client.post("/v1/completions", json={"prompt": "x"})
     status = await (await client.get("/status")).json()
     assert status["policy"] == "least_requests" and status["inflight"] == 0
