@@ -107,7 +107,8 @@ def make_plan(
         raise PlanError(f"--tp must be in 1..{MAX_RANKS}")
     if device == "cpu" and tp != 1:
         raise PlanError("--tp > 1 needs NPUs: on the CPU each instance runs vLLM's in-process "
-                        "engine with the uni executor (docs/known-issues.md); use --tp 1")
+                        "engine with the uni executor, because the multiprocess executor that "
+                        "TP needs stalls under P/D load (docs/known-issues.md); use --tp 1")
     if device not in ("cpu", "npu"):
         raise PlanError(f"unknown device {device!r}: choose cpu or npu")
     n = n_prefill + n_decode

@@ -152,18 +152,18 @@ def run(args: argparse.Namespace) -> int:
     stop = _Stop()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.monotonic()
-    code = 1
     try:
         for i, c in zip(plan.instances, instances):
             where = f" on NPU {','.join(map(str, i.devices))}" if i.devices else ""
-            _say(f"starting {c.name} ({i.role}) on {c.url}{where}, kv_port {i.kv_port}; log {c.log_path}")
             c.start()
             started.append(c)
+            _say(f"started {c.name} ({i.role}, pid {c.proc.pid}) on {c.url}{where}, "
+                 f"kv_port {i.kv_port}; log {c.log_path}")
         if not _wait_ready(instances, stop, t0, args.ready_timeout, args.progress_interval):
             return 130 if stop.event.is_set() else 1
-        _say(f"starting the proxy on {proxy.url}; log {proxy.log_path}")
         proxy.start()
         started.append(proxy)
+        _say(f"started the proxy (pid {proxy.proc.pid}) on {proxy.url}; log {proxy.log_path}")
         if not _wait_ready([proxy], stop, t0, args.ready_timeout, args.progress_interval):
             return 130 if stop.event.is_set() else 1
         _say(f"all {len(instances)} instances ready after {time.monotonic() - t0:.1f}s")
@@ -176,12 +176,11 @@ def run(args: argparse.Namespace) -> int:
                     print(c.tail(), flush=True)
                 _say("stopping the rest")
                 return 1
-        code = 0
-        return code
+        return 0
     finally:
         if stop.event.is_set():
             _say(f"{signal.Signals(stop.signum).name} received, stopping {len(started)} processes")
-        # Proxy first, so no request reaches an instance that is going away.
+        # The proxy is signalled first, so it stops taking new requests.
         killed = stop_all(list(reversed(started)))
         if killed:
             _say("had to SIGKILL: " + ", ".join(killed))
