@@ -77,7 +77,7 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 _RENAMED = {
     "prompt_device_ips": "prefill_device_ips",
     "kv_parallel_size": "nothing: vLLM 0.32 sizes transfers from tensor_parallel_size",
-    "kv_rank": "nothing: the role is set by kv_role (kv_producer / kv_consumer)",
+    "kv_rank": "nothing: the role is set by kv_role (kv_producer / kv_consumer / kv_both)",
     "kv_buffer_size": "`buffer_pool_mb`",
 }
 

@@ -154,16 +154,31 @@ class SchedulerSide:
         if not params:
             return False, None
         if params.get("do_remote_prefill"):
+            params["do_remote_prefill"] = False
+            if not self.is_consumer:
+                # No puller here to send a release: the lease expires instead.
+                logger.warning(
+                    "AscendSimpleConnector: request %s carried do_remote_prefill but this "
+                    "instance is kv_producer, so it prefilled locally; send decode legs to "
+                    "kv_consumer or kv_both instances", request.request_id,
+                )
+                return False, None
             # Finished before allocation (rejected or aborted on this side):
             # the producer still holds the blocks, so tell it to free them.
-            params["do_remote_prefill"] = False
             try:
                 p = parse_producer_params(params)
             except InvalidParams:
                 return False, None
             self._meta.releases.append(self._release_spec(request.request_id, p))
             return False, None
-        if not (self.is_producer and params.get("do_remote_decode")):
+        if not params.get("do_remote_decode"):
+            return False, None
+        if not self.is_producer:
+            logger.warning(
+                "AscendSimpleConnector: request %s asked for do_remote_decode but this "
+                "instance is kv_consumer; send prefill legs to kv_producer or kv_both "
+                "instances", request.request_id,
+            )
             return False, None
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
             return False, None  # aborted or errored: nothing to hand off
