@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,13 +19,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import metric, post, prompt_of, wait_for
+from tests.e2e.helpers import metric, post, wait_for
 from tests.e2e.test_pd_e2e import completion
 from vllm_ascend_pd.testing.servers import BASE_ARGS, VllmServer, free_kv_port, free_port, kv_config
 
 pytestmark = pytest.mark.e2e
 
 BLOCK = 32  # BASE_ARGS --block-size
+
+
+def distinct_prompt(tokenizer, n_tokens: int, seed: int) -> list[int]:
+    """Random ordinary token ids. helpers.prompt_of has only ten distinct
+    word sequences, so its prompts share prefixes; two of these never share
+    a cached block, so an instance that served earlier prompts still has to
+    load or compute every token."""
+    rnd = random.Random(seed)
+    first = max(tokenizer.all_special_ids) + 1
+    return [rnd.randrange(first, tokenizer.vocab_size) for _ in range(n_tokens)]
 
 
 def start_proxy(logs: Path, name: str, port: int, *args: str) -> subprocess.Popen:
@@ -137,7 +148,7 @@ def producer_kv_port(server: VllmServer) -> int:
 @pytest.mark.parametrize("n_tokens", [3 * BLOCK + 5, 700])
 def test_roles_swap_directly(pair, tokenizer, n_tokens):
     for k, (prod, cons) in enumerate(((pair.A, pair.B), (pair.B, pair.A))):
-        prompt = prompt_of(tokenizer, n_tokens, seed=1000 + 10 * n_tokens + k)
+        prompt = distinct_prompt(tokenizer, n_tokens, seed=1000 + 10 * n_tokens + k)
         expected = completion(pair.S.url, prompt)
         loaded = _counter(cons.url, "vllm:ascend_pd_loaded_tokens_total")
         local = _counter(cons.url, "vllm:prompt_tokens_by_source_total", source="local_compute")
@@ -154,7 +165,7 @@ def test_roles_swap_directly(pair, tokenizer, n_tokens):
 
 
 def test_roles_alternate_through_proxy(pair, tokenizer):
-    prompts = [prompt_of(tokenizer, 80 + 31 * i, seed=2000 + i) for i in range(4)]
+    prompts = [distinct_prompt(tokenizer, 80 + 31 * i, seed=2000 + i) for i in range(4)]
     expected = [completion(pair.S.url, p) for p in prompts]
     servers = (pair.A, pair.B)
     sends = [_counter(s.url, "vllm:ascend_pd_transfers_total", direction="send") for s in servers]
@@ -177,7 +188,7 @@ def test_roles_alternate_through_proxy(pair, tokenizer):
 
 def test_concurrent_mixed_roles_through_proxy(pair, tokenizer):
     """Each instance sends and receives at the same time."""
-    prompts = [prompt_of(tokenizer, 50 + 17 * i, seed=3000 + i) for i in range(12)]
+    prompts = [distinct_prompt(tokenizer, 50 + 17 * i, seed=3000 + i) for i in range(12)]
     with ThreadPoolExecutor(6) as ex:
         expected = list(ex.map(lambda p: completion(pair.S.url, p, 8), prompts))
     servers = (pair.A, pair.B)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import metric, prompt_of, wait_for
-from tests.e2e.test_kv_both import _counter, idle, start_pair, start_proxy, stop_proxy
+from tests.e2e.helpers import metric, wait_for
+from tests.e2e.test_kv_both import _counter, distinct_prompt, idle, start_pair, start_proxy, stop_proxy
 from tests.e2e.test_pd_e2e import completion
 from vllm_ascend_pd.testing.servers import BASE_ARGS, VllmServer, free_kv_port, free_port, kv_config
 
@@ -71,7 +71,7 @@ def multi(request, tiny_model, tmp_path_factory):
 
 @pytest.mark.parametrize("n_tokens", [BLOCK, 3 * BLOCK + 1, 900])
 def test_token_exact_through_multiconnector(multi, tokenizer, n_tokens):
-    prompt = prompt_of(tokenizer, n_tokens, seed=4000 + n_tokens)
+    prompt = distinct_prompt(tokenizer, n_tokens, seed=4000 + n_tokens)
     expected = completion(multi.S.url, prompt)
     loaded = _counter(multi.D.url, "vllm:ascend_pd_loaded_tokens_total")
     local = _counter(multi.D.url, "vllm:prompt_tokens_by_source_total", source="local_compute")
@@ -92,7 +92,7 @@ def test_token_exact_through_multiconnector(multi, tokenizer, n_tokens):
 
 def test_chained_connector_is_active(multi, tokenizer):
     """ExampleConnector saved the prefill on P's storage: both members ran."""
-    prompt = prompt_of(tokenizer, 70, seed=4999)
+    prompt = distinct_prompt(tokenizer, 70, seed=4999)
     assert completion(multi.proxy_url, prompt) == completion(multi.S.url, prompt)
     saved = list((multi.storage / "P").rglob("*.safetensors"))
     assert saved, "ExampleConnector stored nothing on P"
