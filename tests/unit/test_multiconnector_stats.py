@@ -40,3 +40,21 @@ def test_stats_rebuilt_by_name_and_aggregated():
     assert not total.is_empty()
     total.reset()
     assert total.is_empty()
+
+
+def test_vllm_logging_path_with_multiconnector():
+    """What vLLM's stat logger does with a MultiConnector's serialised stats."""
+    from vllm.config.kv_transfer import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
+
+    register()
+    ktc = KVTransferConfig(kv_connector="MultiConnector", kv_role="kv_both",
+                           kv_connector_extra_config={"connectors": []})
+    logging_ = KVConnectorLogging(ktc)
+    for n in (1000, 3000):
+        logging_.observe({"AscendSimpleConnector": _data(n)})
+    lines: list[str] = []
+    logging_.log(log_fn=lambda fmt, *args: lines.append(fmt % args))
+    (line,) = lines
+    assert line.startswith("KV Transfer metrics: AscendSimpleConnector=")
+    assert "'pulls': 2" in line and "'loaded_tokens': 128" in line and "'recv_MB': 0.004" in line
