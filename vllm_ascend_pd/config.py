@@ -7,15 +7,19 @@ rejected at start-up so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 # Ports derive from kv_port; each producer worker rank r listens on
 # kv_port + r (control + tcp data) and the process-group transport uses
-# kv_port + GROUP_PORT_OFFSET + r for its rendezvous.
+# kv_port + GROUP_PORT_OFFSET + r for its rendezvous. So one instance owns
+# [kv_port, kv_port + KV_PORT_SPAN). The llmdatadist transport's producer rank
+# r listens on its NPU's device IP at llmdatadist_comm_port + r.
 MAX_RANKS = 64
 GROUP_PORT_OFFSET = MAX_RANKS
+KV_PORT_SPAN = 2 * MAX_RANKS
 
 Transport = Literal["auto", "tcp", "hccl", "gloo", "llmdatadist"]
 
@@ -65,12 +69,18 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     heartbeat_s: Annotated[float, _doc(
         "Interval between registration heartbeats.", gt=0)] = 3.0
     prefill_device_ips: Annotated[list[str], _doc(
-        "NPU device IPs of the prefill instance, one per device "
-        "(`hccn_tool -i N -ip -g`); used by llmdatadist/hccl.")] = []
+        "llmdatadist, on a producer: IPv4 address of the NPU NIC of each "
+        "tensor-parallel rank, in rank order (`hccn_tool -i <device> -ip -g`, or "
+        "`python -m vllm_ascend_pd.hccn`). Rank r listens on "
+        "`prefill_device_ips[r]:llmdatadist_comm_port + r`.")] = []
     decode_device_ips: Annotated[list[str], _doc(
-        "NPU device IPs of the decode instance.")] = []
+        "llmdatadist, on a consumer: IPv4 address of the NPU NIC of each "
+        "tensor-parallel rank, in rank order. The consumer links from these to "
+        "the producer's device IPs, which it learns at the first pull.")] = []
     llmdatadist_comm_port: Annotated[int, _doc(
-        "Base port of LLMDataDist links (one per rank).", gt=0, lt=65536)] = 26000
+        "llmdatadist: base listen port of the producer's LLMDataDist (rank r "
+        "uses base + r on its device IP). Must not overlap this instance's "
+        "`[kv_port, kv_port + 128)`.", gt=0, lt=65536)] = 26000
 
 
 # Keys seen in older Ascend examples, mapped to what to use instead.
@@ -108,6 +118,15 @@ def parse_extra_config(extra: dict[str, Any] | None) -> ConnectorConfig:
             "registration with a proxy needs http_port (the port this instance's "
             "OpenAI server listens on) in kv_connector_extra_config"
         )
+    for key in ("prefill_device_ips", "decode_device_ips"):
+        for ip in getattr(cfg, key):
+            try:
+                ipaddress.IPv4Address(ip)
+            except ValueError:
+                raise ConfigError(
+                    f"{key} entry {ip!r} is not an IPv4 address; list the NPU device "
+                    "IPs (`hccn_tool -i <device> -ip -g`), one per tensor-parallel rank"
+                ) from None
     if cfg.buffer_pool_mb < 2 * cfg.chunk_mb:
         raise ConfigError(
             f"buffer_pool_mb ({cfg.buffer_pool_mb}) must hold at least two chunks "
@@ -135,3 +154,31 @@ def control_port(kv_port: int, rank: int) -> int:
 
 def group_port(kv_port: int, rank: int) -> int:
     return control_port(kv_port, rank) + GROUP_PORT_OFFSET
+
+
+def llmdatadist_endpoint(
+    cfg: ConnectorConfig, *, kv_port: int, rank: int, tp_size: int, is_producer: bool
+) -> tuple[str, int]:
+    """This rank's (device IP, LLMDataDist listen port); ConfigError says what to set."""
+    key = "prefill_device_ips" if is_producer else "decode_device_ips"
+    ips = getattr(cfg, key)
+    if len(ips) < tp_size:
+        role = "producer" if is_producer else "consumer"
+        raise ConfigError(
+            f"transport llmdatadist on a {role} needs {key} with one NPU device IP per "
+            f"tensor-parallel rank ({tp_size}), got {len(ips)}: read them with "
+            "`hccn_tool -i <device> -ip -g` (or `python -m vllm_ascend_pd.hccn`) and set "
+            f"{key} in kv_connector_extra_config, or choose transport tcp"
+        )
+    base = cfg.llmdatadist_comm_port
+    if base + tp_size - 1 >= 65536:
+        raise ConfigError(
+            f"llmdatadist_comm_port {base} + {tp_size - 1} exceeds 65535; lower it"
+        )
+    if base < kv_port + KV_PORT_SPAN and kv_port < base + tp_size:
+        raise ConfigError(
+            f"llmdatadist ports [{base}, {base + tp_size}) overlap the KV ports "
+            f"[{kv_port}, {kv_port + KV_PORT_SPAN}) of kv_port {kv_port}: move "
+            "llmdatadist_comm_port or kv_port so the ranges are apart"
+        )
+    return ips[rank], base + rank

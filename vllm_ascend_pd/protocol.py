@@ -4,7 +4,9 @@ Every message is a tagged ``msgspec.Struct``; peers exchange ``Hello`` first and
 refuse a different ``PROTOCOL_VERSION`` or an incompatible cache layout.
 
 Version history:
-  1: initial (Hello, Pull, Release; tcp chunk stream).
+  1: initial (Hello, Pull, Release; tcp chunk stream). Later additions that
+     only a new transport uses (DataDistOffer; TransferDone from consumer to
+     producer) keep 1: peers agree on the transport at the handshake.
 """
 
 from __future__ import annotations
@@ -78,6 +80,21 @@ class TransferDone(msgspec.Struct, tag="done"):
     error: str = ""
 
 
+class DataDistOffer(msgspec.Struct, tag="dd_offer"):
+    """llmdatadist, producer -> consumer: where to pull ``block_ids`` from.
+
+    The consumer answers with ``TransferDone`` once its pull ended, which
+    ends the producer's lease."""
+
+    transfer_id: str
+    cluster_id: int
+    device_ip: str
+    port: int
+    block_ids: list[int]  # producer block ids, same order as the pull request
+    num_caches: int  # registrations, BlocksCacheKey model ids 0..num_caches-1
+    hold_s: float  # how long after sending this the producer keeps the blocks
+
+
 class Release(msgspec.Struct, tag="release"):
     transfer_id: str
     request_id: str
@@ -97,6 +114,7 @@ Message = (
     | PullReply
     | ChunkHeader
     | TransferDone
+    | DataDistOffer
     | Release
     | ReleaseReply
 )

@@ -68,11 +68,14 @@ class KVServer:
         self._sock = router_socket(self._ctx, bind_host, port, f"producer rank {tp_rank}")
         self._waiting: list[_Waiting] = []
         self._sends = Pump()
+        # Links of sends in progress, for the consumer's replies (llmdatadist).
+        self._inbound: dict[tuple[bytes, str], RouterLink] = {}
 
     def close(self) -> None:
         for task in self._sends.tasks:
             task.gen.close()
         self._sends.tasks.clear()
+        self._inbound.clear()
         self._ctx.destroy(linger=0)
 
     def pump(self, budget_s: float) -> None:
@@ -110,6 +113,11 @@ class KVServer:
             self._pull(identity, msg, time.monotonic() + self.grace_s)
         elif isinstance(msg, wire.Release):
             self._release(identity, msg)
+        elif isinstance(msg, wire.TransferDone):
+            # Only the consumer that made the pull can end it.
+            link = self._inbound.get((identity, msg.transfer_id))
+            if link is None or not link.deliver([frames[1]]):
+                self.stats.record_rejected("malformed")
         else:
             self.stats.record_rejected("malformed")
 
@@ -156,13 +164,17 @@ class KVServer:
         plan_bytes = len(req.block_ids) * self.transport.cache.total_block_bytes()
         self._reply(identity, wire.PullReply(True, req.transfer_id, total_bytes=plan_bytes))
         link = RouterLink(self._sock, identity)
+        key = (identity, req.transfer_id)
+        self._inbound[key] = link
         start = time.perf_counter()
 
         def done(nbytes: int) -> None:
+            self._inbound.pop(key, None)
             self.leases.end(req.transfer_id, "pulled")
             self.stats.record_send(nbytes, len(req.block_ids), time.perf_counter() - start)
 
         def failed(e: BaseException) -> None:
+            self._inbound.pop(key, None)
             cause = getattr(e, "cause", "transport")
             self.stats.record_send_failure(cause)
             logger.warning(

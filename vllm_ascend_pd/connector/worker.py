@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm_ascend_pd.log import get_logger
 
-from vllm_ascend_pd.config import ConnectorConfig, control_port, group_port, resolve_kv_ip
+from vllm_ascend_pd.config import (
+    ConnectorConfig,
+    control_port,
+    group_port,
+    llmdatadist_endpoint,
+    resolve_kv_ip,
+)
 from vllm_ascend_pd.connector.kv_server import KVServer
 from vllm_ascend_pd.connector.metadata import AscendConnectorMetadata
 from vllm_ascend_pd.connector.puller import Puller
@@ -66,6 +72,7 @@ class WorkerSide:
         self.server: KVServer | None = None
         self.puller: Puller | None = None
         self.cache: PagedKVCache | None = None
+        self.transport = None
         self._last_pending = 0
         # Serialises the engine thread and the idle servicer.
         self._lock = threading.Lock()
@@ -102,6 +109,15 @@ class WorkerSide:
         device = self.cache.tensors[0].device.type
         name = resolve_transport(self.cfg.transport, device)
         host = resolve_kv_ip(self.cfg)
+        device_ip, comm_port = "", 0
+        if name == "llmdatadist":
+            device_ip, comm_port = llmdatadist_endpoint(
+                self.cfg, kv_port=self.kv_port, rank=self.tp_rank, tp_size=self.tp_size,
+                is_producer=self.is_producer,
+            )
+        role = {(True, False): "producer", (False, True): "consumer"}.get(
+            (self.is_producer, self.is_consumer), "both"
+        )
         options = TransportOptions(
             chunk_bytes=int(self.cfg.chunk_mb * _MB),
             pool_bytes=int(self.cfg.buffer_pool_mb * _MB),
@@ -110,8 +126,11 @@ class WorkerSide:
             local_rank=self.tp_rank,
             group_port=group_port(self.kv_port, self.tp_rank),
             host=host,
+            role=role,
+            device_ip=device_ip,
+            comm_port=comm_port,
         )
-        transport = create_transport(name, self.cache, options)
+        transport = self.transport = create_transport(name, self.cache, options)
         layout = self.cache.describe(self.tp_size)
         logger.info(
             "AscendSimpleConnector rank %d: %d cache tensors, %d blocks of %d bytes, transport %s",
@@ -210,3 +229,6 @@ class WorkerSide:
         if self.puller is not None:
             self.puller.close()
             self.puller = None
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None

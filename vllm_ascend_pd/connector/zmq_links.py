@@ -5,6 +5,8 @@ All sockets are non-blocking and owned by the worker's engine thread.
 
 from __future__ import annotations
 
+import collections
+
 import zmq
 
 from vllm_ascend_pd.protocol import MAX_CONTROL_BYTES
@@ -12,11 +14,22 @@ from vllm_ascend_pd.transport.base import TransferError, WouldBlock
 
 
 class RouterLink:
-    """Producer side: one consumer behind a ROUTER socket."""
+    """Producer side: one consumer behind a ROUTER socket. The KV server
+    routes that consumer's messages about this transfer to ``inbox``."""
+
+    # A peer cannot make the producer buffer more than this per transfer.
+    MAX_INBOX = 16
 
     def __init__(self, sock: zmq.Socket, identity: bytes):
         self.sock = sock
         self.identity = identity
+        self.inbox: collections.deque = collections.deque()
+
+    def deliver(self, frames) -> bool:
+        if len(self.inbox) >= self.MAX_INBOX:
+            return False
+        self.inbox.append(frames)
+        return True
 
     def send(self, frames, *, copy: bool = True, track: bool = False):
         try:
@@ -31,7 +44,7 @@ class RouterLink:
             raise
 
     def try_recv(self):
-        raise TransferError("the producer's link is send-only", "protocol")
+        return self.inbox.popleft() if self.inbox else None
 
 
 class DealerLink:

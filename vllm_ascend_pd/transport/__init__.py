@@ -15,6 +15,7 @@ from vllm_ascend_pd.transport.base import (
 # name -> "module:Class"; the registry is the only module-level state here.
 TRANSPORTS: dict[str, str] = {
     "tcp": "vllm_ascend_pd.transport.tcp:TcpTransport",
+    "llmdatadist": "vllm_ascend_pd.transport.llmdatadist:LlmDataDistTransport",
 }
 
 

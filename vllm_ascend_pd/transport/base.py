@@ -84,6 +84,10 @@ class TransportOptions:
     local_rank: int = 0
     group_port: int = 0
     host: str = "127.0.0.1"
+    # llmdatadist: this rank's role, NPU device IP and listen port (producer).
+    role: str = "both"  # "producer" | "consumer" | "both"
+    device_ip: str = ""
+    comm_port: int = 0
 
 
 class Transport(ABC):
