@@ -1,0 +1,151 @@
+"""1P1D on two NPUs (ASCEND_RT_VISIBLE_DEVICES = one device each) with a small
+public model: greedy output through the proxy is token-exact against a single
+instance, and the decode instance loaded the whole prompt, for each NPU
+transport (hccl, llmdatadist)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.helpers import metric, post, wait_for
+from tests.npu.conftest import DEVICES, MODEL, device_ip
+from vllm_ascend_pd.testing.servers import VllmServer, free_kv_port, free_port
+
+pytestmark = pytest.mark.npu
+
+NPU_ARGS = [
+    "--distributed-executor-backend", "uni", "--enforce-eager", "--max-model-len", "2048",
+    "--dtype", "bfloat16", "--block-size", "128", "--seed", "0",
+    "--gpu-memory-utilization", "0.5", "--served-model-name", "m",
+]
+PROMPTS = [
+    "The capital of France is",
+    "Explain prefill/decode disaggregation in one paragraph: " + "why split the work? " * 40,
+    "List the planets of the solar system, nearest to the Sun first:",
+]
+COMM_PORT = 26000
+
+
+class NpuServer(VllmServer):
+    def command(self) -> list[str]:
+        # The base class names the model "tiny"; NPU_ARGS name it "m".
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+
+
+def completion(url: str, prompt: str, max_tokens: int = 24) -> tuple[list[int], int]:
+    """(greedy output token ids, prompt length in tokens)."""
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    out = post(url, "/v1/completions", body, timeout=300)
+    return out["choices"][0]["token_ids"], out["usage"]["prompt_tokens"]
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> Path:
+    path = Path(os.environ.get("NPU_TEST_LOG_DIR") or tmp_path_factory.mktemp("npu-logs"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(logs) -> list[tuple[list[int], int]]:
+    """Greedy outputs of one plain instance, started alone and stopped first."""
+    s = NpuServer("S", MODEL, free_port(), list(NPU_ARGS), env={"ASCEND_RT_VISIBLE_DEVICES": DEVICES[0]},
+                  log_path=logs / "S.log")
+    try:
+        s.start().wait_ready(1200)
+        return [completion(s.url, p) for p in PROMPTS]
+    finally:
+        s.stop()
+
+
+def transport_skip_reason(transport: str) -> str | None:
+    from vllm_ascend_pd.transport import TRANSPORTS
+
+    if transport not in TRANSPORTS:
+        return f"transport {transport} is not part of this build"
+    if transport == "llmdatadist":
+        if importlib.util.find_spec("llm_datadist") is None:
+            return "CANN's llm_datadist is not importable (source CANN's set_env.sh)"
+        if None in (device_ip(DEVICES[0]), device_ip(DEVICES[1])):
+            return "hccn_tool reports no device IPs for the test NPUs"
+    return None
+
+
+def start_proxy(port: int, p_port: int, d_port: int, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_ascend_pd.proxy", "--host", "127.0.0.1", "--port", str(port),
+         "--model", "m", "--prefill", f"127.0.0.1:{p_port}", "--decode", f"127.0.0.1:{d_port}"],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except urllib.error.HTTPError:
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.3)
+    raise RuntimeError(f"proxy did not start; see {log}")
+
+
+@pytest.mark.parametrize("transport", ["hccl", "llmdatadist"])
+def test_1p1d_token_exact_on_two_npus(transport, reference, logs):
+    reason = transport_skip_reason(transport)
+    if reason:
+        pytest.skip(reason)
+    kv = free_kv_port(span=8)
+    extra = {"transport": transport, "kv_ip": "127.0.0.1", "llmdatadist_comm_port": COMM_PORT}
+    if transport == "llmdatadist":
+        extra["prefill_device_ips"] = [device_ip(DEVICES[0])]
+        extra["decode_device_ips"] = [device_ip(DEVICES[1])]
+
+    def kv_config(role: str) -> str:
+        return json.dumps({"kv_connector": "AscendSimpleConnector", "kv_role": role, "kv_port": kv,
+                           "kv_buffer_device": "npu", "kv_connector_extra_config": extra})
+
+    p = NpuServer("P", MODEL, free_port(), [*NPU_ARGS, "--kv-transfer-config", kv_config("kv_producer")],
+                  env={"ASCEND_RT_VISIBLE_DEVICES": DEVICES[0]}, log_path=logs / f"P-{transport}.log")
+    d = NpuServer("D", MODEL, free_port(), [*NPU_ARGS, "--kv-transfer-config", kv_config("kv_consumer")],
+                  env={"ASCEND_RT_VISIBLE_DEVICES": DEVICES[1]}, log_path=logs / f"D-{transport}.log")
+    proxy = None
+    try:
+        p.start()
+        d.start()
+        p.wait_ready(1200)
+        d.wait_ready(1200)
+        proxy_port = free_port()
+        proxy = start_proxy(proxy_port, p.port, d.port, logs / f"proxy-{transport}.log")
+        url = f"http://127.0.0.1:{proxy_port}"
+        loaded_before = metric(d.url, "vllm:ascend_pd_loaded_tokens_total")
+        local_before = metric(d.url, "vllm:prompt_tokens_by_source_total", source="local_compute")
+        # One request at a time: the same batch shapes as the reference run.
+        got = [completion(url, prompt) for prompt in PROMPTS]
+        assert got == reference
+        # D loaded every prompt token from P and computed none itself.
+        prompt_tokens = sum(n for _, n in reference)
+        loaded = wait_for(lambda: metric(d.url, "vllm:ascend_pd_loaded_tokens_total") - loaded_before)
+        assert loaded == prompt_tokens
+        local = metric(d.url, "vllm:prompt_tokens_by_source_total", source="local_compute") - local_before
+        assert local == 0
+        wait_for(lambda: metric(p.url, "vllm:ascend_pd_leases_pending") == 0)
+    finally:
+        if proxy is not None and proxy.poll() is None:
+            os.killpg(proxy.pid, 15)
+            proxy.wait(15)
+        d.stop()
+        p.stop()
