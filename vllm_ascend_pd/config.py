@@ -71,7 +71,7 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prefill_device_ips: Annotated[list[str], _doc(
         "llmdatadist, on a producer: IPv4 address of the NPU NIC of each "
         "tensor-parallel rank, in rank order (`hccn_tool -i <device> -ip -g`, or "
-        "`python -m vllm_ascend_pd.hccn`). Rank r listens on "
+        "`vllm-ascend-pd doctor --devices 0,1,...`). Rank r listens on "
         "`prefill_device_ips[r]:llmdatadist_comm_port + r`.")] = []
     decode_device_ips: Annotated[list[str], _doc(
         "llmdatadist, on a consumer: IPv4 address of the NPU NIC of each "
@@ -167,7 +167,7 @@ def llmdatadist_endpoint(
         raise ConfigError(
             f"transport llmdatadist on a {role} needs {key} with one NPU device IP per "
             f"tensor-parallel rank ({tp_size}), got {len(ips)}: read them with "
-            "`hccn_tool -i <device> -ip -g` (or `python -m vllm_ascend_pd.hccn`) and set "
+            "`hccn_tool -i <device> -ip -g` (or `vllm-ascend-pd doctor --devices 0,1,...`) and set "
             f"{key} in kv_connector_extra_config, or choose transport tcp"
         )
     base = cfg.llmdatadist_comm_port

@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import re
-import shutil
 import subprocess
 import sys
 
@@ -55,10 +53,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def device_ip(device: str) -> str | None:
-    """The NPU NIC's IPv4 address as hccn_tool reports it (`ipaddr:x.x.x.x`)."""
-    tool = shutil.which("hccn_tool") or "/usr/local/Ascend/driver/tools/hccn_tool"
-    if not os.path.exists(tool):
+    """The NPU NIC's IPv4 address (vllm_ascend_pd.hccn), or None if unreadable."""
+    from vllm_ascend_pd import hccn
+
+    try:
+        return hccn.device_ip(int(device))
+    except hccn.HccnError:
         return None
-    out = subprocess.run([tool, "-i", device, "-ip", "-g"], capture_output=True, text=True, timeout=30)
-    m = re.search(r"ipaddr:\s*([0-9.]+)", out.stdout)
-    return m.group(1) if m else None
