@@ -72,11 +72,13 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "llmdatadist, on a producer: IPv4 address of the NPU NIC of each "
         "tensor-parallel rank, in rank order (`hccn_tool -i <device> -ip -g`, or "
         "`vllm-ascend-pd doctor --devices 0,1,...`). Rank r listens on "
-        "`prefill_device_ips[r]:llmdatadist_comm_port + r`.")] = []
+        "`prefill_device_ips[r]:llmdatadist_comm_port + r`. Empty: each rank "
+        "reads its own NPU's IP with hccn_tool at start-up.")] = []
     decode_device_ips: Annotated[list[str], _doc(
         "llmdatadist, on a consumer: IPv4 address of the NPU NIC of each "
         "tensor-parallel rank, in rank order. The consumer links from these to "
-        "the producer's device IPs, which it learns at the first pull.")] = []
+        "the producer's device IPs, which it learns at the first pull. Empty: "
+        "read with hccn_tool at start-up.")] = []
     llmdatadist_comm_port: Annotated[int, _doc(
         "llmdatadist: base listen port of the producer's LLMDataDist (rank r "
         "uses base + r on its device IP). Must not overlap this instance's "
@@ -159,10 +161,13 @@ def group_port(kv_port: int, rank: int) -> int:
 def llmdatadist_endpoint(
     cfg: ConnectorConfig, *, kv_port: int, rank: int, tp_size: int, is_producer: bool
 ) -> tuple[str, int]:
-    """This rank's (device IP, LLMDataDist listen port); ConfigError says what to set."""
+    """This rank's (device IP, LLMDataDist listen port); ConfigError says what to set.
+
+    An empty IP list gives "" for the IP: the transport then reads the device
+    IP with hccn_tool itself."""
     key = "prefill_device_ips" if is_producer else "decode_device_ips"
     ips = getattr(cfg, key)
-    if len(ips) < tp_size:
+    if ips and len(ips) < tp_size:
         role = "producer" if is_producer else "consumer"
         raise ConfigError(
             f"transport llmdatadist on a {role} needs {key} with one NPU device IP per "
@@ -181,4 +186,4 @@ def llmdatadist_endpoint(
             f"[{kv_port}, {kv_port + KV_PORT_SPAN}) of kv_port {kv_port}: move "
             "llmdatadist_comm_port or kv_port so the ranges are apart"
         )
-    return ips[rank], base + rank
+    return (ips[rank] if ips else ""), base + rank

@@ -336,8 +336,29 @@ def test_missing_llm_datadist_names_the_fix(monkeypatch):
         create_transport("llmdatadist", mha_cache(0.0), options("consumer", D_IP))
 
 
-def test_missing_device_ip_names_the_keys():
-    with pytest.raises(ConfigError, match="decode_device_ips"):
+def test_device_ip_is_read_with_hccn_tool_when_not_configured(monkeypatch):
+    from vllm_ascend_pd import hccn
+
+    asked = []
+    monkeypatch.setattr(hccn, "device_ip", lambda dev, **kw: asked.append(dev) or "10.20.0.7")
+    monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "6,7")
+    opt = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=2, role="consumer", local_rank=1)
+    t = create_transport("llmdatadist", mha_cache(0.0), opt)
+    try:
+        assert asked == [7]  # logical rank 1 -> physical NPU 7
+        assert t.cluster_id == cluster_id_for("10.20.0.7")
+    finally:
+        t.close()
+
+
+def test_unreadable_device_ip_names_the_key_to_set(monkeypatch):
+    from vllm_ascend_pd import hccn
+
+    def fail(dev, **kw):
+        raise hccn.HccnError("hccn_tool not found")
+
+    monkeypatch.setattr(hccn, "device_ip", fail)
+    with pytest.raises(ConfigError, match="hccn_tool not found.*set decode_device_ips"):
         create_transport("llmdatadist", mha_cache(0.0), options("consumer", ""))
 
 

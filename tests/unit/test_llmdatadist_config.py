@@ -54,14 +54,20 @@ def test_endpoint_per_rank():
     assert llmdatadist_endpoint(cfg, kv_port=20000, rank=0, tp_size=4, is_producer=False) == ("10.0.0.4", 26000)
 
 
+def test_endpoint_without_ips_leaves_discovery_to_the_transport():
+    cfg = parse_extra_config({})
+    assert llmdatadist_endpoint(cfg, kv_port=20000, rank=3, tp_size=4, is_producer=True) == ("", 26003)
+
+
 def test_endpoint_needs_one_ip_per_rank_and_says_how_to_get_them():
     cfg = parse_extra_config({"prefill_device_ips": IPS[:2]})
     with pytest.raises(ConfigError) as err:
         llmdatadist_endpoint(cfg, kv_port=20000, rank=0, tp_size=4, is_producer=True)
     msg = str(err.value)
     assert "prefill_device_ips" in msg and "(4), got 2" in msg and "hccn_tool -i <device> -ip -g" in msg
+    cfg = parse_extra_config({"decode_device_ips": IPS[:1]})
     with pytest.raises(ConfigError, match="decode_device_ips"):
-        llmdatadist_endpoint(cfg, kv_port=20000, rank=0, tp_size=1, is_producer=False)
+        llmdatadist_endpoint(cfg, kv_port=20000, rank=0, tp_size=2, is_producer=False)
 
 
 @pytest.mark.parametrize("kv_port,comm_port,tp", [

@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib
 import ipaddress
+import os
 import time
 from collections.abc import Callable, Generator
 from typing import Any
@@ -81,6 +82,33 @@ def tensor_groups(cache: PagedKVCache) -> list[list[int]]:
     return list(groups.values())
 
 
+def physical_device(device: torch.device, options: TransportOptions) -> int:
+    """The physical NPU id of a logical device: hccn_tool numbers physical ones."""
+    logical = device.index if device.index is not None else options.local_rank
+    for var in ("ASCEND_RT_VISIBLE_DEVICES", "ASCEND_VISIBLE_DEVICES"):
+        visible = [v for v in os.environ.get(var, "").split(",") if v.strip()]
+        if visible:
+            return int(visible[logical])
+    return logical
+
+
+def discover_device_ip(device: torch.device, options: TransportOptions) -> str:
+    from vllm_ascend_pd import hccn
+
+    key = "prefill_device_ips" if options.role != "consumer" else "decode_device_ips"
+    try:
+        phys = physical_device(device, options)
+        ip = hccn.device_ip(phys)
+        ipaddress.IPv4Address(ip)  # LLMDataDist links over IPv4 only
+    except (hccn.HccnError, ValueError, IndexError) as e:
+        raise ConfigError(
+            f"transport llmdatadist needs this rank's NPU device IP and could not read it "
+            f"({e}); set {key} in kv_connector_extra_config, one IP per tensor-parallel rank"
+        ) from None
+    logger.info("llmdatadist rank %d: NPU %d has device IP %s (hccn_tool)", options.local_rank, phys, ip)
+    return ip
+
+
 def _bind_device(device: torch.device) -> None:
     # A thread that touches the NPU without set_device creates a context on
     # device 0 (vllm-ascend #12126).
@@ -94,11 +122,8 @@ class LlmDataDistTransport(Transport):
 
     def __init__(self, cache: PagedKVCache, options: TransportOptions):
         super().__init__(cache, options)
-        if not options.device_ip:
-            raise ConfigError(
-                "transport llmdatadist needs this rank's NPU device IP: set "
-                "prefill_device_ips (producer) / decode_device_ips (consumer)"
-            )
+        device = cache.tensors[0].device
+        self.device_ip = options.device_ip or discover_device_ip(device, options)
         try:
             self._dd = importlib.import_module("llm_datadist")
         except ImportError as e:
@@ -107,10 +132,9 @@ class LlmDataDistTransport(Transport):
                 "CANN's set_env.sh (CANN >= 8.0) in the environment that starts vLLM, or "
                 "choose transport hccl or tcp"
             ) from None
-        self.cluster_id = cluster_id_for(options.device_ip)
+        self.cluster_id = cluster_id_for(self.device_ip)
         self.groups = tensor_groups(cache)
         self._check_registrable()
-        device = cache.tensors[0].device
         self._device_id = device.index if device.index is not None else options.local_rank
         # Blocking llm_datadist calls (link, pull) wait out their timeouts
         # here, not on the engine thread.
@@ -179,11 +203,11 @@ class LlmDataDistTransport(Transport):
         # Pull timeout in ms; our own waits are longer (see _await).
         conf.sync_kv_timeout = max(1, int(self._pull_timeout_s * 1000))
         if opt.role != "consumer":
-            conf.listen_ip_info = f"{opt.device_ip}:{opt.comm_port}"
+            conf.listen_ip_info = f"{self.device_ip}:{opt.comm_port}"
         datadist.init(conf.generate_options())
         logger.info(
             "llmdatadist rank %d: cluster %d on device %s (%s)%s", opt.local_rank,
-            self.cluster_id, self._device_id, opt.device_ip,
+            self.cluster_id, self._device_id, self.device_ip,
             f", listening on port {opt.comm_port}" if opt.role != "consumer" else "",
         )
         return datadist
@@ -209,7 +233,7 @@ class LlmDataDistTransport(Transport):
         # Room for the consumer to link first and pull once.
         hold_s = self._link_timeout_s + 2 * self._pull_timeout_s + 10.0
         offer = wire.DataDistOffer(
-            transfer_id, self.cluster_id, opt.device_ip, opt.comm_port, list(block_ids),
+            transfer_id, self.cluster_id, self.device_ip, opt.comm_port, list(block_ids),
             len(self._caches), hold_s,
         )
         yield from wait_send(link, [wire.encode(offer)], opt.idle_timeout_s)
@@ -293,9 +317,9 @@ class LlmDataDistTransport(Transport):
         dd = self._dd
         info = dd.LLMClusterInfo()
         info.remote_cluster_id = cluster_id
-        info.append_local_ip_info(self.options.device_ip, 0)
+        info.append_local_ip_info(self.device_ip, 0)
         info.append_remote_ip_info(ip, port)
-        where = f"{self.options.device_ip} -> {ip}:{port}"
+        where = f"{self.device_ip} -> {ip}:{port}"
         try:
             ret, rets = self._datadist.link_clusters([info], int(self._link_timeout_s * 1000))
         except dd.LLMException as e:
