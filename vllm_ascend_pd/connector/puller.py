@@ -145,12 +145,6 @@ class Puller:
             reply = yield from self._expect(link, wire.HelloReply, "handshake")
             if not reply.ok:
                 raise TransferError(f"producer {endpoint} refused the handshake: {reply.error}", "incompatible")
-            if reply.transport and reply.transport != self.transport.name:
-                raise TransferError(
-                    f"producer {endpoint} uses transport {reply.transport!r}, this instance "
-                    f"{self.transport.name!r}: set the same transport on both",
-                    "incompatible",
-                )
         except BaseException:
             link.sock.close(0)
             raise
