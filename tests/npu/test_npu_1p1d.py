@@ -104,10 +104,11 @@ def start_proxy(port: int, p_port: int, d_port: int, log: Path) -> subprocess.Po
 
 
 @pytest.mark.parametrize("transport", ["hccl", "llmdatadist"])
-def test_1p1d_token_exact_on_two_npus(transport, reference, logs):
+def test_1p1d_token_exact_on_two_npus(transport, logs, request):
     reason = transport_skip_reason(transport)
     if reason:
         pytest.skip(reason)
+    reference = request.getfixturevalue("reference")  # only started when needed
     kv = free_kv_port(span=8)
     extra = {"transport": transport, "kv_ip": "127.0.0.1", "llmdatadist_comm_port": COMM_PORT}
     if transport == "llmdatadist":
