@@ -144,3 +144,18 @@ def test_up_plan_error_exits_2_before_starting_anything(tmp_path, capsys):
     assert code == 2
     assert "--tp > 1 needs NPUs" in capsys.readouterr().err
     assert not (tmp_path / "logs").exists()
+
+
+def test_up_busy_proxy_port_exits_2_before_starting_anything(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code = main(["up", "--model", "/m", "--device", "cpu", "--port", str(port),
+                     "--log-dir", str(tmp_path / "logs")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"the proxy port 127.0.0.1:{port} is not free" in err and "--port 0" in err
+    assert not (tmp_path / "logs").exists()

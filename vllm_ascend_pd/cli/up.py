@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from vllm_ascend_pd.cli.checks import port_free
 from vllm_ascend_pd.cli.supervisor import Child, stop_all
 from vllm_ascend_pd.cli.topology import Plan, PlanError, make_plan
 
@@ -140,6 +141,12 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_from_args(args)
     except PlanError as exc:
         print(f"vllm-ascend-pd up: {exc}", file=sys.stderr)
+        return 2
+    # Fail now rather than after the instances spent minutes loading.
+    busy = port_free(plan.host, plan.proxy_port)
+    if busy:
+        print(f"vllm-ascend-pd up: the proxy port {plan.host}:{plan.proxy_port} is not free "
+              f"({busy}); pass another --port, or --port 0 for any free port", file=sys.stderr)
         return 2
     logs = Path(args.log_dir).resolve()
     logs.mkdir(parents=True, exist_ok=True)
