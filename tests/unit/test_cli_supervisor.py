@@ -1,0 +1,83 @@
+"""`up`'s process handling with real child processes (no vLLM): readiness
+and progress lines, a child that dies while starting, and stopping whole
+process groups, grandchildren included."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import time
+
+from vllm_ascend_pd.cli.supervisor import Child, group_members, stop_all
+from vllm_ascend_pd.cli.up import _Stop, _wait_ready
+
+# Answers GET /health with 200 after a short start-up delay.
+SERVER = """
+import http.server, sys, time
+time.sleep(0.5)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ready_progress_and_clean_stop(tmp_path, capsys):
+    port = free_port()
+    web = Child("decode-0", [sys.executable, "-c", SERVER, str(port)], f"http://127.0.0.1:{port}",
+                tmp_path / "decode-0.log")
+    # A child that starts a grandchild in its group, and ignores SIGTERM itself.
+    stubborn = Child("prefill-0", ["sh", "-c", "trap '' TERM; sleep 300 & sleep 300; wait"],
+                     "http://127.0.0.1:9", tmp_path / "prefill-0.log")
+    web.start()
+    stubborn.start()
+    try:
+        assert _wait_ready([web], _Stop(), time.monotonic(), timeout_s=60, interval=0.2)
+        out = capsys.readouterr().out
+        assert "decode-0 ready on http://127.0.0.1:%d after" % port in out and "(1/1 ready)" in out
+        time.sleep(0.3)
+        assert len(group_members(stubborn.pgid)) >= 2
+    finally:
+        killed = stop_all([web, stubborn], timeout_s=2)
+    assert killed == ["prefill-0"]  # needed SIGKILL, web left on SIGTERM
+    assert group_members(web.pgid) == [] and group_members(stubborn.pgid) == []
+
+
+def test_child_dying_while_starting_is_reported_with_its_log(tmp_path, capsys):
+    c = Child("prefill-0", ["sh", "-c", "echo 'ValueError: boom in start-up'; exit 3"],
+              "http://127.0.0.1:9", tmp_path / "prefill-0.log")
+    c.start()
+    try:
+        assert not _wait_ready([c], _Stop(), time.monotonic(), timeout_s=30, interval=5)
+    finally:
+        stop_all([c])
+    out = capsys.readouterr().out
+    assert f"prefill-0 exited with code 3 before it was ready; log {tmp_path / 'prefill-0.log'}" in out
+    assert "ValueError: boom in start-up" in out
+
+
+def test_timeout_and_stop_request(tmp_path, capsys):
+    c = Child("decode-0", ["sleep", "30"], f"http://127.0.0.1:{free_port()}", tmp_path / "d.log")
+    c.start()
+    try:
+        assert not _wait_ready([c], _Stop(), time.monotonic(), timeout_s=1.0, interval=0.3)
+        out = capsys.readouterr().out
+        assert "waiting for decode-0" in out
+        assert f"not ready after 1s: decode-0 (log {tmp_path / 'd.log'})" in out
+        stop = _Stop()
+        stop(signal.SIGTERM, None)
+        assert not _wait_ready([c], stop, time.monotonic(), timeout_s=60, interval=1)
+    finally:
+        assert stop_all([c]) == []
+    assert group_members(c.pgid) == []
