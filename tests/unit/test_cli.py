@@ -25,6 +25,13 @@ def test_no_subcommand_is_an_error(capsys):
     assert "COMMAND" in capsys.readouterr().err
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == "vllm-ascend-pd 0.1.0"
+
+
 def test_demo_parsing():
     args = parse("demo", "--work-dir", "/tmp/x")
     assert args.command == "demo" and args.work_dir == "/tmp/x"

@@ -11,10 +11,23 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from vllm_ascend_pd import __version__
 from vllm_ascend_pd.cli import demo, doctor, proxy, up
 
 SUBCOMMANDS = (demo, proxy, up, doctor)
+
+
+def version() -> str:
+    """The installed distribution's version (a stale editable install can
+    leave the package's __init__ unimported, so do not rely on it)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("vllm-ascend-pd")
+    except PackageNotFoundError:
+        import vllm_ascend_pd
+
+        return getattr(vllm_ascend_pd, "__version__", "unknown")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vllm-ascend-pd",
         description="Prefill/decode disaggregation for vLLM on Ascend NPUs.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in SUBCOMMANDS:
         module.add_parser(sub)
