@@ -48,12 +48,13 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     connect_timeout_s: Annotated[float, _doc(
         "Consumer: time to get a reply to a handshake or pull request.", gt=0)] = 10.0
     transfer_timeout_s: Annotated[float, _doc(
-        "Consumer: longest silence tolerated while a transfer streams.", gt=0)] = 30.0
+        "Longest silence tolerated while a transfer streams (consumer; with "
+        "`gloo`/`hccl` also the producer and group set-up).", gt=0)] = 30.0
     chunk_mb: Annotated[float, _doc(
-        "Size of one staged chunk on the wire (tcp transport).", gt=0, le=256)] = 2.0
+        "Size of one staged chunk on the wire (tcp, gloo, hccl).", gt=0, le=256)] = 2.0
     buffer_pool_mb: Annotated[float, _doc(
-        "Fixed size of the producer's pre-allocated staging pool (tcp); bounds the "
-        "memory a transfer can use.", gt=0)] = 32.0
+        "Fixed size of the staging pool (tcp: producer; gloo/hccl: each side, on "
+        "the device for hccl); bounds the memory transfers can use.", gt=0)] = 32.0
     pump_budget_ms: Annotated[float, _doc(
         "Longest time per engine step the connector spends moving KV data; "
         "bounds the decode latency a transfer can add.", gt=0, le=1000)] = 20.0

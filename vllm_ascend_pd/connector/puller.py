@@ -145,6 +145,13 @@ class Puller:
             reply = yield from self._expect(link, wire.HelloReply, "handshake")
             if not reply.ok:
                 raise TransferError(f"producer {endpoint} refused the handshake: {reply.error}", "incompatible")
+            if reply.transport and reply.transport != self.transport.name:
+                raise TransferError(
+                    f"producer {endpoint} moves KV over {reply.transport!r}, this instance over "
+                    f"{self.transport.name!r}: set the same kv_connector_extra_config.transport "
+                    "on both",
+                    "incompatible",
+                )
         except BaseException:
             link.sock.close(0)
             raise

@@ -24,7 +24,7 @@ from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
 from vllm_ascend_pd.kv_layout import PagedKVCache
-from vllm_ascend_pd.transport import TransportOptions, create_transport
+from vllm_ascend_pd.transport import TRANSPORTS, TransportOptions, create_transport
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -40,7 +40,8 @@ def resolve_transport(name: str, device_type: str) -> str:
     if name != "auto":
         return name
     if device_type == "npu":
-        return "llmdatadist" if importlib.util.find_spec("llm_datadist") else "hccl"
+        usable = "llmdatadist" in TRANSPORTS and importlib.util.find_spec("llm_datadist")
+        return "llmdatadist" if usable else "hccl"
     return "tcp"
 
 
@@ -129,6 +130,7 @@ class WorkerSide:
             role=role,
             device_ip=device_ip,
             comm_port=comm_port,
+            bind_host=self.cfg.kv_bind_host,
         )
         transport = self.transport = create_transport(name, self.cache, options)
         layout = self.cache.describe(self.tp_size)

@@ -6,6 +6,7 @@ All sockets are non-blocking and owned by the worker's engine thread.
 from __future__ import annotations
 
 import collections
+import os
 
 import zmq
 
@@ -31,6 +32,10 @@ class RouterLink:
         self.inbox.append(frames)
         return True
 
+    @property
+    def pair_id(self) -> bytes:
+        return self.identity
+
     def send(self, frames, *, copy: bool = True, track: bool = False):
         try:
             return self.sock.send_multipart(
@@ -53,6 +58,10 @@ class DealerLink:
     def __init__(self, sock: zmq.Socket, endpoint: str):
         self.sock = sock
         self.endpoint = endpoint
+
+    @property
+    def pair_id(self) -> bytes:
+        return self.sock.getsockopt(zmq.ROUTING_ID)
 
     def send(self, frames, *, copy: bool = True, track: bool = False):
         try:
@@ -89,6 +98,10 @@ def router_socket(ctx: zmq.Context, bind_host: str, port: int, role_hint: str) -
 def dealer_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    # An explicit, unguessable routing id: both ends then know the pair's name
+    # (group transports key their per-pair groups on it). A leading zero byte
+    # is reserved by ZMQ.
+    sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
     sock.connect(endpoint)
     return sock
 

@@ -16,6 +16,8 @@ from vllm_ascend_pd.transport.base import (
 TRANSPORTS: dict[str, str] = {
     "tcp": "vllm_ascend_pd.transport.tcp:TcpTransport",
     "llmdatadist": "vllm_ascend_pd.transport.llmdatadist:LlmDataDistTransport",
+    "gloo": "vllm_ascend_pd.transport.pg:GlooTransport",
+    "hccl": "vllm_ascend_pd.transport.pg:HcclTransport",
 }
 
 

@@ -62,6 +62,12 @@ class Link(Protocol):
         """The next multipart message from the peer, or None if none is waiting."""
         ...
 
+    @property
+    def pair_id(self) -> bytes:
+        """Names this consumer connection on both ends (the ZMQ routing id); a
+        reconnect gets a new one, so per-pair state never outlives a failure."""
+        ...
+
 
 class WouldBlock(Exception):
     """The link cannot take another message right now."""
@@ -88,6 +94,8 @@ class TransportOptions:
     role: str = "both"  # "producer" | "consumer" | "both"
     device_ip: str = ""
     comm_port: int = 0
+    # gloo/hccl producers bind their group rendezvous here (default: host).
+    bind_host: str = ""
 
 
 class Transport(ABC):
