@@ -44,7 +44,8 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "to pull before freeing them.", gt=0)] = 120.0
     registration_grace_s: Annotated[float, _doc(
         "How long the producer waits for a transfer to be registered when a pull "
-        "races ahead of the producer's own bookkeeping.", gt=0)] = 5.0
+        "races ahead of the producer's own bookkeeping (longer than one lost "
+        "vLLM engine wake-up, see docs/known-issues.md).", gt=0)] = 8.0
     connect_timeout_s: Annotated[float, _doc(
         "Consumer: time to get a reply to a handshake or pull request.", gt=0)] = 10.0
     transfer_timeout_s: Annotated[float, _doc(
