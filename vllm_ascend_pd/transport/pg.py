@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Generator
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
@@ -63,6 +64,8 @@ _MAGIC = 0x5047_4B56  # "PGKV"
 _MAX_PAIRS = 32
 # Extra time a group build gets beyond the store/backend timeouts it runs under.
 _SETUP_SLACK_S = 5.0
+# Longest time close() waits for groups to shut down.
+_CLOSE_WAIT_S = 1.0
 
 
 class PgTransport(Transport):
@@ -84,6 +87,7 @@ class PgTransport(Transport):
         self._timeout_s = options.idle_timeout_s
         self._pairs: collections.OrderedDict[bytes, _Pair] = collections.OrderedDict()
         self._closed = False
+        self._teardowns: list[Future] = []  # appended from helper threads
         self._store = None
         self._store_host = ""
         if options.role != "consumer":  # producers (and kv_both) host the rendezvous
@@ -95,9 +99,10 @@ class PgTransport(Transport):
             raise TransferError("this instance hosts no group store (not a producer)", "protocol")
         pair_id = link.pair_id
         where = f"consumer {pair_id.hex()[:12]}"
+        end = _EndWatch(link, transfer_id, "consumer")
         try:
-            pair = yield from self._pair(pair_id, 0, self._store_host, self.options.group_port, where)
-            total = yield from self._on_pair(pair, self._send(pair, transfer_id, block_ids))
+            pair = yield from self._pair(pair_id, 0, self._store_host, self.options.group_port, where, end.poll)
+            total = yield from self._on_pair(pair, self._send(pair, transfer_id, block_ids, end))
         except Exception as e:
             _tell_failed(link, transfer_id, e)
             raise
@@ -106,13 +111,13 @@ class PgTransport(Transport):
         )
         return total
 
-    def _send(self, pair: "_Pair", transfer_id: str, block_ids: list[int]) -> Step:
+    def _send(self, pair: "_Pair", transfer_id: str, block_ids: list[int], end: "_EndWatch") -> Step:
         cache = self.cache
         idx_all = torch.tensor(block_ids, dtype=torch.long, device=cache.tensors[0].device)
         plan = plan_chunks(cache, len(block_ids), self.chunk_bytes)
         total = sum(self._chunk_nbytes(ch) for ch in plan)
         header = self._header(transfer_id, len(block_ids), total)
-        yield from self._wait(pair, pair.post(header))
+        yield from self._wait(pair, pair.post(header), end.poll)
 
         def fill(ch: Chunk, buf: torch.Tensor) -> None:
             t = cache.tensors[ch.tensor]
@@ -123,15 +128,20 @@ class PgTransport(Transport):
             else:  # gloo from NPU caches: stage through host memory
                 out.copy_(torch.index_select(t, 0, idx))
 
-        yield from self._stream(pair, plan, before=fill, after=None, poll=None)
+        yield from self._stream(pair, plan, before=fill, after=None, poll=end.poll)
         return total
 
     # ------------------------------------------------------------ consumer
     def recv_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> Step:
         host, port = _group_addr(getattr(link, "endpoint", ""))
-        end = _EndWatch(link, transfer_id)
-        pair = yield from self._pair(link.pair_id, 1, host, port, f"producer {host}:{port}", end.poll)
-        total = yield from self._on_pair(pair, self._recv(pair, transfer_id, block_ids, end))
+        end = _EndWatch(link, transfer_id, "producer")
+        try:
+            pair = yield from self._pair(link.pair_id, 1, host, port, f"producer {host}:{port}", end.poll)
+            total = yield from self._on_pair(pair, self._recv(pair, transfer_id, block_ids, end))
+        except TransferError as e:
+            if e.cause != "producer_error":  # let the producer stop now, not at its timeout
+                _tell_failed(link, transfer_id, e)
+            raise
         if not end.seen:
             frames = yield from wait_recv(link, self._timeout_s, "end of transfer")
             end.check(frames)
@@ -296,9 +306,9 @@ class PgTransport(Transport):
                         cause="timeout",
                     )
                 yield False
-            if pair.pg is None:
+            if pair.box is None:
                 try:
-                    pair.pg = pair.setup.result()
+                    pair.box = pair.setup.result()
                 except Exception as e:  # noqa: BLE001 - reported with its cause
                     raise TransferError(
                         f"could not form a {self.backend} group with {where} (rendezvous "
@@ -329,7 +339,7 @@ class PgTransport(Transport):
         except BaseException:
             _shutdown(pg)
             raise
-        return pg
+        return [pg]  # see _Pair.box
 
     def _drop(self, pair: "_Pair") -> None:
         if pair.dropped:
@@ -338,7 +348,8 @@ class PgTransport(Transport):
         if self._pairs.get(pair.pair_id) is pair:
             del self._pairs[pair.pair_id]
         # Tear down off the engine thread, once the build (if any) has ended.
-        pair.setup.add_done_callback(lambda f: _spawn(_teardown, f))
+        self._teardowns = [f for f in self._teardowns if not f.done()]
+        pair.setup.add_done_callback(lambda f: self._teardowns.append(_spawn(_teardown, f)))
 
     def _evict(self) -> None:
         while len(self._pairs) >= _MAX_PAIRS:
@@ -352,6 +363,9 @@ class PgTransport(Transport):
         self._closed = True
         for pair in list(self._pairs.values()):
             self._drop(pair)
+        # Give teardowns a moment, so groups are not destroyed while the
+        # interpreter exits; a group with a stuck operation is left behind.
+        futures.wait(list(self._teardowns), timeout=_CLOSE_WAIT_S)
         self._store = None  # the store's server stops with its last reference
 
 
@@ -371,13 +385,18 @@ class _Pair:
     where: str
     backend: str
     setup: Future
-    pg: Any = None
+    # [group], emptied by the teardown thread. Destroying a gloo group with an
+    # operation still pending blocks until that operation times out, so the
+    # engine thread never holds the last reference: the teardown thread does.
+    box: list | None = None
     busy: bool = False
     dropped: bool = False
     last_used: float = 0.0
 
     def post(self, tensor: torch.Tensor):
-        return self.pg.broadcast([tensor], _root0())
+        if not self.box:
+            raise TransferError(f"the {self.backend} group with {self.where} was closed", "closed")
+        return self.box[0].broadcast([tensor], _root0())
 
 
 class _Buffers:
@@ -407,12 +426,13 @@ class _Buffers:
 
 
 class _EndWatch:
-    """Consumer: watches the ZMQ link for the producer's ``TransferDone``, so a
-    producer-side failure ends the transfer at once instead of by timeout."""
+    """Watches the ZMQ link for the peer's ``TransferDone``, so a failure on
+    the other side ends the transfer at once instead of by timeout."""
 
-    def __init__(self, link: Link, transfer_id: str):
+    def __init__(self, link: Link, transfer_id: str, peer: str):
         self.link = link
         self.transfer_id = transfer_id
+        self.peer = peer
         self.seen = False
 
     def poll(self) -> None:
@@ -433,8 +453,8 @@ class _EndWatch:
             )
         if not msg.ok:
             raise TransferError(
-                f"producer ended transfer {self.transfer_id}: {msg.error or 'no reason given'}",
-                cause="producer_error",
+                f"{self.peer} ended transfer {self.transfer_id}: {msg.error or 'no reason given'}",
+                cause=f"{self.peer}_error",
             )
         self.seen = True
 
@@ -594,8 +614,15 @@ def _shutdown(pg: Any) -> None:
 
 
 def _teardown(setup: Future) -> None:
-    if setup.exception() is None:
-        _shutdown(setup.result())
+    """Runs in a helper thread; drops the last reference to the group here,
+    where its destructor may wait out pending operations."""
+    if setup.exception() is not None:
+        return
+    box = setup.result()
+    pg = box.pop() if box else None
+    if pg is not None:
+        _shutdown(pg)
+        del pg
 
 
 def _spawn(fn: Callable[..., Any], *args: Any) -> Future:
