@@ -3,6 +3,7 @@ KV server (producer) and the puller (consumer)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import threading
 import time
@@ -24,7 +25,7 @@ from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
 from vllm_ascend_pd.kv_layout import PagedKVCache
-from vllm_ascend_pd.transport import TRANSPORTS, TransportOptions, create_transport
+from vllm_ascend_pd.transport import TRANSPORTS, Transport, TransportOptions, create_transport
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -43,6 +44,31 @@ def resolve_transport(name: str, device_type: str) -> str:
         usable = "llmdatadist" in TRANSPORTS and importlib.util.find_spec("llm_datadist")
         return "llmdatadist" if usable else "hccl"
     return "tcp"
+
+
+def open_transport(
+    cfg: ConnectorConfig, name: str, cache: PagedKVCache, options: TransportOptions,
+    *, kv_port: int, tp_size: int,
+) -> tuple[str, Transport]:
+    """Create the transport; with ``transport: auto``, fall back to tcp (and
+    say why) when the NPU transport cannot start here."""
+    try:
+        if name == "llmdatadist":
+            device_ip, comm_port = llmdatadist_endpoint(
+                cfg, kv_port=kv_port, rank=options.local_rank, tp_size=tp_size,
+                is_producer=options.role != "consumer",
+            )
+            options = dataclasses.replace(options, device_ip=device_ip, comm_port=comm_port)
+        return name, create_transport(name, cache, options)
+    except ValueError as e:  # ConfigError, or a transport missing from this build
+        if cfg.transport != "auto" or name == "tcp":
+            raise
+        logger.warning(
+            "AscendSimpleConnector: transport auto chose %s, which cannot start here (%s); "
+            "using tcp. Set transport explicitly on both instances to make this an error.",
+            name, e,
+        )
+        return "tcp", create_transport("tcp", cache, options)
 
 
 class WorkerSide:
@@ -110,12 +136,6 @@ class WorkerSide:
         device = self.cache.tensors[0].device.type
         name = resolve_transport(self.cfg.transport, device)
         host = resolve_kv_ip(self.cfg)
-        device_ip, comm_port = "", 0
-        if name == "llmdatadist":
-            device_ip, comm_port = llmdatadist_endpoint(
-                self.cfg, kv_port=self.kv_port, rank=self.tp_rank, tp_size=self.tp_size,
-                is_producer=self.is_producer,
-            )
         role = {(True, False): "producer", (False, True): "consumer"}.get(
             (self.is_producer, self.is_consumer), "both"
         )
@@ -128,11 +148,12 @@ class WorkerSide:
             group_port=group_port(self.kv_port, self.tp_rank),
             host=host,
             role=role,
-            device_ip=device_ip,
-            comm_port=comm_port,
             bind_host=self.cfg.kv_bind_host,
         )
-        transport = self.transport = create_transport(name, self.cache, options)
+        name, transport = open_transport(
+            self.cfg, name, self.cache, options, kv_port=self.kv_port, tp_size=self.tp_size
+        )
+        self.transport = transport
         layout = self.cache.describe(self.tp_size)
         logger.info(
             "AscendSimpleConnector rank %d: %d cache tensors, %d blocks of %d bytes, transport %s",
