@@ -12,6 +12,11 @@ ZMQ link around one pull:
     consumer              link_clusters on first use, then pull_blocks
     consumer -> producer  TransferDone (ok or why not)
 
+Linking uses ``link_clusters`` (the consumer links, the producer only listens)
+rather than the two-sided ``link`` with a generated rank table: no rank table,
+no call needed on the producer, and it uses the device IPs and
+``llmdatadist_comm_port`` that users of the original connector already set.
+
 The producer keeps the lease (its blocks cannot be reused) until that
 TransferDone arrives or ``hold_s`` (sent in the offer) passed; the consumer
 starts no pull that could still run after that.
