@@ -1,0 +1,3 @@
+from benchmarks.e2e.run import main
+
+main()

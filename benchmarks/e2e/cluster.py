@@ -1,0 +1,250 @@
+"""Shared by the e2e and overlap benchmarks: a bigger tiny model, server
+set-ups (1P1D through our proxy, a single instance, 1P1D with vLLM's
+ExampleConnector) and a streaming load generator that records per-token
+timestamps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_ascend_pd.testing.servers import BASE_ARGS, VllmServer, free_kv_port, free_port, kv_config
+from vllm_ascend_pd.testing.tiny_model import build_tiny_model
+
+# Big enough that a ~4k-token prefill costs a few hundred ms on this CPU, small
+# enough that a run takes minutes. The tests keep the default (2 layers, 128).
+MODEL_SHAPE = dict(num_layers=4, hidden=256, heads=4, kv_heads=2, max_positions=8192)
+MAX_MODEL_LEN = 4608
+
+
+def model_dir(work: Path) -> str:
+    return str(build_tiny_model(work / "tiny-llama-bench", **MODEL_SHAPE))
+
+
+def server_args(extra: list[str]) -> list[str]:
+    # BASE_ARGS caps --max-model-len at 4096; argparse keeps the last value.
+    return [*BASE_ARGS, "--max-model-len", str(MAX_MODEL_LEN), *extra]
+
+
+class PinnedServer(VllmServer):
+    """A VllmServer confined to some CPUs (``taskset``), for the overlap runs."""
+
+    cpus: str = ""
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        return ["taskset", "-c", self.cpus, *cmd] if self.cpus else cmd
+
+
+def make_server(name: str, model: str, extra: list[str], logs: Path, cpus: str = "") -> VllmServer:
+    s = PinnedServer(name, model, free_port(), server_args(extra), log_path=logs / f"{name}.log")
+    s.cpus = cpus
+    return s
+
+
+@dataclass
+class Setup:
+    """One way of serving: ``entry`` takes requests; ``driver`` says how."""
+
+    name: str
+    servers: list[VllmServer]
+    logs: Path
+    driver: str  # "direct" | "two_step" (P then D by the client)
+    proxy_args: list[str] = field(default_factory=list)
+    proxy: subprocess.Popen | None = None
+    proxy_port: int = 0
+
+    @property
+    def entry(self) -> str:
+        if self.proxy_args:
+            return f"http://127.0.0.1:{self.proxy_port}"
+        return self.servers[-1].url if self.driver == "direct" else ""
+
+    def start(self) -> None:
+        for s in self.servers:
+            s.start()
+        try:
+            for s in self.servers:
+                s.wait_ready(900)
+            if self.proxy_args:
+                self._start_proxy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_proxy(self) -> None:
+        self.proxy_port = free_port()
+        env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
+        self.proxy = subprocess.Popen(
+            [sys.executable, "-m", "vllm_ascend_pd.proxy", "--host", "127.0.0.1", "--port",
+             str(self.proxy_port), "--model", "tiny", *self.proxy_args],
+            stdout=open(self.logs / f"{self.name}-proxy.log", "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True, env=env,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.entry + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"proxy did not become healthy; see {self.logs}")
+
+    def stop(self) -> None:
+        if self.proxy is not None and self.proxy.poll() is None:
+            os.killpg(self.proxy.pid, 15)
+            try:
+                self.proxy.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proxy.pid, 9)
+                self.proxy.wait(5)
+        self.proxy = None
+        for s in self.servers:
+            s.stop()
+
+
+def setup_pd(model: str, logs: Path, p_cpus: str = "", d_cpus: str = "") -> Setup:
+    kv = free_kv_port(span=4)
+    P = make_server("P", model, ["--kv-transfer-config", kv_config("kv_producer", kv)], logs, p_cpus)
+    D = make_server("D", model, ["--kv-transfer-config", kv_config("kv_consumer", kv + 2)], logs, d_cpus)
+    return Setup("pd", [P, D], logs, "direct",
+                 proxy_args=["--prefill", f"127.0.0.1:{P.port}", "--decode", f"127.0.0.1:{D.port}"])
+
+
+def setup_single(model: str, logs: Path, cpus: str = "") -> Setup:
+    return Setup("single", [make_server("S", model, [], logs, cpus)], logs, "direct")
+
+
+def setup_example(model: str, logs: Path) -> Setup:
+    # vLLM's reference connector: P writes every layer's KV to a shared
+    # directory as safetensors, D finds the prompt's hash there and loads it.
+    store = tempfile.mkdtemp(prefix="example-connector-", dir=logs)
+    cfg = json.dumps({"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+                      "kv_connector_extra_config": {"shared_storage_path": store}})
+    P = make_server("P-example", model, ["--kv-transfer-config", cfg], logs)
+    D = make_server("D-example", model, ["--kv-transfer-config", cfg], logs)
+    return Setup("example", [P, D], logs, "two_step")
+
+
+@contextmanager
+def running(setup: Setup):
+    setup.start()
+    try:
+        yield setup
+    finally:
+        setup.stop()
+
+
+# --------------------------------------------------------------------------
+# Load generation
+
+@dataclass
+class Sample:
+    start: float
+    ttft: float = float("nan")
+    itls: list[float] = field(default_factory=list)
+    tokens: int = 0
+    end: float = 0.0
+    error: str = ""
+
+
+def random_prompt(rnd: random.Random, n: int, vocab: int = 460) -> list[int]:
+    # Token ids, so every prompt has exactly n tokens; distinct first tokens
+    # keep the prefix cache from short-cutting prefill.
+    return [rnd.randrange(3, vocab) for _ in range(n)]
+
+
+async def stream_one(session, url: str, prompt: list[int], max_tokens: int,
+                     prefill_url: str = "") -> Sample:
+    """One streaming completion; with ``prefill_url``, first run the prompt
+    there with max_tokens=1 (the two-step ExampleConnector driver)."""
+    s = Sample(time.perf_counter())
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    try:
+        if prefill_url:
+            pre = {**body, "max_tokens": 1, "stream": False}
+            async with session.post(prefill_url + "/v1/completions", json=pre) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"prefill {r.status}: {(await r.text())[:200]}")
+                await r.read()
+        last = None
+        async with session.post(url + "/v1/completions", json=body) as r:
+            if r.status != 200:
+                raise RuntimeError(f"{r.status}: {(await r.text())[:200]}")
+            async for raw in r.content:
+                line = raw.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                ev = json.loads(line[5:])
+                if not ev.get("choices"):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    s.ttft = now - s.start
+                else:
+                    s.itls.append(now - last)
+                last = now
+                s.tokens += 1
+    except Exception as e:  # noqa: BLE001 - recorded, reported as an error count
+        s.error = str(e)[:300]
+    s.end = time.perf_counter()
+    return s
+
+
+async def closed_loop(setup: Setup, prompts: list[list[int]], max_tokens: int, concurrency: int) -> tuple[list[Sample], float]:
+    import aiohttp
+
+    queue = list(prompts)
+    out: list[Sample] = []
+    url = setup.entry or setup.servers[1].url
+    prefill_url = setup.servers[0].url if setup.driver == "two_step" else ""
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async def worker():
+            while queue:
+                p = queue.pop()
+                out.append(await stream_one(session, url, p, max_tokens, prefill_url))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return out, wall
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    k = min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))
+    return v[k]
+
+
+def summarize(samples: list[Sample], wall: float) -> dict:
+    ok = [s for s in samples if not s.error]
+    ttft = [s.ttft for s in ok]
+    itl = [x for s in ok for x in s.itls]
+    return {
+        "requests": len(samples), "errors": len(samples) - len(ok),
+        "first_error": next((s.error for s in samples if s.error), ""),
+        "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
+        "ttft_mean_ms": 1e3 * statistics.fmean(ttft) if ttft else float("nan"),
+        "itl_p50_ms": 1e3 * pct(itl, 50), "itl_p99_ms": 1e3 * pct(itl, 99),
+        "tokens_per_s": sum(s.tokens for s in ok) / wall if wall else 0.0,
+        "requests_per_s": len(ok) / wall if wall else 0.0,
+        "wall_s": wall,
+    }

@@ -1,0 +1,135 @@
+"""End to end on real vLLM (CPU): TTFT, ITL and throughput of
+
+  pd       1P1D through our proxy and AscendSimpleConnector (tcp)
+  single   one monolithic instance
+  example  1P1D with vLLM's ExampleConnector (shared-storage safetensors),
+           driven by the client (P with max_tokens=1, then D): our proxy
+           needs P to answer with kv_transfer_params, which ExampleConnector
+           does not produce
+
+    flock /tmp/vllm-heavy.lock python -m benchmarks.e2e [--quick]
+
+One setup runs at a time (the others are stopped), with the same prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.e2e.cluster import (
+    MODEL_SHAPE, closed_loop, model_dir, random_prompt, running, setup_example, setup_pd,
+    setup_single, summarize,
+)
+
+OUT_DIR = Path(__file__).resolve().parent
+DOCS = OUT_DIR.parents[1] / "docs"
+SETUPS = {"pd": setup_pd, "single": setup_single, "example": setup_example}
+
+
+def run(args) -> list[dict]:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / time.strftime("e2e-%H%M%S")
+    logs.mkdir()
+    model = model_dir(work)
+    rows = []
+    for name in args.setups:
+        setup = SETUPS[name](model, logs)
+        t0 = time.monotonic()
+        with running(setup):
+            print(f"[{name}] ready after {time.monotonic() - t0:.0f}s", flush=True)
+            warm = random.Random(99)
+            asyncio.run(closed_loop(setup, [random_prompt(warm, args.prompt_tokens) for _ in range(2)],
+                                    args.max_tokens, 1))
+            for conc in args.concurrency:
+                rnd = random.Random(1000 + conc)  # same prompts for every setup
+                prompts = [random_prompt(rnd, args.prompt_tokens) for _ in range(args.requests)]
+                samples, wall = asyncio.run(closed_loop(setup, prompts, args.max_tokens, conc))
+                row = {"setup": name, "concurrency": conc, **summarize(samples, wall)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ["setup", "concurrency", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms",
+            "itl_p50_ms", "itl_p99_ms", "tokens_per_s", "requests_per_s", "ttft_p50_vs_single"]
+    base = {r["concurrency"]: r["ttft_p50_ms"] for r in rows if r["setup"] == "single"}
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        r = dict(r)
+        b = base.get(r["concurrency"])
+        r["ttft_p50_vs_single"] = r["ttft_p50_ms"] / b if b else float("nan")
+        out.append("| " + " | ".join(
+            f"{r[c]:.2f}" if c.endswith("vs_single") else f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c])
+            for c in cols) + " |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setups = list(dict.fromkeys(r["setup"] for r in rows))
+    concs = list(dict.fromkeys(r["concurrency"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    w = 0.8 / len(setups)
+    for k, s in enumerate(setups):
+        by = {r["concurrency"]: r for r in rows if r["setup"] == s}
+        xs = [i + (k - (len(setups) - 1) / 2) * w for i in range(len(concs))]
+        for ax, key, lo in ((axes[0], "ttft_p99_ms", "ttft_p50_ms"), (axes[1], "itl_p99_ms", "itl_p50_ms")):
+            ax.bar(xs, [by[c][lo] for c in concs], w, label=f"{s} p50")
+            ax.scatter(xs, [by[c][key] for c in concs], marker="_", s=200, color="k")
+        axes[2].bar(xs, [by[c]["tokens_per_s"] for c in concs], w, label=s)
+    for ax, t in zip(axes, ("TTFT ms (bar p50, dash p99)", "ITL ms (bar p50, dash p99)", "output tokens/s")):
+        ax.set_xticks(range(len(concs)), [f"conc {c}" for c in concs])
+        ax.set_title(t, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="concurrency 1 only, 4 requests")
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--prompt-tokens", type=int, default=4000)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--work", default="/tmp/vllm-ascend-pd-bench")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.requests = [1], 4
+    load0 = os.getloadavg()
+    rows = run(args)
+    load1 = os.getloadavg()
+    meta = {
+        "command": "python -m benchmarks.e2e " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "model": MODEL_SHAPE, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+        "load_before": load0, "load_after": load1,
+    }
+    (OUT_DIR / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = markdown(rows)
+    (OUT_DIR / "results.md").write_text(
+        f"`{meta['command']}` — {meta['when']}, {meta['machine']}, load {load0[0]:.1f} -> {load1[0]:.1f}, "
+        f"model {MODEL_SHAPE}, {args.prompt_tokens}-token prompts, {args.max_tokens} output tokens\n\n{md}\n")
+    plot(rows, DOCS / "benchmarks-e2e.png", f"{meta['command']} ({meta['when']})")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

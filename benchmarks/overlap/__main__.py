@@ -1,0 +1,3 @@
+from benchmarks.overlap.run import main
+
+main()
