@@ -109,7 +109,9 @@ class TcpTransport(Transport):
             src = src.view(t.dtype).view((ch.stop - ch.start, *t.shape[1:]))
             if device.type != "cpu":
                 src = src.to(device, non_blocking=False)
-            t.index_copy_(0, idx_all[ch.start : ch.stop], src)
+                t.index_copy_(0, idx_all[ch.start : ch.stop], src)
+            else:
+                scatter_runs(t, block_ids[ch.start : ch.stop], src)
             total += n
             yield True
         frames = yield from wait_recv(link, timeout, "end of transfer")
@@ -117,6 +119,24 @@ class TcpTransport(Transport):
         if not isinstance(done, wire.TransferDone) or not done.ok:
             raise TransferError(f"transfer {transfer_id} did not end cleanly", cause="protocol")
         return total
+
+
+def block_runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(position in ``ids``, first block, length) of each run of consecutive ids."""
+    runs = []
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            runs.append((start, ids[start], i - start))
+            start = i
+    return runs
+
+
+def scatter_runs(t: torch.Tensor, ids: list[int], src: torch.Tensor) -> None:
+    # On CPU, index_copy_ runs at a quarter of memcpy speed (benchmarks/transfer);
+    # one copy_ per run of consecutive blocks runs at memcpy speed.
+    for pos, block, n in block_runs(ids):
+        t[block : block + n].copy_(src[pos : pos + n])
 
 
 def _buffer(frame) -> memoryview | bytes:
