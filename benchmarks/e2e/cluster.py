@@ -35,7 +35,10 @@ def model_dir(work: Path) -> str:
 
 def server_args(extra: list[str]) -> list[str]:
     # BASE_ARGS caps --max-model-len at 4096; argparse keeps the last value.
-    return [*BASE_ARGS, "--max-model-len", str(MAX_MODEL_LEN), *extra]
+    # One prefill chunk per prompt everywhere: ExampleConnector saves only the
+    # first chunk of a chunked prefill and D then fails on the shape mismatch.
+    return [*BASE_ARGS, "--max-model-len", str(MAX_MODEL_LEN),
+            "--max-num-batched-tokens", str(MAX_MODEL_LEN), *extra]
 
 
 class PinnedServer(VllmServer):
@@ -206,6 +209,34 @@ async def stream_one(session, url: str, prompt: list[int], max_tokens: int,
     return s
 
 
+def idle_cpu(setup: Setup, seconds: float = 2.0) -> dict[str, float]:
+    """CPU share (1.0 = one core) each server's process tree uses with no
+    requests: a spinning engine shows up here."""
+    import psutil
+
+    def tree(pid):
+        try:
+            p = psutil.Process(pid)
+            return [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def cpu(procs):
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    procs = {s.name: tree(s.proc.pid) for s in setup.servers if s.proc}
+    before = {k: cpu(v) for k, v in procs.items()}
+    time.sleep(seconds)
+    return {k: round((cpu(v) - before[k]) / seconds, 2) for k, v in procs.items()}
+
+
 async def closed_loop(setup: Setup, prompts: list[list[int]], max_tokens: int, concurrency: int) -> tuple[list[Sample], float]:
     import aiohttp
 
@@ -238,12 +269,14 @@ def summarize(samples: list[Sample], wall: float) -> dict:
     ok = [s for s in samples if not s.error]
     ttft = [s.ttft for s in ok]
     itl = [x for s in ok for x in s.itls]
+    first = [s.itls[0] for s in ok if s.itls]
     return {
         "requests": len(samples), "errors": len(samples) - len(ok),
         "first_error": next((s.error for s in samples if s.error), ""),
         "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
         "ttft_mean_ms": 1e3 * statistics.fmean(ttft) if ttft else float("nan"),
         "itl_p50_ms": 1e3 * pct(itl, 50), "itl_p99_ms": 1e3 * pct(itl, 99),
+        "first_itl_p50_ms": 1e3 * pct(first, 50), "ttfts_ms": [round(1e3 * x, 1) for x in ttft],
         "tokens_per_s": sum(s.tokens for s in ok) / wall if wall else 0.0,
         "requests_per_s": len(ok) / wall if wall else 0.0,
         "wall_s": wall,

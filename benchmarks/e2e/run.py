@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.e2e.cluster import (
-    MODEL_SHAPE, closed_loop, model_dir, random_prompt, running, setup_example, setup_pd,
+    MODEL_SHAPE, closed_loop, idle_cpu, model_dir, random_prompt, running, setup_example, setup_pd,
     setup_single, summarize,
 )
 
@@ -49,6 +49,7 @@ def run(args) -> list[dict]:
             warm = random.Random(99)
             asyncio.run(closed_loop(setup, [random_prompt(warm, args.prompt_tokens) for _ in range(2)],
                                     args.max_tokens, 1))
+            cpu_before = idle_cpu(setup)
             for conc in args.concurrency:
                 rnd = random.Random(1000 + conc)  # same prompts for every setup
                 prompts = [random_prompt(rnd, args.prompt_tokens) for _ in range(args.requests)]
@@ -56,12 +57,37 @@ def run(args) -> list[dict]:
                 row = {"setup": name, "concurrency": conc, **summarize(samples, wall)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            cpu_after = idle_cpu(setup)
+            evidence = kv_evidence(setup) + f"; idle CPU (cores) before load {cpu_before}, after {cpu_after}"
+            for row in rows:
+                if row["setup"] == name:
+                    row["kv_evidence"] = evidence
+            print(f"[{name}] {evidence}", flush=True)
     return rows
+
+
+def kv_evidence(setup) -> str:
+    """Proof that D loaded KV rather than recomputing the prompt."""
+    import urllib.request
+
+    if setup.name == "pd":
+        text = urllib.request.urlopen(setup.servers[1].url + "/metrics", timeout=10).read().decode()
+        keep = [ln for ln in text.splitlines() if ln.startswith(("vllm:ascend_pd_transfers_total",
+                "vllm:ascend_pd_failed_transfers_total", "vllm:ascend_pd_loaded_tokens_total",
+                "vllm:ascend_pd_bytes_transferred_total", "vllm:ascend_pd_xfer_time_seconds_sum",
+                "vllm:ascend_pd_xfer_time_seconds_count"))]
+        text = urllib.request.urlopen(setup.entry + "/metrics", timeout=10).read().decode()
+        keep += [ln for ln in text.splitlines() if ln.split(" ")[0].endswith(("_seconds_sum", "_seconds_count"))]
+        return "D and proxy metrics: " + "; ".join(ln.split("{")[0] + " " + ln.rsplit(" ", 1)[1] for ln in keep)
+    if setup.name == "example":
+        log = setup.servers[1].log_path.read_text(errors="replace")
+        return f"D log: {log.count('External Cache Hit')} external cache hits, {log.count('Inject KV cache')} injections"
+    return ""
 
 
 def markdown(rows: list[dict]) -> str:
     cols = ["setup", "concurrency", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms",
-            "itl_p50_ms", "itl_p99_ms", "tokens_per_s", "requests_per_s", "ttft_p50_vs_single"]
+            "itl_p50_ms", "itl_p99_ms", "first_itl_p50_ms", "tokens_per_s", "requests_per_s", "ttft_p50_vs_single"]
     base = {r["concurrency"]: r["ttft_p50_ms"] for r in rows if r["setup"] == "single"}
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

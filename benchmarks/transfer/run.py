@@ -86,10 +86,13 @@ def reset_peak() -> None:
 
 
 class Hooks:
-    """Cheap timers around the torch ops transports gather and scatter with."""
+    """Cheap timers around the torch ops transports gather and scatter with.
 
-    gather = 0.0
-    scatter = 0.0
+    Wall time includes being descheduled (four busy threads share two cores
+    during a transfer); thread CPU time is what the copy itself cost.
+    """
+
+    gather = scatter = gather_cpu = scatter_cpu = 0.0
     active = False
 
     @classmethod
@@ -98,11 +101,12 @@ class Hooks:
             def wrapper(*a, **kw):
                 if not cls.active:
                     return fn(*a, **kw)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 try:
                     return fn(*a, **kw)
                 finally:
                     setattr(cls, slot, getattr(cls, slot) + time.perf_counter() - t0)
+                    setattr(cls, slot + "_cpu", getattr(cls, slot + "_cpu") + time.thread_time() - c0)
             return wrapper
 
         from vllm_ascend_pd.transport import tcp
@@ -115,13 +119,14 @@ class Hooks:
 
     @classmethod
     def start(cls) -> None:
-        cls.gather = cls.scatter = 0.0
+        cls.gather = cls.scatter = cls.gather_cpu = cls.scatter_cpu = 0.0
         cls.active = True
 
     @classmethod
-    def stop(cls) -> tuple[float, float]:
+    def stop(cls) -> dict[str, float]:
         cls.active = False
-        return cls.gather, cls.scatter
+        return {"gather_s": cls.gather, "gather_cpu_s": cls.gather_cpu,
+                "scatter_s": cls.scatter, "scatter_cpu_s": cls.scatter_cpu}
 
 
 def make_cache(layout: Layout, num_blocks: int, seed: int | None):
@@ -198,17 +203,22 @@ def producer_main(conn) -> None:
             tid, rid, blocks = arg
             leases.register(rid, tid, blocks)
             Hooks.start()
+            c0 = time.process_time()
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 server.pump(0.02)
                 if rid in leases.take_finished():
                     break
-            gather, _ = Hooks.stop()
-            conn.send(("ok", {"gather_s": gather, "hwm": _status("VmHWM")}))
+            conn.send(("ok", {**Hooks.stop(), "cpu_s": time.process_time() - c0, "hwm": _status("VmHWM")}))
         elif cmd == "checksum":
-            conn.send(("ok", checksum(cache, arg)))
+            sums = checksum(cache, arg)
+            gc.collect()
+            reset_peak()  # its temporaries are not the connector's
+            conn.send(("ok", sums))
         elif cmd == "raw_send":
             conn.send(("ok", raw_send(cache, arg)))
+        elif cmd == "iov_send":
+            conn.send(("ok", iov_send(cache, *arg)))
         elif cmd == "zmq_send":
             conn.send(("ok", zmq_send(cache, *arg)))
 
@@ -244,6 +254,7 @@ def consumer_main(conn) -> None:
         elif cmd == "pull":
             tid, rid, remote, local = arg
             Hooks.start()
+            c0 = time.process_time()
             t0 = time.perf_counter()
             puller.submit(RecvSpec("d-" + rid, "127.0.0.1", port, tid, rid, remote, local, 0))
             while True:
@@ -252,13 +263,17 @@ def consumer_main(conn) -> None:
                 if done:
                     break
             wall = time.perf_counter() - t0
-            _, scatter = Hooks.stop()
-            conn.send(("ok", {"wall_s": wall, "scatter_s": scatter, "failed": bool(failed),
-                              "hwm": _status("VmHWM")}))
+            conn.send(("ok", {**Hooks.stop(), "wall_s": wall, "cpu_s": time.process_time() - c0,
+                              "failed": bool(failed), "hwm": _status("VmHWM")}))
         elif cmd == "checksum":
-            conn.send(("ok", checksum(cache, arg)))
+            sums = checksum(cache, arg)
+            gc.collect()
+            reset_peak()  # its temporaries are not the connector's
+            conn.send(("ok", sums))
         elif cmd == "raw_recv":
             conn.send(("ok", raw_recv(cache, arg)))
+        elif cmd == "iov_recv":
+            conn.send(("ok", iov_recv(cache, *arg)))
         elif cmd == "zmq_recv":
             conn.send(("ok", zmq_recv(cache, *arg)))
         elif cmd == "memcpy":
@@ -311,6 +326,68 @@ def raw_recv(cache, port: int) -> float:
         return elapsed
 
 
+def _block_views(cache, blocks: list[int]):
+    """Per-block byte views in transfer order (what a zero-copy framing sends)."""
+    out = []
+    for t in cache.tensors:
+        flat = t.view(torch.uint8).reshape(t.shape[0], -1).numpy()
+        out.extend(memoryview(flat[b]) for b in blocks)
+    return out
+
+
+def _connect(port: int) -> socket.socket:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port))
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def iov_send(cache, port: int, blocks: list[int]) -> float:
+    # The kernel gathers the blocks (sendmsg with up to 64 iovecs): no gather copy.
+    views = _block_views(cache, blocks)
+    with socket.create_server(("127.0.0.1", port)) as srv:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(1)
+            t0 = time.perf_counter()
+            i = 0
+            pending: list[memoryview] = []
+            while i < len(views) or pending:
+                while len(pending) < 64 and i < len(views):
+                    pending.append(views[i])
+                    i += 1
+                n = conn.sendmsg(pending)
+                while n:
+                    if n >= len(pending[0]):
+                        n -= len(pending.pop(0))
+                    else:
+                        pending[0] = pending[0][n:]
+                        n = 0
+            conn.recv(1)
+            return time.perf_counter() - t0
+
+
+def iov_recv(cache, port: int, blocks: list[int]) -> float:
+    # Straight into the destination blocks (recv_into each): no scatter copy.
+    views = _block_views(cache, blocks)
+    with _connect(port) as sock:
+        t0 = time.perf_counter()
+        sock.sendall(b"g")
+        for v in views:
+            while len(v):
+                n = sock.recv_into(v)
+                if n == 0:
+                    raise ConnectionError("sender closed early")
+                v = v[n:]
+        elapsed = time.perf_counter() - t0
+        sock.sendall(b"d")
+        return elapsed
+
+
 def zmq_send(cache, port: int, chunk: int) -> float:
     import zmq
 
@@ -357,10 +434,14 @@ def memcpy(cache) -> float:
     by_shape: dict = {}
     for t in cache.tensors:
         by_shape.setdefault(tuple(t.shape), []).append(t)
+    def once():
+        for group in by_shape.values():
+            for i, t in enumerate(group):
+                group[(i + 1) % len(group)].copy_(t)
+
+    once()  # warm: first-call overheads are not the memory's speed
     t0 = time.perf_counter()
-    for group in by_shape.values():
-        for i, t in enumerate(group):
-            group[(i + 1) % len(group)].copy_(t)
+    once()
     return time.perf_counter() - t0
 
 
@@ -378,6 +459,11 @@ class Result:
     wall_s: list[float] = field(default_factory=list)
     gather_s: list[float] = field(default_factory=list)
     scatter_s: list[float] = field(default_factory=list)
+    gather_cpu_s: list[float] = field(default_factory=list)
+    scatter_cpu_s: list[float] = field(default_factory=list)
+    p_cpu_s: list[float] = field(default_factory=list)
+    d_cpu_s: list[float] = field(default_factory=list)
+    iov_s: list[float] = field(default_factory=list)
     raw_s: list[float] = field(default_factory=list)
     zmq_s: list[float] = field(default_factory=list)
     memcpy_s: list[float] = field(default_factory=list)
@@ -392,16 +478,21 @@ class Result:
         wall = statistics.median(self.wall_s)
         g = statistics.median(self.gather_s)
         s = statistics.median(self.scatter_s)
+        gc_, sc = statistics.median(self.gather_cpu_s), statistics.median(self.scatter_cpu_s)
+        cpu = statistics.median(self.p_cpu_s) + statistics.median(self.d_cpu_s)
         return {
             "layout": self.layout, "tokens": self.tokens, "transport": self.transport,
             "MiB": self.bytes / MB, "GB/s": self.gbps(self.wall_s),
             "memcpy GB/s": self.gbps(self.memcpy_s), "socket GB/s": self.gbps(self.raw_s),
-            "zmq GB/s": self.gbps(self.zmq_s),
+            "zmq GB/s": self.gbps(self.zmq_s), "iovec GB/s": self.gbps(self.iov_s),
+            "x iovec": self.gbps(self.wall_s) / self.gbps(self.iov_s),
             "x memcpy": self.gbps(self.wall_s) / self.gbps(self.memcpy_s),
             "x socket": self.gbps(self.wall_s) / self.gbps(self.raw_s),
             "x zmq": self.gbps(self.wall_s) / self.gbps(self.zmq_s),
             "wall ms": wall * 1e3, "gather ms": g * 1e3, "scatter ms": s * 1e3,
             "rest ms": max(0.0, wall - g - s) * 1e3, "gather+scatter %": 100 * (g + s) / wall,
+            "gather cpu ms": gc_ * 1e3, "scatter cpu ms": sc * 1e3, "P+D cpu ms": cpu * 1e3,
+            "gather+scatter % of cpu": 100 * (gc_ + sc) / cpu,
             "P RSS+ MiB": self.p_rss_added / MB, "D RSS+ MiB": self.d_rss_added / MB,
             "ok": self.ok,
         }
@@ -442,8 +533,32 @@ class Pair:
                 pr.terminate()
 
 
+def start_profiles(pair: "Pair", out: Path, tag: str) -> list:
+    """py-spy on both worker processes (collapsed stacks, native frames off)."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    return [subprocess.Popen([spy, "record", "--pid", str(pr.pid), "--rate", "250", "--format", "raw",
+                              "--threads", "-o", str(out / f"{tag}-{role}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for role, pr in zip(("P", "D"), pair.procs)]
+
+
+def stop_profiles(procs: list) -> None:
+    import signal
+
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(30)
+        except Exception:  # noqa: BLE001 - a profile is optional
+            p.kill()
+
+
 def run_case(pair: Pair, layout: Layout, tokens: int, transport: str, chunk_mb: float,
-             pool_mb: float, reps: int, seed: int) -> Result:
+             pool_mb: float, reps: int, seed: int, profile: Path | None = None) -> Result:
     from vllm_ascend_pd.testing.servers import free_kv_port, free_port
 
     nb = -(-tokens // layout.block_size)
@@ -455,7 +570,11 @@ def run_case(pair: Pair, layout: Layout, tokens: int, transport: str, chunk_mb: 
     rnd = random.Random(seed)
     res = Result(layout.name, tokens, transport, chunk_mb, pool_mb, nb * layout.bytes_per_token() * layout.block_size)
     hwm_p = hwm_d = 0
+    spies: list = []
     for rep in range(reps + 1):  # the first pull also sets up the link: not timed
+        if rep == 1 and profile is not None:
+            spies = start_profiles(pair, profile, f"{layout.name}-{tokens}-{transport}")
+            time.sleep(1.0)  # py-spy attaches
         remote = rnd.sample(range(nb), nb)
         local = rnd.sample(range(nb), nb)
         tid, rid = secrets.token_urlsafe(24), f"req-{rep}"
@@ -473,12 +592,22 @@ def run_case(pair: Pair, layout: Layout, tokens: int, transport: str, chunk_mb: 
         res.wall_s.append(sd["wall_s"])
         res.gather_s.append(sp["gather_s"])
         res.scatter_s.append(sd["scatter_s"])
+        res.gather_cpu_s.append(sp["gather_cpu_s"])
+        res.scatter_cpu_s.append(sd["scatter_cpu_s"])
+        res.p_cpu_s.append(sp["cpu_s"])
+        res.d_cpu_s.append(sd["cpu_s"])
+    if spies:
+        stop_profiles(spies)
     res.p_rss_added, res.d_rss_added = hwm_p - rss_p, hwm_d - rss_d
     chunk = int(max(chunk_mb * MB, 1))
     for _ in range(reps):
         p = free_port(span=2)
         raw_p, raw_d = pair.both("raw_send", p, "raw_recv", p)
         res.raw_s.append(raw_d)
+        p = free_port(span=2)
+        blocks = rnd.sample(range(nb), nb)
+        _, iov = pair.both("iov_send", (p, blocks), "iov_recv", (p, rnd.sample(range(nb), nb)))
+        res.iov_s.append(iov)
         p = free_port(span=2)
         _, z = pair.both("zmq_send", (p, chunk), "zmq_recv", (p, chunk))
         res.zmq_s.append(z)
@@ -487,9 +616,10 @@ def run_case(pair: Pair, layout: Layout, tokens: int, transport: str, chunk_mb: 
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["layout", "tokens", "transport", "MiB", "GB/s", "x socket", "x zmq", "x memcpy",
-            "socket GB/s", "zmq GB/s", "memcpy GB/s", "wall ms", "gather ms", "scatter ms",
-            "rest ms", "gather+scatter %", "P RSS+ MiB", "D RSS+ MiB", "ok"]
+    cols = ["layout", "tokens", "transport", "MiB", "GB/s", "x socket", "x zmq", "x iovec", "x memcpy",
+            "socket GB/s", "zmq GB/s", "iovec GB/s", "memcpy GB/s", "wall ms", "gather ms", "scatter ms",
+            "rest ms", "gather+scatter %", "gather cpu ms", "scatter cpu ms", "P+D cpu ms",
+            "gather+scatter % of cpu", "P RSS+ MiB", "D RSS+ MiB", "ok"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -510,23 +640,27 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     labels = [f"{r['layout'].split('-')[0]}\n{r['tokens'] // 1024}k\n{r['transport']}" for r in rows]
     x = range(len(rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(rows) * 2), 4.5))
-    w = 0.2
+    w = 0.16
     for k, (key, name) in enumerate([("GB/s", "transfer"), ("socket GB/s", "raw socket"),
+                                     ("iovec GB/s", "socket, block iovecs"),
                                      ("zmq GB/s", "zmq frames"), ("memcpy GB/s", "memcpy")]):
-        a.bar([i + (k - 1.5) * w for i in x], [r[key] for r in rows], w, label=name)
+        a.bar([i + (k - 2) * w for i in x], [r[key] for r in rows], w, label=name)
     a.set_xticks(list(x), labels, fontsize=7)
     a.set_ylabel("GB/s")
     a.set_title("throughput vs ceilings (same run)")
     a.legend(fontsize=7)
     bottom = [0.0] * len(rows)
-    for key, color in [("gather ms", "tab:orange"), ("rest ms", "tab:gray"), ("scatter ms", "tab:green")]:
-        vals = [100 * r[key] / r["wall ms"] for r in rows]
+    for r in rows:
+        r["other cpu ms"] = max(0.0, r["P+D cpu ms"] - r["gather cpu ms"] - r["scatter cpu ms"])
+    for key, color in [("gather cpu ms", "tab:orange"), ("scatter cpu ms", "tab:green"),
+                       ("other cpu ms", "tab:gray")]:
+        vals = [100 * r[key] / r["P+D cpu ms"] for r in rows]
         b.bar(list(x), vals, 0.6, bottom=bottom, label=key.replace(" ms", ""), color=color)
         bottom = [p + v for p, v in zip(bottom, vals)]
     b.axhline(15, color="red", lw=0.8, ls="--", label="15% target (gather+scatter)")
     b.set_xticks(list(x), labels, fontsize=7)
-    b.set_ylabel("% of transfer wall time")
-    b.set_title("time split")
+    b.set_ylabel("% of P+D process CPU time during the transfer")
+    b.set_title("CPU split (other: ZMQ, kernel socket copies, Python)")
     b.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -543,6 +677,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk-mb", type=float, default=defaults.chunk_mb)
     ap.add_argument("--pool-mb", type=float, default=defaults.buffer_pool_mb)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="py-spy both processes during the timed pulls of the largest case into this directory")
     ap.add_argument("--tag", default="", help="suffix for the output files (before/after runs)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -555,7 +691,9 @@ def main(argv: list[str] | None = None) -> None:
                 # Fresh processes per case, so RSS figures do not inherit freed heap.
                 pair = Pair()
                 try:
-                    r = run_case(pair, LAYOUTS[layout], tokens, tr, args.chunk_mb, args.pool_mb, args.reps, seed=tokens)
+                    prof = args.profile if args.profile and tokens == max(args.tokens) else None
+                    r = run_case(pair, LAYOUTS[layout], tokens, tr, args.chunk_mb, args.pool_mb, args.reps,
+                                 seed=tokens, profile=prof)
                 finally:
                     pair.close()
                 results.append(r)
