@@ -247,7 +247,8 @@ def consumer_main(conn) -> None:
             gc.collect()
             reset_peak()
             rss0 = _status("VmRSS")
-            tr = create_transport(transport, cache, _options(chunk_mb, pool_mb, port + GROUP_PORT_OFFSET))
+            # The consumer's own kv_port is port + 2 (as two instances on one host).
+            tr = create_transport(transport, cache, _options(chunk_mb, pool_mb, port + 2 + GROUP_PORT_OFFSET))
             puller = Puller(engine_id="D", tp_rank=0, layout=cache.describe(), transport=tr,
                             stats=TransferStats(), secret="", connect_timeout_s=30)
             conn.send(("ok", rss0))
@@ -557,12 +558,24 @@ def stop_profiles(procs: list) -> None:
             p.kill()
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def run_case(pair: Pair, layout: Layout, tokens: int, transport: str, chunk_mb: float,
              pool_mb: float, reps: int, seed: int, profile: Path | None = None) -> Result:
     from vllm_ascend_pd.testing.servers import free_kv_port, free_port
 
     nb = -(-tokens // layout.block_size)
-    port = free_kv_port(span=2)
+    while True:  # control ports and the group transport's rendezvous ports, all free
+        port = free_kv_port(span=3)
+        if _port_free(port + GROUP_PORT_OFFSET) and _port_free(port + 2 + GROUP_PORT_OFFSET):
+            break
     rss_p, rss_d = pair.both("setup", (layout, nb, transport, port, chunk_mb, pool_mb),
                              "setup", (layout, nb, transport, port, chunk_mb, pool_mb))
     import random
