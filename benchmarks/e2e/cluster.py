@@ -33,12 +33,12 @@ def model_dir(work: Path) -> str:
     return str(build_tiny_model(work / "tiny-llama-bench", **MODEL_SHAPE))
 
 
-def server_args(extra: list[str]) -> list[str]:
+def server_args(extra: list[str], one_chunk: bool = True) -> list[str]:
     # BASE_ARGS caps --max-model-len at 4096; argparse keeps the last value.
     # One prefill chunk per prompt everywhere: ExampleConnector saves only the
     # first chunk of a chunked prefill and D then fails on the shape mismatch.
-    return [*BASE_ARGS, "--max-model-len", str(MAX_MODEL_LEN),
-            "--max-num-batched-tokens", str(MAX_MODEL_LEN), *extra]
+    chunk = ["--max-num-batched-tokens", str(MAX_MODEL_LEN)] if one_chunk else []
+    return [*BASE_ARGS, "--max-model-len", str(MAX_MODEL_LEN), *chunk, *extra]
 
 
 class PinnedServer(VllmServer):
@@ -51,8 +51,9 @@ class PinnedServer(VllmServer):
         return ["taskset", "-c", self.cpus, *cmd] if self.cpus else cmd
 
 
-def make_server(name: str, model: str, extra: list[str], logs: Path, cpus: str = "") -> VllmServer:
-    s = PinnedServer(name, model, free_port(), server_args(extra), log_path=logs / f"{name}.log")
+def make_server(name: str, model: str, extra: list[str], logs: Path, cpus: str = "",
+                one_chunk: bool = True) -> VllmServer:
+    s = PinnedServer(name, model, free_port(), server_args(extra, one_chunk), log_path=logs / f"{name}.log")
     s.cpus = cpus
     return s
 
@@ -120,16 +121,16 @@ class Setup:
             s.stop()
 
 
-def setup_pd(model: str, logs: Path, p_cpus: str = "", d_cpus: str = "") -> Setup:
+def setup_pd(model: str, logs: Path, p_cpus: str = "", d_cpus: str = "", one_chunk: bool = True) -> Setup:
     kv = free_kv_port(span=4)
-    P = make_server("P", model, ["--kv-transfer-config", kv_config("kv_producer", kv)], logs, p_cpus)
-    D = make_server("D", model, ["--kv-transfer-config", kv_config("kv_consumer", kv + 2)], logs, d_cpus)
+    P = make_server("P", model, ["--kv-transfer-config", kv_config("kv_producer", kv)], logs, p_cpus, one_chunk)
+    D = make_server("D", model, ["--kv-transfer-config", kv_config("kv_consumer", kv + 2)], logs, d_cpus, one_chunk)
     return Setup("pd", [P, D], logs, "direct",
                  proxy_args=["--prefill", f"127.0.0.1:{P.port}", "--decode", f"127.0.0.1:{D.port}"])
 
 
-def setup_single(model: str, logs: Path, cpus: str = "") -> Setup:
-    return Setup("single", [make_server("S", model, [], logs, cpus)], logs, "direct")
+def setup_single(model: str, logs: Path, cpus: str = "", one_chunk: bool = True) -> Setup:
+    return Setup("single", [make_server("S", model, [], logs, cpus, one_chunk)], logs, "direct")
 
 
 def setup_example(model: str, logs: Path) -> Setup:

@@ -57,8 +57,9 @@ async def one_round(stream_url: str, load_setup, loaded: bool, args, rnd: random
         if task:
             await task
     errors = [s.error for s in streams + background if s.error]
+    duration = max(s.end for s in streams) - min(s.start for s in streams)
     return {"itls": [x for s in streams for x in s.itls], "background": len(background),
-            "errors": errors}
+            "errors": errors, "seconds": duration}
 
 
 def run(args) -> list[dict]:
@@ -69,23 +70,28 @@ def run(args) -> list[dict]:
     model = model_dir(work)
     rows = []
     for name in args.setups:
-        setup = setup_pd(model, logs, p_cpus="0", d_cpus="1") if name == "pd" else setup_single(model, logs, cpus="1")
+        # vLLM's default chunked prefill (2048-token chunks): how a single
+        # instance really interleaves long prefills with running decodes.
+        setup = (setup_pd(model, logs, p_cpus="0", d_cpus="1", one_chunk=False) if name == "pd"
+                 else setup_single(model, logs, cpus="1", one_chunk=False))
         decode = setup.servers[-1]
         with running(setup):
             rnd = random.Random(7)
             asyncio.run(closed_loop(setup, [random_prompt(rnd, args.prompt_tokens)], 2, 1))  # warm-up
             itls = {False: [], True: []}
-            background, errors = 0, []
+            background, errors, loaded_s = 0, [], 0.0
             for r in range(args.rounds):
                 for loaded in ((False, True) if r % 2 == 0 else (True, False)):
                     res = asyncio.run(one_round(decode.url, setup, loaded, args, rnd))
                     itls[loaded].extend(res["itls"])
                     background += res["background"]
+                    loaded_s += res["seconds"] if loaded else 0.0
                     errors += res["errors"]
             base, load = itls[False], itls[True]
             row = {
                 "setup": name, "streams": args.streams, "tokens_per_stream": args.stream_tokens,
-                "background_requests": background, "errors": len(errors),
+                "background_requests": background, "background_per_s": background / loaded_s if loaded_s else 0.0,
+                "errors": len(errors),
                 "first_error": errors[0] if errors else "",
                 "idle_p50_ms": 1e3 * pct(base, 50), "idle_p99_ms": 1e3 * pct(base, 99),
                 "loaded_p50_ms": 1e3 * pct(load, 50), "loaded_p99_ms": 1e3 * pct(load, 99),
@@ -98,7 +104,7 @@ def run(args) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["setup", "streams", "tokens_per_stream", "background_requests", "errors", "idle_p50_ms",
+    cols = ["setup", "streams", "tokens_per_stream", "background_requests", "background_per_s", "errors", "idle_p50_ms",
             "idle_p99_ms", "loaded_p50_ms", "loaded_p99_ms", "p50_ratio", "p99_ratio"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
