@@ -117,6 +117,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ax.bar(xs, [by[c][lo] for c in concs], w, label=f"{s} p50")
             ax.scatter(xs, [by[c][key] for c in concs], marker="_", s=200, color="k")
         axes[2].bar(xs, [by[c]["tokens_per_s"] for c in concs], w, label=s)
+        for x, c in zip(xs, concs):
+            if by[c]["errors"]:
+                for ax in axes:
+                    ax.annotate(f"{by[c]['errors']}/{by[c]['requests']}\nfailed", (x, 0), ha="center",
+                                va="bottom", fontsize=7, color="red", xytext=(0, 12), textcoords="offset points")
     for ax, t in zip(axes, ("TTFT ms (bar p50, dash p99)", "ITL ms (bar p50, dash p99)", "output tokens/s")):
         ax.set_xticks(range(len(concs)), [f"conc {c}" for c in concs])
         ax.set_title(t, fontsize=9)
@@ -124,6 +129,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def replot(results: Path, png: Path) -> None:
+    data = json.loads(results.read_text())
+    plot(data["rows"], png, f"{data['meta']['command']} ({data['meta']['when']})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -652,7 +652,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     labels = [f"{r['layout'].split('-')[0]}\n{r['tokens'] // 1024}k\n{r['transport']}" for r in rows]
     x = range(len(rows))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(rows) * 2), 4.5))
+    fig, (a, b) = plt.subplots(2, 1, figsize=(min(16, max(8, 1.1 * len(rows))), 8))
     w = 0.16
     for k, (key, name) in enumerate([("GB/s", "transfer"), ("socket GB/s", "raw socket"),
                                      ("iovec GB/s", "socket, block iovecs"),
@@ -678,6 +678,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def replot(results: Path, png: Path) -> None:
+    """Redraw a figure from a results JSON (no measurement)."""
+    data = json.loads(results.read_text())
+    m = data["meta"]
+    plot(data["rows"], png, f"{m['command']} ({m['when']}; chunk {m['chunk_mb']} MiB, pool {m['pool_mb']} MiB)")
 
 
 def main(argv: list[str] | None = None) -> None:
