@@ -200,3 +200,22 @@ def test_concurrent_mixed_roles_through_proxy(pair, tokenizer):
     assert sum(recv) == 12 and min(recv) >= 1, recv
     for s in servers:
         wait_for(lambda s=s: idle(s))
+
+
+def test_one_instance_serves_both_legs(pair, tokenizer):
+    """The proxy's fallback when no other decode instance is left: A pulls
+    from itself. Its prefix cache already holds the full blocks, so only the
+    partial last block is pulled (server and puller pumped by one thread)."""
+    n_tokens = 3 * BLOCK + 5
+    prompt = distinct_prompt(tokenizer, n_tokens, seed=5000)
+    expected = completion(pair.S.url, prompt)
+    A = pair.A
+    loaded = _counter(A.url, "vllm:ascend_pd_loaded_tokens_total")
+    local = _counter(A.url, "vllm:prompt_tokens_by_source_total", source="local_compute")
+    pulls = _counter(A.url, "vllm:ascend_pd_transfers_total", direction="recv")
+    assert pd_direct(A, A, prompt) == expected
+    assert wait_for(lambda: _counter(A.url, "vllm:ascend_pd_transfers_total", direction="recv") - pulls) == 1
+    assert _counter(A.url, "vllm:ascend_pd_loaded_tokens_total") - loaded == n_tokens - 3 * BLOCK
+    # The prefill leg computed the prompt once; the decode leg computed none of it.
+    assert _counter(A.url, "vllm:prompt_tokens_by_source_total", source="local_compute") - local == n_tokens
+    wait_for(lambda: idle(A))
