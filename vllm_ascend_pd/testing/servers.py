@@ -19,33 +19,33 @@ from pathlib import Path
 
 
 def free_port(avoid: set[int] | None = None, span: int = 1) -> int:
-    """A free TCP port p on 127.0.0.1 with p..p+span-1 also free."""
-    avoid = avoid or set()
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p + span >= 65536 or any(q in avoid for q in range(p, p + span)):
-            continue
-        if all(_is_free(q) for q in range(p, p + span)):
-            return p
-    raise RuntimeError("no free port range found")
+    """A free TCP port p on 127.0.0.1 with p..p+span-1 also free.
+
+    Picked below the kernel's ephemeral range (like ``free_kv_port``, in a
+    range of its own): a port taken from that range could be handed to one
+    of vLLM's random internal sockets before our server binds it.
+    """
+    return _free_range(10000, 20000, avoid, span)
 
 
 def free_kv_port(avoid: set[int] | None = None, span: int = 4) -> int:
     """A kv_port base below the kernel's ephemeral range, so ports vLLM and
     others pick at random (from that range) cannot collide with it."""
+    return _free_range(20000, 32000, avoid, span)
+
+
+def _free_range(lo: int, hi: int, avoid: set[int] | None, span: int) -> int:
     import random
 
     avoid = avoid or set()
     rnd = random.Random()
     for _ in range(500):
-        p = rnd.randrange(20000, 32000 - span)
+        p = rnd.randrange(lo, hi - span)
         if any(q in avoid for q in range(p, p + span)):
             continue
         if all(_is_free(q) for q in range(p, p + span)):
             return p
-    raise RuntimeError("no free kv port range found")
+    raise RuntimeError(f"no free range of {span} ports in {lo}-{hi}")
 
 
 def _is_free(port: int) -> bool:
