@@ -18,6 +18,7 @@ import msgspec
 # [kv_port, kv_port + KV_PORT_SPAN). The llmdatadist transport's producer rank
 # r listens on its NPU's device IP at llmdatadist_comm_port + r.
 MAX_RANKS = 64
+MIN_SECRET_CHARS = 16
 GROUP_PORT_OFFSET = MAX_RANKS
 KV_PORT_SPAN = 2 * MAX_RANKS
 
@@ -60,8 +61,15 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "Longest time per engine step the connector spends moving KV data; "
         "bounds the decode latency a transfer can add.", gt=0, le=1000)] = 20.0
     shared_secret: Annotated[str, _doc(
-        "Optional secret every instance of a deployment shares; pulls and "
-        "handshakes without it are refused.")] = ""
+        "Optional secret every instance of a deployment shares (at least "
+        f"{MIN_SECRET_CHARS} characters). Handshakes, pulls and releases are "
+        "signed with it (HMAC-SHA256 with a nonce and a timestamp, see "
+        "docs/reliability.md); messages without a valid signature are refused. "
+        "Prefer `shared_secret_env`, which keeps it off command lines.")] = ""
+    shared_secret_env: Annotated[str, _doc(
+        "Name of an environment variable holding the shared secret, e.g. "
+        "`VLLM_ASCEND_PD_SHARED_SECRET`. Start-up fails if it is unset or empty. "
+        "The proxy reads the same variable to release abandoned transfers.")] = ""
     proxy_ip: Annotated[str, _doc(
         "Register with a p2p_disagg_proxy at this address (dynamic xPyD).")] = ""
     proxy_port: Annotated[int, _doc(
@@ -131,12 +139,35 @@ def parse_extra_config(extra: dict[str, Any] | None) -> ConnectorConfig:
                     f"{key} entry {ip!r} is not an IPv4 address; list the NPU device "
                     "IPs (`hccn_tool -i <device> -ip -g`), one per tensor-parallel rank"
                 ) from None
+    resolve_secret(cfg)  # fail at start-up, not at the first pull
     if cfg.buffer_pool_mb < 2 * cfg.chunk_mb:
         raise ConfigError(
             f"buffer_pool_mb ({cfg.buffer_pool_mb}) must hold at least two chunks "
             f"of chunk_mb ({cfg.chunk_mb})"
         )
     return cfg
+
+
+def resolve_secret(cfg: ConnectorConfig) -> str:
+    """The shared secret ("" when authentication is off)."""
+    import os
+
+    if cfg.shared_secret and cfg.shared_secret_env:
+        raise ConfigError("set shared_secret or shared_secret_env, not both")
+    secret = cfg.shared_secret
+    if cfg.shared_secret_env:
+        secret = os.environ.get(cfg.shared_secret_env, "")
+        if not secret:
+            raise ConfigError(
+                f"shared_secret_env names {cfg.shared_secret_env!r}, but that environment "
+                "variable is unset or empty: export it in the instance's environment"
+            )
+    if secret and len(secret) < MIN_SECRET_CHARS:
+        raise ConfigError(
+            f"the shared secret has {len(secret)} characters; use at least "
+            f"{MIN_SECRET_CHARS} (e.g. `python -c 'import secrets; print(secrets.token_hex(16))'`)"
+        )
+    return secret
 
 
 def resolve_kv_ip(cfg: ConnectorConfig) -> str:

@@ -10,10 +10,13 @@ from typing import Any
 import zmq
 
 from vllm_ascend_pd import protocol as wire
+from vllm_ascend_pd.auth import Authenticator
 from vllm_ascend_pd.params import InvalidParams, parse_producer_params
 
 
 def release_transfer_sync(kv_transfer_params: dict[str, Any], *, timeout: float = 2.0, secret: str = "") -> bool:
+    """``secret``: the deployment's shared secret, if the producers have one."""
+    auth = Authenticator(secret)
     try:
         p = parse_producer_params(kv_transfer_params)
     except InvalidParams:
@@ -26,7 +29,8 @@ def release_transfer_sync(kv_transfer_params: dict[str, Any], *, timeout: float 
             sock.setsockopt(zmq.LINGER, 0)
             try:
                 sock.connect(f"tcp://{p.remote_host}:{p.remote_port + rank}")
-                sock.send(wire.encode(wire.Release(p.transfer_id, p.remote_request_id, secret)))
+                token = auth.sign("release", p.transfer_id, p.remote_request_id)
+                sock.send(wire.encode(wire.Release(p.transfer_id, p.remote_request_id, token)))
                 if not sock.poll(int(timeout * 1000)):
                     ok = False
                     continue
@@ -39,5 +43,5 @@ def release_transfer_sync(kv_transfer_params: dict[str, Any], *, timeout: float 
     return ok
 
 
-async def release_transfer(kv_transfer_params: dict[str, Any], *, timeout: float = 2.0) -> bool:
-    return await asyncio.to_thread(release_transfer_sync, kv_transfer_params, timeout=timeout)
+async def release_transfer(kv_transfer_params: dict[str, Any], *, timeout: float = 2.0, secret: str = "") -> bool:
+    return await asyncio.to_thread(release_transfer_sync, kv_transfer_params, timeout=timeout, secret=secret)

@@ -7,13 +7,15 @@ Version history:
   1: initial (Hello, Pull, Release; tcp chunk stream). Later additions that
      only a new transport uses (DataDistOffer; TransferDone from consumer to
      producer) keep 1: peers agree on the transport at the handshake.
+  2: ``auth`` fields carry HMAC tokens (see auth.py) instead of the secret;
+     HelloReply and PullReply are signed too.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # Decoding is bounded before anything is parsed (see MAX_CONTROL_BYTES users).
 MAX_CONTROL_BYTES = 4 * 1024 * 1024
@@ -49,6 +51,7 @@ class HelloReply(msgspec.Struct, tag="hello_reply"):
     version: int = PROTOCOL_VERSION
     layout: LayoutDesc | None = None
     transport: str = ""
+    auth: str = ""
 
 
 class PullRequest(msgspec.Struct, tag="pull"):
@@ -66,6 +69,7 @@ class PullReply(msgspec.Struct, tag="pull_reply"):
     error: str = ""
     num_chunks: int = 0
     total_bytes: int = 0
+    auth: str = ""
 
 
 class ChunkHeader(msgspec.Struct, tag="chunk"):

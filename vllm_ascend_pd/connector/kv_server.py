@@ -9,13 +9,13 @@ the lease. Nothing a peer sends can raise out of ``pump()``.
 
 from __future__ import annotations
 
-import hmac
 import time
 from dataclasses import dataclass
 
 import zmq
 
 from vllm_ascend_pd import protocol as wire
+from vllm_ascend_pd.auth import Authenticator, AuthError
 from vllm_ascend_pd.connector.pump import Pump, Task
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
@@ -31,6 +31,8 @@ logger = get_logger(__name__)
 _MAX_WAITING = 1024
 # Messages read per pump, so a flood cannot monopolise the engine thread.
 _MAX_MESSAGES = 256
+# At most one "refused: authentication" log line per this many seconds.
+_AUTH_LOG_EVERY_S = 10.0
 
 
 @dataclass
@@ -61,7 +63,9 @@ class KVServer:
         self.leases = leases
         self.transport = transport
         self.stats = stats
-        self.secret = secret
+        self.auth = Authenticator(secret)
+        self._auth_refused = 0
+        self._auth_logged_at = -_AUTH_LOG_EVERY_S
         self.grace_s = registration_grace_s
         self.port = port
         self._ctx = zmq.Context()
@@ -121,12 +125,32 @@ class KVServer:
         else:
             self.stats.record_rejected("malformed")
 
-    def _authorized(self, token: str) -> bool:
-        return not self.secret or hmac.compare_digest(token.encode(), self.secret.encode())
+    def _authorized(self, msg, kind: str, *fields) -> bool:
+        try:
+            self.auth.verify(kind, msg.auth, *fields)
+            return True
+        except AuthError as e:
+            self.stats.record_rejected("auth")
+            self._auth_refused += 1
+            now = time.monotonic()
+            if now - self._auth_logged_at >= _AUTH_LOG_EVERY_S:
+                logger.warning(
+                    "KV server rank %d: refused %d unauthenticated message(s), last a %s: %s. "
+                    "Every instance of a deployment needs the same shared_secret "
+                    "(or shared_secret_env).",
+                    self.tp_rank, self._auth_refused, kind, e,
+                )
+                self._auth_refused = 0
+                self._auth_logged_at = now
+            return False
 
     def _hello(self, msg: wire.Hello) -> wire.HelloReply:
-        if not self._authorized(msg.auth):
-            self.stats.record_rejected("auth")
+        reply = self._hello_checked(msg)
+        reply.auth = self.auth.sign_reply("hello_reply", msg.auth, reply.ok, reply.engine_id)
+        return reply
+
+    def _hello_checked(self, msg: wire.Hello) -> wire.HelloReply:
+        if not self._authorized(msg, "hello", msg.version, msg.engine_id, msg.tp_rank):
             return wire.HelloReply(False, "authentication failed: set the same shared_secret on both instances")
         if msg.version != wire.PROTOCOL_VERSION:
             return wire.HelloReply(
@@ -140,10 +164,19 @@ class KVServer:
         return wire.HelloReply(True, "", self.engine_id, layout=self.layout, transport=self.transport.name)
 
     def _pull(self, identity: bytes, req: wire.PullRequest, deadline: float) -> None:
-        if not self._authorized(req.auth):
-            self.stats.record_rejected("auth")
-            self._reply(identity, wire.PullReply(False, req.transfer_id, "authentication failed"))
+        if not self._authorized(req, "pull", req.transfer_id, req.request_id, req.block_ids,
+                                req.consumer_engine_id, req.consumer_rank):
+            self._reply(identity, self._signed_pull_reply(req, False, "authentication failed"))
             return
+        self._claim(identity, req, deadline)
+
+    def _signed_pull_reply(self, req: wire.PullRequest, ok: bool, error: str = "",
+                           total_bytes: int = 0) -> wire.PullReply:
+        reply = wire.PullReply(ok, req.transfer_id, error, total_bytes=total_bytes)
+        reply.auth = self.auth.sign_reply("pull_reply", req.auth, ok, req.transfer_id, total_bytes)
+        return reply
+
+    def _claim(self, identity: bytes, req: wire.PullRequest, deadline: float) -> None:
         claim = self.leases.begin_send(req.transfer_id, req.request_id, req.block_ids)
         if isinstance(claim, str):
             if (
@@ -159,10 +192,10 @@ class KVServer:
                 "KV server rank %d: refused pull for request %s: %s",
                 self.tp_rank, req.request_id, claim,
             )
-            self._reply(identity, wire.PullReply(False, req.transfer_id, claim))
+            self._reply(identity, self._signed_pull_reply(req, False, claim))
             return
         plan_bytes = len(req.block_ids) * self.transport.cache.total_block_bytes()
-        self._reply(identity, wire.PullReply(True, req.transfer_id, total_bytes=plan_bytes))
+        self._reply(identity, self._signed_pull_reply(req, True, total_bytes=plan_bytes))
         link = RouterLink(self._sock, identity)
         key = (identity, req.transfer_id)
         self._inbound[key] = link
@@ -186,8 +219,7 @@ class KVServer:
         self._sends.add(Task(req.transfer_id, gen, done, failed))
 
     def _release(self, identity: bytes, msg: wire.Release) -> None:
-        if not self._authorized(msg.auth):
-            self.stats.record_rejected("auth")
+        if not self._authorized(msg, "release", msg.transfer_id, msg.request_id):
             self._reply(identity, wire.ReleaseReply(False, msg.transfer_id, "authentication failed"))
             return
         why = self.leases.release(msg.transfer_id, msg.request_id)
@@ -202,7 +234,7 @@ class KVServer:
         now = time.monotonic()
         for w in waiting:
             if self.leases.knows(w.req.transfer_id) or now >= w.deadline:
-                self._pull(w.identity, w.req, deadline=0.0)
+                self._claim(w.identity, w.req, deadline=0.0)
             else:
                 self._waiting.append(w)
 

@@ -18,6 +18,7 @@ from collections.abc import Generator
 import zmq
 
 from vllm_ascend_pd import protocol as wire
+from vllm_ascend_pd.auth import Authenticator, AuthError
 from vllm_ascend_pd.config import control_port
 from vllm_ascend_pd.connector.metadata import RecvSpec, ReleaseSpec
 from vllm_ascend_pd.connector.pump import Pump, Task
@@ -48,7 +49,7 @@ class Puller:
         self.layout = layout
         self.transport = transport
         self.stats = stats
-        self.secret = secret
+        self.auth = Authenticator(secret)
         self.connect_timeout_s = connect_timeout_s
         self._ctx = zmq.Context()
         self._links: dict[str, DealerLink] = {}
@@ -140,11 +141,15 @@ class Puller:
             return link
         link = DealerLink(dealer_socket(self._ctx, endpoint), endpoint)
         try:
-            hello = wire.Hello(wire.PROTOCOL_VERSION, self.engine_id, self.tp_rank, self.layout, self.secret)
+            token = self.auth.sign("hello", wire.PROTOCOL_VERSION, self.engine_id, self.tp_rank)
+            hello = wire.Hello(wire.PROTOCOL_VERSION, self.engine_id, self.tp_rank, self.layout, token)
             yield from wait_send(link, [wire.encode(hello)], self.connect_timeout_s)
             reply = yield from self._expect(link, wire.HelloReply, "handshake")
+            self._check_reply("hello_reply", reply, token, endpoint, reply.ok, reply.engine_id)
             if not reply.ok:
-                raise TransferError(f"producer {endpoint} refused the handshake: {reply.error}", "incompatible")
+                raise TransferError(
+                    f"producer {endpoint} refused the handshake: {reply.error}", _refusal_cause(reply.error, "incompatible")
+                )
             if reply.transport and reply.transport != self.transport.name:
                 raise TransferError(
                     f"producer {endpoint} moves KV over {reply.transport!r}, this instance over "
@@ -158,21 +163,44 @@ class Puller:
         self._links[endpoint] = link
         return link
 
+    def _check_reply(self, kind: str, reply, token: str, endpoint: str, *fields) -> None:
+        try:
+            self.auth.verify_reply(kind, reply.auth, token, *fields)
+        except AuthError as e:
+            raise TransferError(
+                f"producer {endpoint} failed authentication ({e}): set the same "
+                "shared_secret on both instances", "auth",
+            ) from None
+
     def _pull(self, endpoint: str, job: RecvSpec) -> Generator[bool, None, int]:
         link = yield from self._link(endpoint)
+        token = self.auth.sign(
+            "pull", job.transfer_id, job.remote_request_id, job.remote_block_ids,
+            self.engine_id, self.tp_rank,
+        )
         req = wire.PullRequest(
             job.transfer_id, job.remote_request_id, job.remote_block_ids,
-            self.engine_id, self.tp_rank, self.secret,
+            self.engine_id, self.tp_rank, token,
         )
         yield from wait_send(link, [wire.encode(req)], self.connect_timeout_s)
         reply = yield from self._expect(link, wire.PullReply, "pull")
+        self._check_reply("pull_reply", reply, token, endpoint, reply.ok, reply.transfer_id,
+                          reply.total_bytes)
         if not reply.ok or reply.transfer_id != job.transfer_id:
-            raise TransferError(f"producer {endpoint} refused the pull: {reply.error}", "refused")
+            raise TransferError(
+                f"producer {endpoint} refused the pull: {reply.error}", _refusal_cause(reply.error, "refused")
+            )
         return (yield from self.transport.recv_blocks(link, job.transfer_id, job.local_block_ids))
 
     def _release(self, endpoint: str, job: ReleaseSpec) -> Generator[bool, None, bool]:
         link = yield from self._link(endpoint)
-        msg = wire.Release(job.transfer_id, job.remote_request_id, self.secret)
+        token = self.auth.sign("release", job.transfer_id, job.remote_request_id)
+        msg = wire.Release(job.transfer_id, job.remote_request_id, token)
         yield from wait_send(link, [wire.encode(msg)], self.connect_timeout_s)
         reply = yield from self._expect(link, wire.ReleaseReply, "release")
         return reply.ok
+
+
+def _refusal_cause(error: str, default: str) -> str:
+    # Producers word every authentication refusal this way (kv_server.py).
+    return "auth" if error.startswith("authentication failed") else default

@@ -18,6 +18,7 @@ from vllm_ascend_pd.config import (
     group_port,
     llmdatadist_endpoint,
     resolve_kv_ip,
+    resolve_secret,
 )
 from vllm_ascend_pd.connector.kv_server import KVServer
 from vllm_ascend_pd.connector.metadata import AscendConnectorMetadata
@@ -160,6 +161,7 @@ class WorkerSide:
             self.tp_rank, len(self.cache.tensors), self.cache.num_blocks,
             self.cache.total_block_bytes(), name,
         )
+        secret = resolve_secret(self.cfg)
         if self.is_producer:
             port = control_port(self.kv_port, self.tp_rank)
             self.server = KVServer(
@@ -171,7 +173,7 @@ class WorkerSide:
                 leases=self.leases,
                 transport=transport,
                 stats=self.stats,
-                secret=self.cfg.shared_secret,
+                secret=secret,
                 registration_grace_s=self.cfg.registration_grace_s,
             )
         if self.is_consumer:
@@ -181,7 +183,7 @@ class WorkerSide:
                 layout=layout,
                 transport=transport,
                 stats=self.stats,
-                secret=self.cfg.shared_secret,
+                secret=secret,
                 connect_timeout_s=self.cfg.connect_timeout_s,
             )
 

@@ -111,6 +111,9 @@ class ProxyConfig:
     # Per-backend aiohttp connector size.
     backend_connections: int = 4096
     release_timeout: float = 2.0
+    # Environment variable holding the instances' shared secret (their
+    # shared_secret_env), needed to release abandoned transfers; None: none.
+    kv_secret_env: Optional[str] = None
     access_log: bool = False
     log_level: str = "INFO"
     uvloop: bool = True
@@ -169,6 +172,9 @@ class ProxyConfig:
         check(self.drain_timeout >= 0, "--drain-timeout must be >= 0")
         check(self.backend_connections >= 1, "--backend-connections must be >= 1")
         check(self.release_timeout > 0, "--release-timeout must be > 0")
+        check(self.kv_secret_env is None or bool(os.environ.get(self.kv_secret_env)),
+              f"--kv-secret-env names ${self.kv_secret_env}, which is unset or empty: "
+              "export the instances' shared secret in the proxy's environment")
         check(self.admin_token is None or len(self.admin_token) >= 8,
               "--admin-token must be at least 8 characters")
         if errors:
@@ -259,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend-connections", type=int, default=d.backend_connections,
                    help="connection pool size per backend")
     g.add_argument("--release-timeout", type=float, default=d.release_timeout)
+    g.add_argument("--kv-secret-env", default=d.kv_secret_env, metavar="VAR",
+                   help="environment variable holding the shared secret the instances "
+                        "use (their shared_secret_env); the proxy signs the release of "
+                        "abandoned transfers with it")
     return p
 
 

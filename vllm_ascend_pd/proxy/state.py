@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import random
 from typing import Awaitable, Callable, Optional
 
@@ -18,7 +20,8 @@ logger = init_logger(__name__)
 ReleaseFn = Callable[..., Awaitable[bool]]
 
 
-async def default_release_transfer(kv_transfer_params: dict, *, timeout: float = 2.0) -> bool:
+async def default_release_transfer(kv_transfer_params: dict, *, timeout: float = 2.0,
+                                   secret: str = "") -> bool:
     """Ask the producer to free the KV blocks of an abandoned transfer."""
     try:
         from vllm_ascend_pd.kvclient import release_transfer
@@ -26,7 +29,7 @@ async def default_release_transfer(kv_transfer_params: dict, *, timeout: float =
         logger.warning("vllm_ascend_pd.kvclient is not available; the producer keeps "
                        "the KV blocks of an abandoned request until its own timeout")
         return False
-    return await release_transfer(kv_transfer_params, timeout=timeout)
+    return await release_transfer(kv_transfer_params, timeout=timeout, secret=secret)
 
 
 class ProxyState:
@@ -43,7 +46,9 @@ class ProxyState:
         }
         self.clients = BackendClients(cfg)
         self.metrics = ProxyMetrics(self.registry.instances)
-        self.release_transfer: ReleaseFn = release_transfer or default_release_transfer
+        secret = os.environ.get(cfg.kv_secret_env, "") if cfg.kv_secret_env else ""
+        self.release_transfer: ReleaseFn = release_transfer or functools.partial(
+            default_release_transfer, secret=secret)
         self.inflight = 0
         self.draining = False
         self.idle = asyncio.Event()

@@ -70,3 +70,12 @@ def test_admin_token_from_environment(monkeypatch):
         "from-the-env"
     assert config_from_args(["--prefill", "a:1", "--decode", "b:2", "--admin-token",
                              "from-the-flag"]).admin_token == "from-the-flag"
+
+
+def test_kv_secret_env_must_be_set(monkeypatch):
+    monkeypatch.delenv("TEST_PD_SECRET", raising=False)
+    with pytest.raises(ConfigError, match=r"--kv-secret-env names \$TEST_PD_SECRET"):
+        ProxyConfig(prefill=["a:1"], decode=["b:2"], kv_secret_env="TEST_PD_SECRET").validate()
+    monkeypatch.setenv("TEST_PD_SECRET", "x" * 16)
+    assert config_from_args(["--prefill", "a:1", "--decode", "b:2", "--kv-secret-env",
+                             "TEST_PD_SECRET"]).validate().kv_secret_env == "TEST_PD_SECRET"

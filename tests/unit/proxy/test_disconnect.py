@@ -78,10 +78,18 @@ async def test_default_release_is_lazy_and_injectable(monkeypatch):
 
     class FakeKV:
         @staticmethod
-        async def release_transfer(params, *, timeout=2.0):
-            calls.append((params, timeout))
+        async def release_transfer(params, *, timeout=2.0, secret=""):
+            calls.append((params, timeout, secret))
             return True
 
     monkeypatch.setitem(sys.modules, "vllm_ascend_pd.kvclient", FakeKV)
     assert await state.default_release_transfer({"transfer_id": "t"}, timeout=0.5) is True
-    assert calls == [({"transfer_id": "t"}, 0.5)]
+    assert calls == [({"transfer_id": "t"}, 0.5, "")]
+
+    # The instances' shared secret reaches the release through --kv-secret-env.
+    from vllm_ascend_pd.proxy.config import ProxyConfig
+
+    monkeypatch.setenv("TEST_PD_SECRET", "s" * 20)
+    cfg = ProxyConfig(prefill=["a:1"], decode=["b:2"], kv_secret_env="TEST_PD_SECRET").validate()
+    assert await state.ProxyState(cfg).release_transfer({"transfer_id": "u"}, timeout=0.5) is True
+    assert calls[-1] == ({"transfer_id": "u"}, 0.5, "s" * 20)

@@ -1,0 +1,272 @@
+"""Shared-secret authentication: the token scheme alone, then producer and
+consumer workers (KVServer, Puller, kvclient) over loopback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from test_transport import NB, TID, drive, make_cache
+from vllm_ascend_pd import protocol as wire
+from vllm_ascend_pd.auth import MAX_SKEW_S, Authenticator, AuthError
+from vllm_ascend_pd.config import ConfigError, parse_extra_config, resolve_secret
+from vllm_ascend_pd.connector.kv_server import KVServer
+from vllm_ascend_pd.connector.metadata import RecvSpec
+from vllm_ascend_pd.connector.puller import Puller
+from vllm_ascend_pd.connector.stats import TransferStats
+from vllm_ascend_pd.connector.transfers import LeaseTable
+from vllm_ascend_pd.kvclient import release_transfer_sync
+from vllm_ascend_pd.params import prompt_hash
+from vllm_ascend_pd.testing.servers import free_port
+from vllm_ascend_pd.transport import TransportOptions, create_transport
+
+SECRET = "correct horse battery staple"
+OPT = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=2)
+
+
+# -- the token scheme ----------------------------------------------------------
+def test_signed_request_verifies_once():
+    a = Authenticator(SECRET)
+    tok = a.sign("pull", TID, "req", [1, 2])
+    Authenticator(SECRET).verify("pull", tok, TID, "req", [1, 2])
+    a.verify("pull", tok, TID, "req", [1, 2])
+    with pytest.raises(AuthError, match="already used"):
+        a.verify("pull", tok, TID, "req", [1, 2])
+
+
+@pytest.mark.parametrize("kind,fields", [
+    ("pull", (TID, "req", [1, 3])),   # other blocks
+    ("pull", (TID, "other", [1, 2])),  # other request
+    ("release", (TID, "req", [1, 2])),  # other message kind
+])
+def test_token_is_bound_to_kind_and_fields(kind, fields):
+    tok = Authenticator(SECRET).sign("pull", TID, "req", [1, 2])
+    with pytest.raises(AuthError, match="wrong shared secret"):
+        Authenticator(SECRET).verify(kind, tok, *fields)
+
+
+def test_wrong_or_missing_secret_is_refused():
+    server = Authenticator(SECRET)
+    with pytest.raises(AuthError, match="wrong shared secret"):
+        server.verify("hello", Authenticator("another secret of length").sign("hello", 1), 1)
+    with pytest.raises(AuthError, match="no authentication token"):
+        server.verify("hello", Authenticator("").sign("hello", 1), 1)
+
+
+@pytest.mark.parametrize("token", [
+    "x", "a1.", "a1...", "a1." + "0" * 32 + ".12.", "b1." + "0" * 32 + ".1.ff",
+    "a1." + "0" * 32 + "." + "9" * 5000 + ".ff", "a1." + "0" * 31 + ".1.ff", "a1.é.1.ff",
+])
+def test_malformed_tokens_raise_auth_error_only(token):
+    with pytest.raises(AuthError):
+        Authenticator(SECRET).verify("hello", token, 1)
+
+
+def test_stale_or_future_timestamps_are_refused():
+    now = [1_000_000.0]
+    signer = Authenticator(SECRET, clock=lambda: now[0])
+    checker = Authenticator(SECRET, clock=lambda: now[0] + MAX_SKEW_S + 1)
+    with pytest.raises(AuthError, match="clock"):
+        checker.verify("hello", signer.sign("hello", 1), 1)
+    checker = Authenticator(SECRET, clock=lambda: now[0] - MAX_SKEW_S - 1)
+    with pytest.raises(AuthError, match="clock"):
+        checker.verify("hello", signer.sign("hello", 1), 1)
+
+
+def test_reply_is_bound_to_its_request():
+    client, server = Authenticator(SECRET), Authenticator(SECRET)
+    req1, req2 = client.sign("hello", 1), client.sign("hello", 1)
+    reply = server.sign_reply("hello_reply", req1, True, "P")
+    client.verify_reply("hello_reply", reply, req1, True, "P")
+    with pytest.raises(AuthError, match="another request"):
+        client.verify_reply("hello_reply", reply, req2, True, "P")
+    with pytest.raises(AuthError):
+        client.verify_reply("hello_reply", reply, req1, False, "P")
+    with pytest.raises(AuthError, match="no authentication token"):
+        client.verify_reply("hello_reply", "", req1, True, "P")
+
+
+def test_disabled_authenticator_accepts_everything():
+    off = Authenticator("")
+    assert off.sign("hello", 1) == ""
+    off.verify("hello", "", 1)
+    off.verify("hello", "garbage", 1)
+
+
+# -- configuration -----------------------------------------------------------------
+def test_secret_from_environment(monkeypatch):
+    monkeypatch.setenv("PD_TEST_SECRET", SECRET)
+    assert resolve_secret(parse_extra_config({"shared_secret_env": "PD_TEST_SECRET"})) == SECRET
+    monkeypatch.delenv("PD_TEST_SECRET")
+    with pytest.raises(ConfigError, match="PD_TEST_SECRET.*unset or empty"):
+        parse_extra_config({"shared_secret_env": "PD_TEST_SECRET"})
+    with pytest.raises(ConfigError, match="not both"):
+        parse_extra_config({"shared_secret_env": "X", "shared_secret": SECRET})
+    with pytest.raises(ConfigError, match="at least 16"):
+        parse_extra_config({"shared_secret": "short"})
+    assert resolve_secret(parse_extra_config({})) == ""
+
+
+# -- producer and consumer workers ---------------------------------------------------
+def _server(src, leases, stats, secret):
+    port = free_port()
+    server = KVServer(
+        bind_host="127.0.0.1", port=port, engine_id="P", tp_rank=0, layout=src.describe(),
+        leases=leases, transport=create_transport("tcp", src, OPT), stats=stats,
+        secret=secret, registration_grace_s=0.2,
+    )
+    return server, port
+
+
+def _puller(dst, secret, stats=None):
+    return Puller(engine_id="D", tp_rank=0, layout=dst.describe(), transport=create_transport("tcp", dst, OPT),
+                  stats=stats or TransferStats(), secret=secret, connect_timeout_s=2)
+
+
+@pytest.fixture
+def secured():
+    src, dst = make_cache(1.0), make_cache(0.0)
+    leases, stats = LeaseTable(60), TransferStats()
+    server, port = _server(src, leases, stats, SECRET)
+    pullers: list[Puller] = []
+
+    def puller(secret, stats=None):
+        p = _puller(dst, secret, stats)
+        pullers.append(p)
+        return p
+
+    yield src, dst, leases, stats, server, port, puller
+    server.close()
+    for p in pullers:
+        p.close()
+
+
+@pytest.mark.parametrize("wrong", ["", "not the secret, but long"])
+def test_consumer_without_the_secret_gets_no_data_and_server_keeps_serving(secured, wrong):
+    src, dst, leases, stats, server, port, puller = secured
+    leases.register("req-p", TID, [3, 4])
+    bad_stats = TransferStats()
+    bad = puller(wrong, bad_stats)
+    bad.submit(RecvSpec("a", "127.0.0.1", port, TID, "req-p", [3, 4], [5, 6], 64))
+    assert drive(server, bad) == ({"a"}, {"a"})
+    assert torch.count_nonzero(dst.tensors[0][[5, 6]]) == 0
+    assert bad_stats.take()["failures"] == {"auth": 1}
+    assert stats.take()["rejected"] == {"auth": 1}
+    assert leases.pending() == 1  # the lease waits for the legitimate consumer
+
+    good = puller(SECRET)
+    good.submit(RecvSpec("b", "127.0.0.1", port, TID, "req-p", [3, 4], [7, 8], 64))
+    assert drive(server, good) == ({"b"}, set())
+    for s, d in zip(src.tensors, dst.tensors):
+        assert torch.equal(d[[7, 8]], s[[3, 4]])
+    assert leases.pending() == 0
+
+
+def test_consumer_refuses_a_producer_without_the_secret():
+    src, dst = make_cache(1.0), make_cache(0.0)
+    leases = LeaseTable(60)
+    server, port = _server(src, leases, TransferStats(), "")
+    stats = TransferStats()
+    puller = _puller(dst, SECRET, stats)
+    try:
+        leases.register("req-p", TID, [3])
+        puller.submit(RecvSpec("a", "127.0.0.1", port, TID, "req-p", [3], [5], 32))
+        assert drive(server, puller) == ({"a"}, {"a"})
+        assert stats.take()["failures"] == {"auth": 1}
+        assert torch.count_nonzero(dst.tensors[0][[5]]) == 0
+    finally:
+        server.close()
+        puller.close()
+
+
+def _raw(port: int, msg) -> object:
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        sock.send(wire.encode(msg))
+        assert sock.poll(5000), "no reply"
+        return wire.decode(sock.recv())
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_replayed_signed_pull_is_refused(secured):
+    src, dst, leases, stats, server, port, _ = secured
+    import threading
+
+    leases.register("req-p", TID, [3])
+    tok = Authenticator(SECRET).sign("pull", TID, "req-p", [3], "D", 0)
+    pull = wire.PullRequest(TID, "req-p", [3], "D", 0, tok)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            server.pump(0.01)
+            time.sleep(0.005)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        assert _raw(port, pull).ok  # the legitimate pull (its data is not read here)
+        # The same message captured and sent again, even for a fresh lease
+        # under the same ids, is refused before the lease table is consulted.
+        leases.end(TID, "test")
+        leases.register("req-p", TID, [3])
+        reply = _raw(port, pull)
+        assert not reply.ok and reply.error == "authentication failed"
+        assert leases.pending() == 1
+        assert stats.take()["rejected"] == {"auth": 1}
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_release_needs_the_secret(secured):
+    _, _, leases, stats, server, port, _ = secured
+    import threading
+
+    leases.register("req-p", TID, [3, 4])
+    params = {"remote_engine_id": "P", "remote_host": "127.0.0.1", "remote_port": port,
+              "remote_block_ids": [3, 4], "remote_request_id": "req-p", "transfer_id": TID,
+              "tp_size": 1, "block_size": 32, "num_tokens": 40, "prompt_hash": prompt_hash([1]),
+              "protocol": wire.PROTOCOL_VERSION}
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            server.pump(0.01)
+            time.sleep(0.005)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        assert release_transfer_sync(params, timeout=5) is False
+        assert release_transfer_sync(params, timeout=5, secret="wrong but long enough") is False
+        assert leases.pending() == 1
+        assert release_transfer_sync(params, timeout=5, secret=SECRET) is True
+        assert leases.pending() == 0
+    finally:
+        stop.set()
+        t.join()
+    assert stats.take()["rejected"] == {"auth": 2}
+
+
+def test_refusals_are_logged_rate_limited(secured, caplog):
+    import logging
+
+    src, dst, leases, stats, server, port, puller = secured
+    caplog.set_level(logging.WARNING)
+    logging.getLogger("vllm").propagate = True
+    for i in range(3):
+        bad = puller("")
+        bad.submit(RecvSpec(f"a{i}", "127.0.0.1", port, TID, "req-p", [3], [5], 32))
+        drive(server, bad)
+    lines = [r.getMessage() for r in caplog.records if "unauthenticated" in r.getMessage()]
+    assert len(lines) == 1 and "shared_secret" in lines[0]
+    assert stats.take()["rejected"] == {"auth": 3}
