@@ -1,0 +1,62 @@
+"""The proxy only ever contacts configured or registered instances, whatever
+the client puts in the request line, the headers or the body."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import state_of
+
+TOKEN = "s3cret-token"
+
+
+async def _raw(client, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(request)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return data
+
+
+async def test_absolute_request_target_and_host_header_are_ignored(backend, proxy):
+    p, d, evil = await backend("p"), await backend("d"), await backend("evil")
+    client = await proxy([p], [d])
+    body = b'{"prompt": "x"}'
+    for target in (f"http://{evil.address}/v1/completions", "/v1/completions"):
+        answer = await _raw(client, (
+            f"POST {target} HTTP/1.1\r\nHost: {evil.address}\r\nContent-Type: application/json\r\n"
+            f"X-Forwarded-Host: {evil.address}\r\nForwarded: host={evil.address}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert evil.requests == [] and evil.health_probes == 0
+    assert len(p.requests) == 2 and len(d.requests) == 2
+
+
+async def test_chat_kv_transfer_params_and_prefill_hints_are_ignored(backend, proxy):
+    p, d, evil = await backend("p"), await backend("d"), await backend("evil")
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}],
+        "kv_transfer_params": {"remote_host": "127.0.0.1", "remote_port": evil.port,
+                               "do_remote_prefill": True, "transfer_id": "forged"},
+        "prefill_host": evil.address, "decode_host": evil.address},
+        headers={"X-Prefill-Url": f"http://{evil.address}", "X-Decode-Url": f"http://{evil.address}"})
+    assert resp.status == 200
+    assert evil.requests == []
+    assert d.requests[0]["body"]["kv_transfer_params"] == p.params(0)
+
+
+async def test_admin_token_only_in_the_authorization_header(backend, proxy):
+    p, d, evil = await backend("p"), await backend("d"), await backend("evil")
+    client = await proxy([p], [d], admin_token=TOKEN)
+    target = {"role": "prefill", "address": evil.address}
+    for url in (f"/admin/instances?token={TOKEN}", f"/admin/instances?access_token={TOKEN}"):
+        resp = await client.post(url, json=target)
+        assert resp.status == 401
+    resp = await client.post("/admin/instances", json=target, headers={"X-Admin-Token": TOKEN})
+    assert resp.status == 401
+    assert [i.address for i in state_of(client).registry.instances("prefill")] == [p.address]
+    resp = await client.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status == 200
+    assert evil.requests == [] and evil.health_probes == 0
