@@ -271,3 +271,49 @@ def test_refusals_are_logged_rate_limited(secured, caplog):
     lines = [r.getMessage() for r in caplog.records if "unauthenticated" in r.getMessage()]
     assert len(lines) == 1 and "shared_secret" in lines[0]
     assert stats.take()["rejected"] == {"auth": 3}
+
+
+def test_mutated_tokens_never_pass_and_the_server_keeps_serving(secured):
+    """2,000 pulls and releases carrying mutated valid tokens: all refused,
+    the lease untouched, then the legitimate consumer pulls exactly."""
+    import random
+
+    import zmq
+
+    src, dst, leases, stats, server, port, puller = secured
+    rnd = random.Random(99)
+    leases.register("req-p", TID, [3, 4])
+    signer = Authenticator(SECRET)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        for i in range(2000):
+            if i % 2:
+                tok = signer.sign("pull", TID, "req-p", [3, 4], "D", 0)
+                msg_of = lambda t: wire.PullRequest(TID, "req-p", [3, 4], "D", 0, t)  # noqa: E731
+            else:
+                tok = signer.sign("release", TID, "req-p")
+                msg_of = lambda t: wire.Release(TID, "req-p", t)  # noqa: E731
+            b = bytearray(tok.encode())
+            for _ in range(rnd.randint(1, 4)):
+                b[rnd.randrange(len(b))] = rnd.choice(b"0123456789abcdef.")
+            if bytes(b) == tok.encode():
+                continue
+            sock.send(wire.encode(msg_of(b.decode())))
+            if i % 100 == 0:
+                server.pump(0.01)
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            server.pump(0.01)
+            time.sleep(0.001)
+    finally:
+        ctx.destroy(linger=0)
+    assert leases.pending() == 1
+    assert stats.take()["rejected"]["auth"] > 1900
+    good = puller(SECRET)
+    good.submit(RecvSpec("b", "127.0.0.1", port, TID, "req-p", [3, 4], [7, 8], 64))
+    assert drive(server, good) == ({"b"}, set())
+    for s, d in zip(src.tensors, dst.tensors):
+        assert torch.equal(d[[7, 8]], s[[3, 4]])
