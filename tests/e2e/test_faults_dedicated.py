@@ -199,23 +199,25 @@ def _decode_in_background(server: VllmServer, prompt, params, max_tokens: int):
 
 
 def test_producer_killed_mid_transfer(ded, tok):
-    """D waits at most transfer_timeout_s (5 s here) for the next chunk, then
-    recomputes (policy `recompute`): exact output, D back to baseline."""
+    """D sees the connection close and fails the pull at once (well before
+    transfer_timeout_s, 5 s here), then recomputes (policy `recompute`):
+    exact output, D back to baseline."""
     prompt = prompt_of(tok, LONG, seed=631)
     expected = reference(ded.D, prompt, 8)
-    timeouts = counter(ded.D.url, "vllm:ascend_pd_failed_transfers_total", cause="timeout")
+    lost = counter(ded.D.url, "vllm:ascend_pd_failed_transfers_total", cause="peer_lost")
     recv = _recv_count(ded.D)
     params = _prefill(ded.Pk, prompt)
     t, result = _decode_in_background(ded.D, prompt, params, 8)
     time.sleep(0.7)
     assert _recv_count(ded.D) == recv, "the transfer already ended: make it longer"
     ded.Pk.kill()
+    killed = time.monotonic()
     t.join(60)
     assert "out" in result, result
     assert result["out"]["choices"][0]["token_ids"] == expected
-    assert result["took"] < 5 + 15
-    assert counter(ded.D.url, "vllm:ascend_pd_failed_transfers_total", cause="timeout") == timeouts + 1
-    assert "no KV data from the peer" in ded.D.log_path.read_text()  # it died mid-stream
+    assert time.monotonic() - killed < 5
+    assert counter(ded.D.url, "vllm:ascend_pd_failed_transfers_total", cause="peer_lost") == lost + 1
+    assert "closed the connection" in ded.D.log_path.read_text()
     wait_idle([ded.D.url], 10)
 
 

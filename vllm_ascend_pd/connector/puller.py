@@ -123,7 +123,7 @@ class Puller:
     def _drop(self, endpoint: str) -> None:
         link = self._links.pop(endpoint, None)
         if link is not None:
-            link.sock.close(0)
+            link.close()
 
     def _expect(self, link: DealerLink, kind: type, what: str) -> Generator[bool, None, object]:
         frames = yield from wait_recv(link, self.connect_timeout_s, f"{what} reply")
@@ -138,6 +138,7 @@ class Puller:
     def _link(self, endpoint: str) -> Generator[bool, None, DealerLink]:
         link = self._links.get(endpoint)
         if link is not None:
+            link.forget_disconnects()
             return link
         link = DealerLink(dealer_socket(self._ctx, endpoint), endpoint)
         try:
@@ -158,7 +159,7 @@ class Puller:
                     "incompatible",
                 )
         except BaseException:
-            link.sock.close(0)
+            link.close()
             raise
         self._links[endpoint] = link
         return link

@@ -53,11 +53,16 @@ class RouterLink:
 
 
 class DealerLink:
-    """Consumer side: the DEALER socket connected to one producer rank."""
+    """Consumer side: the DEALER socket connected to one producer rank.
+
+    ZMQ reconnects silently when the producer goes away, so a monitor
+    watches for the connection closing: a producer that dies mid-transfer
+    fails the transfer at once instead of after ``transfer_timeout_s``."""
 
     def __init__(self, sock: zmq.Socket, endpoint: str):
         self.sock = sock
         self.endpoint = endpoint
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     @property
     def pair_id(self) -> bytes:
@@ -73,7 +78,36 @@ class DealerLink:
         try:
             return self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
+            pass
+        if not self._disconnected():
             return None
+        try:  # frames that arrived before the close are still delivered first
+            return self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise TransferError(
+                f"producer {self.endpoint} closed the connection (it died or restarted)", "peer_lost"
+            ) from None
+
+    def forget_disconnects(self) -> None:
+        """Between transfers a closed connection only means ZMQ reconnects."""
+        self._disconnected()
+
+    def _disconnected(self) -> bool:
+        seen = False
+        while True:
+            try:
+                self._monitor.recv_multipart(flags=zmq.NOBLOCK)
+                seen = True
+            except zmq.Again:
+                return seen
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(0)
+        self.sock.close(0)
 
 
 def router_socket(ctx: zmq.Context, bind_host: str, port: int, role_hint: str) -> zmq.Socket:
