@@ -37,7 +37,7 @@ LONG = 1800  # tokens: a transfer of a few seconds
 
 class Dedicated:
     def __init__(self, model: str, logs: Path):
-        kv = free_kv_port(span=8)
+        kv = free_kv_port(span=6)
         used: set[int] = set()
 
         def port() -> int:
@@ -54,8 +54,7 @@ class Dedicated:
 
         self.P = server("Pded", "kv_producer", kv)
         self.D = server("Dded", "kv_consumer", kv + 2, "--max-model-len", str(D_MAX_LEN), policy="recompute")
-        self.Pk = server("Pkill", "kv_producer", kv + 4)  # killed by a test
-        self.Dk = server("Dkill", "kv_consumer", kv + 6, policy="recompute")  # killed by a test
+        self.Dk = server("Dkill", "kv_consumer", kv + 4, policy="recompute")  # killed by a test
         self.proxy = ProxyProcess(port(), logs / "ded-proxy.log", "--prefill", f"127.0.0.1:{self.P.port}",
                                   "--decode", f"127.0.0.1:{self.D.port}", "--kv-secret-env", SECRET_ENV,
                                   env=env)
@@ -63,12 +62,12 @@ class Dedicated:
 
     @property
     def servers(self):
-        return (self.P, self.D, self.Pk, self.Dk)
+        return (self.P, self.D, self.Dk)
 
     def start(self) -> None:
         for s in self.servers:
             s.start()
-        with ThreadPoolExecutor(4) as ex:
+        with ThreadPoolExecutor(len(self.servers)) as ex:
             list(ex.map(lambda s: s.wait_ready(900), self.servers))
         self.proxy.start()
 
@@ -198,29 +197,6 @@ def _decode_in_background(server: VllmServer, prompt, params, max_tokens: int):
     return t, result
 
 
-def test_producer_killed_mid_transfer(ded, tok):
-    """D sees the connection close and fails the pull at once (well before
-    transfer_timeout_s, 5 s here), then recomputes (policy `recompute`):
-    exact output, D back to baseline."""
-    prompt = prompt_of(tok, LONG, seed=631)
-    expected = reference(ded.D, prompt, 8)
-    lost = counter(ded.D.url, "vllm:ascend_pd_failed_transfers_total", cause="peer_lost")
-    recv = _recv_count(ded.D)
-    params = _prefill(ded.Pk, prompt)
-    t, result = _decode_in_background(ded.D, prompt, params, 8)
-    time.sleep(0.7)
-    assert _recv_count(ded.D) == recv, "the transfer already ended: make it longer"
-    ded.Pk.kill()
-    killed = time.monotonic()
-    t.join(60)
-    assert "out" in result, result
-    assert result["out"]["choices"][0]["token_ids"] == expected
-    assert time.monotonic() - killed < 5
-    assert counter(ded.D.url, "vllm:ascend_pd_failed_transfers_total", cause="peer_lost") == lost + 1
-    assert "closed the connection" in ded.D.log_path.read_text()
-    wait_idle([ded.D.url], 10)
-
-
 def test_consumer_killed_mid_transfer(ded, tok):
     """P's send fails (the consumer's connection is gone) or times out after
     transfer_timeout_s; either way the lease ends and P frees the blocks."""
@@ -240,3 +216,28 @@ def test_consumer_killed_mid_transfer(ded, tok):
                        for c in ("send_peer_lost", "send_peer_stalled", "send_timeout", "send_transport"))
     assert sends_failed >= 1, "P's send should have failed, not completed"
     assert took < 15
+
+
+def test_producer_killed_mid_transfer(ded, tok):
+    """Runs last: it kills this module's producer.
+
+    D sees the connection close and fails the pull at once (well before
+    transfer_timeout_s, 5 s here), then recomputes (policy `recompute`):
+    exact output, D back to baseline."""
+    prompt = prompt_of(tok, LONG, seed=631)
+    expected = reference(ded.D, prompt, 8)
+    lost = counter(ded.D.url, "vllm:ascend_pd_failed_transfers_total", cause="peer_lost")
+    recv = _recv_count(ded.D)
+    params = _prefill(ded.P, prompt)
+    t, result = _decode_in_background(ded.D, prompt, params, 8)
+    time.sleep(0.7)
+    assert _recv_count(ded.D) == recv, "the transfer already ended: make it longer"
+    ded.P.kill()
+    killed = time.monotonic()
+    t.join(60)
+    assert "out" in result, result
+    assert result["out"]["choices"][0]["token_ids"] == expected
+    assert time.monotonic() - killed < 5
+    assert counter(ded.D.url, "vllm:ascend_pd_failed_transfers_total", cause="peer_lost") == lost + 1
+    assert "closed the connection" in ded.D.log_path.read_text()
+    wait_idle([ded.D.url], 10)
