@@ -119,7 +119,7 @@ class Handlers:
                         stream=bool(body.get("stream")), request_id=rid, headers=headers,
                         tokens=estimate_prompt_tokens(body))
         try:
-            req.kv_params = await self.pd.prefill(req)
+            req.kv_params = await self._prefill_outliving_client(req)
             return await self.pd.decode(req, request)
         except UpstreamClientError as err:
             return web.Response(status=err.status, body=err.body or None,
@@ -140,6 +140,30 @@ class Handlers:
             if req.kv_params is not None and not req.client_started:
                 # Nobody will pull these blocks: free them on the producer now.
                 s.release_kv(req.kv_params, "request ended before decode output")
+
+    async def _prefill_outliving_client(self, req: PDRequest) -> dict:
+        """Run the prefill leg; if the client leaves meanwhile, let the leg
+        finish anyway and release what it leased.
+
+        Cancelling the leg would abort the request on P, but P may have
+        finished it already, and then only its answer names the lease to
+        free: cancelling would orphan those blocks until the lease expires
+        (``lease_s``, 120 s by default). A prefill is one forward pass, so
+        finishing it costs little; a leaked lease holds KV memory."""
+        task = asyncio.ensure_future(self.pd.prefill(req))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self.s.spawn(self._release_when_prefilled(task, req.request_id))
+            raise
+
+    async def _release_when_prefilled(self, task: asyncio.Future, rid: str) -> None:
+        try:
+            params = await task
+        except Exception:  # noqa: BLE001 - the leg failed: nothing was leased
+            return
+        logger.info("request %s: client left during prefill; releasing its KV", rid)
+        self.s.release_kv(params, "client left during prefill")
 
     # ------------------------------------------------------------ models
     async def models(self, request: web.Request) -> web.Response:

@@ -41,17 +41,35 @@ async def test_disconnect_between_prefill_and_decode_releases_kv(backend, proxy,
     await wait_for(lambda: d.cancelled == 1)
 
 
-async def test_disconnect_during_prefill_cancels_prefill(backend, proxy, release):
+async def test_disconnect_during_prefill_finishes_prefill_and_releases_kv(backend, proxy, release):
+    """Cancelling the prefill leg could orphan a lease P already granted (its
+    answer is the only place that names it): the leg runs to its end and
+    its KV is released; decode is never started."""
     p, d = await backend("p"), await backend("d")
-    p.header_delay = 30
+    p.header_delay = 0.5
     client = await proxy([p], [d])
     task = asyncio.create_task(client.post("/v1/completions", json={"prompt": "x"}))
     await asyncio.wait_for(p.handler_started.wait(), 2)
     task.cancel()
-    await wait_for(lambda: p.cancelled == 1)
+    await asyncio.wait_for(release.called.wait(), 5)
+    assert release.calls == [p.params(0)]
+    assert p.cancelled == 0 and p.completed == 1
     await wait_for(lambda: state_of(client).inflight == 0)
     assert d.requests == []
-    assert release.calls == []  # no KV was produced
+    assert state_of(client).registry.instances("prefill")[0].inflight_requests == 0
+
+
+async def test_disconnect_during_failing_prefill_releases_nothing(backend, proxy, release):
+    p, d = await backend("p"), await backend("d")
+    p.header_delay = 0.3
+    p.status = 500
+    client = await proxy([p], [d])
+    task = asyncio.create_task(client.post("/v1/completions", json={"prompt": "x"}))
+    await asyncio.wait_for(p.handler_started.wait(), 2)
+    task.cancel()
+    await wait_for(lambda: p.completed + len(p.requests) >= 1 and state_of(client).inflight == 0)
+    await asyncio.sleep(0.6)
+    assert release.calls == [] and d.requests == []
 
 
 async def test_decode_4xx_is_relayed_and_kv_released(backend, proxy, release):
