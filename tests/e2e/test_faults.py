@@ -36,8 +36,10 @@ def _healthy_after(cluster, tokenizer, seed: int) -> None:
 
 
 def test_client_abort_before_prefill_completes(cluster, tokenizer):
-    """The proxy cancels the prefill leg; P aborts the request and keeps no lease."""
+    """The proxy lets the prefill leg finish (cancelling it could orphan a
+    lease P already granted) and releases the KV; D never sees the request."""
     _baseline(cluster, 10)
+    released = counter(cluster.P.url, "vllm:ascend_pd_leases_released_total")
     d_prompts = metric(cluster.D.url, "vllm:prompt_tokens_total")
     prompt = prompt_of(tokenizer, 4000, seed=501)
     client = HangUpClient(cluster.proxy_url, "/v1/completions", _body(prompt, 16))
@@ -48,18 +50,21 @@ def test_client_abort_before_prefill_completes(cluster, tokenizer):
     assert took < 5
     # The abort landed before prefill finished: D never saw the request.
     assert metric(cluster.D.url, "vllm:prompt_tokens_total") == d_prompts
+    assert counter(cluster.P.url, "vllm:ascend_pd_leases_released_total") == released + 1
     _healthy_after(cluster, tokenizer, 502)
 
 
 def test_client_abort_between_prefill_and_decode(cluster, tokenizer, tmp_path):
     """D accepts the connection but never answers, so the request sits after
     prefill: a hang-up there makes the proxy release P's lease at once, and
-    without a hang-up the client gets a 504 after --first-byte-timeout."""
+    without a hang-up the client gets a 504 after --nonstream-timeout
+    (--first-byte-timeout for streams)."""
     silent = SilentPort()
     proxy = ProxyProcess(free_port(), tmp_path / "proxy.log",
                          "--prefill", f"127.0.0.1:{cluster.P.port}",
                          "--decode", f"127.0.0.1:{silent.port}",
-                         "--health-interval", "0", "--first-byte-timeout", "4")
+                         "--health-interval", "0", "--first-byte-timeout", "4",
+                         "--nonstream-timeout", "4")
     try:
         proxy.start()
         _baseline(cluster, 10)

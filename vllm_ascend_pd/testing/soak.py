@@ -143,7 +143,7 @@ async def _reference(session, url: str, body: dict) -> list[int]:
         return json.loads(await resp.text())["choices"][0]["token_ids"]
 
 
-def make_bodies(n: int, seed: int, *, vocab: tuple[int, int] = (3, 500), max_prompt: int = 600) -> list[dict]:
+def make_bodies(n: int, seed: int, *, vocab: tuple[int, int] = (3, 460), max_prompt: int = 600) -> list[dict]:
     rnd = random.Random(seed)
     bodies = []
     for _ in range(n):
