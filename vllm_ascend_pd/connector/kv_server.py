@@ -38,7 +38,7 @@ _AUTH_LOG_EVERY_S = 10.0
 @dataclass
 class _Waiting:
     identity: bytes
-    req: wire.PullRequest
+    req: wire.PullRequest | wire.Release
     deadline: float
 
 
@@ -116,7 +116,7 @@ class KVServer:
         elif isinstance(msg, wire.PullRequest):
             self._pull(identity, msg, time.monotonic() + self.grace_s)
         elif isinstance(msg, wire.Release):
-            self._release(identity, msg)
+            self._release(identity, msg, time.monotonic() + self.grace_s)
         elif isinstance(msg, wire.TransferDone):
             # Only the consumer that made the pull can end it.
             link = self._inbound.get((identity, msg.transfer_id))
@@ -218,11 +218,24 @@ class KVServer:
         gen = self.transport.send_blocks(link, req.transfer_id, req.block_ids)
         self._sends.add(Task(req.transfer_id, gen, done, failed))
 
-    def _release(self, identity: bytes, msg: wire.Release) -> None:
+    def _release(self, identity: bytes, msg: wire.Release, deadline: float) -> None:
         if not self._authorized(msg, "release", msg.transfer_id, msg.request_id):
             self._reply(identity, wire.ReleaseReply(False, msg.transfer_id, "authentication failed"))
             return
+        self._free(identity, msg, deadline)
+
+    def _free(self, identity: bytes, msg: wire.Release, deadline: float) -> None:
         why = self.leases.release(msg.transfer_id, msg.request_id)
+        if (
+            why == "unknown transfer id"
+            and time.monotonic() < deadline
+            and len(self._waiting) < _MAX_WAITING
+        ):
+            # Like a pull, a release can race ahead of the engine registering
+            # the lease (the proxy releases as soon as P's answer arrives);
+            # refusing it would leave the blocks leased until lease_s.
+            self._waiting.append(_Waiting(identity, msg, deadline))
+            return
         if why is None:
             self.stats.record_release()
         self._reply(identity, wire.ReleaseReply(why is None, msg.transfer_id, why or ""))
@@ -234,7 +247,10 @@ class KVServer:
         now = time.monotonic()
         for w in waiting:
             if self.leases.knows(w.req.transfer_id) or now >= w.deadline:
-                self._claim(w.identity, w.req, deadline=0.0)
+                if isinstance(w.req, wire.Release):
+                    self._free(w.identity, w.req, deadline=0.0)
+                else:
+                    self._claim(w.identity, w.req, deadline=0.0)
             else:
                 self._waiting.append(w)
 
