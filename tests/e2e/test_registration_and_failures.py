@@ -22,7 +22,8 @@ def test_instances_register_with_the_proxy_and_serve(cluster, tokenizer):
 
     status = wait_for(registered, timeout=30)
     addresses = {role: [i["address"] for i in insts] for role, insts in status["instances"].items()}
-    assert addresses == {"prefill": [f"127.0.0.1:{cluster.P.port}"], "decode": [f"127.0.0.1:{cluster.D.port}"]}
+    assert addresses == {"prefill": [f"127.0.0.1:{cluster.P.port}"], "decode": [f"127.0.0.1:{cluster.D.port}"],
+                         "both": []}
     prompt = prompt_of(tokenizer, 77, seed=3)
     assert completion(cluster.dyn_proxy_url, prompt) == completion(cluster.S.url, prompt)
 
