@@ -9,13 +9,15 @@ Version history:
      producer) keep 1: peers agree on the transport at the handshake.
   2: ``auth`` fields carry HMAC tokens (see auth.py) instead of the secret;
      HelloReply and PullReply are signed too.
+  3: heterogeneous TP: TensorDesc.head_axis, LayoutDesc.num_kv_heads,
+     PullRequest.consumer_tp/heads (a pull may carry a KV-head slice).
 """
 
 from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # Decoding is bounded before anything is parsed (see MAX_CONTROL_BYTES users).
 MAX_CONTROL_BYTES = 4 * 1024 * 1024
@@ -27,6 +29,7 @@ class TensorDesc(msgspec.Struct, frozen=True):
     name: str
     dtype: str
     block_shape: tuple[int, ...]  # shape of one block (everything but dim 0)
+    head_axis: int = -1  # index into block_shape of the KV heads; -1: not split by TP
 
 
 class LayoutDesc(msgspec.Struct, frozen=True):
@@ -34,6 +37,7 @@ class LayoutDesc(msgspec.Struct, frozen=True):
     tensors: tuple[TensorDesc, ...]
     is_mla: bool = False
     tp_size: int = 1
+    num_kv_heads: int = 0  # the model's KV heads over all TP ranks
 
 
 class Hello(msgspec.Struct, tag="hello"):
@@ -61,6 +65,9 @@ class PullRequest(msgspec.Struct, tag="pull"):
     consumer_engine_id: str = ""
     consumer_rank: int = 0
     auth: str = ""
+    consumer_tp: int = 1
+    # Producer-local KV heads [start, stop) to send; None: all (see tp_map.py).
+    heads: tuple[int, int] | None = None
 
 
 class PullReply(msgspec.Struct, tag="pull_reply"):

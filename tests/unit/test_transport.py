@@ -13,7 +13,7 @@ from vllm_ascend_pd.connector.metadata import RecvSpec, ReleaseSpec
 from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
-from vllm_ascend_pd.kv_layout import PagedKVCache
+from vllm_ascend_pd.kv_layout import CacheAxes, PagedKVCache
 from vllm_ascend_pd.testing.servers import free_port
 from vllm_ascend_pd.transport import TransportOptions, create_transport
 
@@ -26,7 +26,7 @@ def make_cache(fill: float, dtype=torch.float32) -> PagedKVCache:
         f"layer.{i}": (torch.arange(NB * 2 * 32 * 8, dtype=torch.float32).view(NB, 2, 32, 8) * fill + i).to(dtype)
         for i in range(3)
     }
-    return PagedKVCache.from_vllm(caches, NB, 32, lambda n, t: 0)
+    return PagedKVCache.from_vllm(caches, NB, 32, lambda n, i, t: CacheAxes(block=0))
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from vllm_ascend_pd.connector.pump import Pump, Task
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
 from vllm_ascend_pd.connector.zmq_links import RouterLink, router_socket
+from vllm_ascend_pd.connector.tp_map import HeadRange, TPMapError, consumers_of
 from vllm_ascend_pd.kv_layout import check_compatible
 from vllm_ascend_pd.log import get_logger
 from vllm_ascend_pd.protocol import LayoutDesc
@@ -165,7 +166,7 @@ class KVServer:
 
     def _pull(self, identity: bytes, req: wire.PullRequest, deadline: float) -> None:
         if not self._authorized(req, "pull", req.transfer_id, req.request_id, req.block_ids,
-                                req.consumer_engine_id, req.consumer_rank):
+                                req.consumer_engine_id, req.consumer_rank, req.consumer_tp, req.heads):
             self._reply(identity, self._signed_pull_reply(req, False, "authentication failed"))
             return
         self._claim(identity, req, deadline)
@@ -177,7 +178,15 @@ class KVServer:
         return reply
 
     def _claim(self, identity: bytes, req: wire.PullRequest, deadline: float) -> None:
-        claim = self.leases.begin_send(req.transfer_id, req.request_id, req.block_ids)
+        plan = self._tp_plan(req)
+        heads = None
+        if isinstance(plan, str):
+            claim: object = plan
+        else:
+            expected, heads = plan
+            claim = self.leases.begin_send(
+                req.transfer_id, req.request_id, req.block_ids, req.consumer_rank, expected
+            )
         if isinstance(claim, str):
             if (
                 claim == "unknown transfer id"
@@ -194,7 +203,7 @@ class KVServer:
             )
             self._reply(identity, self._signed_pull_reply(req, False, claim))
             return
-        plan_bytes = len(req.block_ids) * self.transport.cache.total_block_bytes()
+        plan_bytes = len(req.block_ids) * self.transport.cache.total_block_bytes(heads)
         self._reply(identity, self._signed_pull_reply(req, True, total_bytes=plan_bytes))
         link = RouterLink(self._sock, identity)
         key = (identity, req.transfer_id)
@@ -203,7 +212,7 @@ class KVServer:
 
         def done(nbytes: int) -> None:
             self._inbound.pop(key, None)
-            self.leases.end(req.transfer_id, "pulled")
+            self.leases.end_send(req.transfer_id, req.consumer_rank)
             self.stats.record_send(nbytes, len(req.block_ids), time.perf_counter() - start)
 
         def failed(e: BaseException) -> None:
@@ -215,8 +224,37 @@ class KVServer:
             )
             self.leases.end(req.transfer_id, f"send failed: {e}")
 
-        gen = self.transport.send_blocks(link, req.transfer_id, req.block_ids)
+        if heads is None:
+            gen = self.transport.send_blocks(link, req.transfer_id, req.block_ids)
+        else:
+            gen = self.transport.send_blocks(link, req.transfer_id, req.block_ids, heads=heads)
         self._sends.add(Task(req.transfer_id, gen, done, failed))
+
+    def _tp_plan(self, req: wire.PullRequest) -> tuple[frozenset[int], HeadRange | None] | str:
+        """The consumer ranks that pull from this rank, and the heads this
+        consumer rank must ask for (see tp_map.py); a reason if it asks wrong."""
+        lay = self.layout
+        if lay.tp_size == req.consumer_tp and lay.num_kv_heads <= 0:
+            # Same TP and heads unknown: rank r serves rank r whole.
+            if req.consumer_rank != self.tp_rank or req.heads is not None:
+                return "consumer rank does not match this producer rank"
+            return frozenset({req.consumer_rank}), None
+        try:
+            by_rank = consumers_of(
+                self.tp_rank, lay.tp_size, req.consumer_tp, lay.num_kv_heads, lay.is_mla
+            )
+        except TPMapError as e:
+            return str(e)
+        piece = by_rank.get(req.consumer_rank)
+        wanted = None if piece is None or piece.src is None else (piece.src.start, piece.src.stop)
+        if piece is None or req.heads != wanted:
+            return f"consumer rank {req.consumer_rank}/{req.consumer_tp} asked for the wrong KV heads"
+        if piece.src is not None and not self.transport.head_slices:
+            return (
+                f"transport {self.transport.name} cannot move KV-head slices, which TP "
+                f"{lay.tp_size} -> {req.consumer_tp} needs; use transport tcp"
+            )
+        return frozenset(by_rank), piece.src
 
     def _release(self, identity: bytes, msg: wire.Release, deadline: float) -> None:
         if not self._authorized(msg, "release", msg.transfer_id, msg.request_id):

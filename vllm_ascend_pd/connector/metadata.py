@@ -28,6 +28,7 @@ class RecvSpec:
     remote_block_ids: list[int]
     local_block_ids: list[int]
     num_tokens: int
+    remote_tp_size: int = 0  # 0: same as this instance
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ReleaseSpec:
     remote_port: int
     transfer_id: str
     remote_request_id: str
+    remote_tp_size: int = 0  # 0: same as this instance
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """Consumer worker: pulls leased blocks from producer ranks.
 
+With equal TP sizes rank r pulls everything from the producer's rank r; with
+different sizes a request is one pull per producer rank holding some of this
+rank's KV heads (connector/tp_map.py), and it is done when all of them are.
+
 Jobs advance in ``pump()``, called from the engine thread every step, so the
 engine keeps decoding other requests while transfers are in flight. One job
 per producer endpoint runs at a time (they share a socket); different
@@ -14,6 +18,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Generator
+from dataclasses import dataclass
 
 import zmq
 
@@ -23,6 +28,7 @@ from vllm_ascend_pd.config import control_port
 from vllm_ascend_pd.connector.metadata import RecvSpec, ReleaseSpec
 from vllm_ascend_pd.connector.pump import Pump, Task
 from vllm_ascend_pd.connector.stats import TransferStats
+from vllm_ascend_pd.connector.tp_map import Piece, TPMapError, pieces_for, releases_for
 from vllm_ascend_pd.connector.zmq_links import DealerLink, dealer_socket, tcp_endpoint
 from vllm_ascend_pd.log import get_logger
 from vllm_ascend_pd.protocol import LayoutDesc
@@ -32,6 +38,16 @@ from vllm_ascend_pd.transport.base import wait_recv, wait_send
 logger = get_logger(__name__)
 
 
+@dataclass
+class _Recv:
+    """A request's pulls in flight (one per producer rank)."""
+
+    remaining: int
+    start: float
+    nbytes: int = 0
+    failed: bool = False
+
+
 class Puller:
     def __init__(
         self,
@@ -39,6 +55,7 @@ class Puller:
         engine_id: str,
         tp_rank: int,
         layout: LayoutDesc,
+        tp_size: int | None = None,
         transport: Transport,
         stats: TransferStats,
         secret: str,
@@ -46,6 +63,7 @@ class Puller:
     ):
         self.engine_id = engine_id
         self.tp_rank = tp_rank
+        self.tp_size = tp_size or layout.tp_size
         self.layout = layout
         self.transport = transport
         self.stats = stats
@@ -57,11 +75,48 @@ class Puller:
         self._pump = Pump()
         self._done: set[str] = set()
         self._failed: set[str] = set()
+        self._recvs: dict[str, _Recv] = {}
+
+    def _pieces(self, producer_tp: int) -> list[Piece]:
+        lay = self.layout
+        if producer_tp == self.tp_size and lay.num_kv_heads <= 0:
+            return [Piece(self.tp_rank, None, None)]  # heads unknown: rank r <-> rank r
+        return pieces_for(self.tp_rank, self.tp_size, producer_tp, lay.num_kv_heads, lay.is_mla)
+
+    def _queue(self, spec: RecvSpec | ReleaseSpec, producer_rank: int, piece: Piece | None) -> None:
+        endpoint = tcp_endpoint(spec.remote_host, control_port(spec.remote_port, producer_rank))
+        self._queues[endpoint].append((endpoint, spec, piece))
 
     def submit(self, spec: RecvSpec | ReleaseSpec) -> None:
-        """Queue a pull or a release; rank r talks to the producer's rank r."""
-        endpoint = tcp_endpoint(spec.remote_host, control_port(spec.remote_port, self.tp_rank))
-        self._queues[endpoint].append((endpoint, spec))
+        """Queue the pulls or releases of one request (see tp_map.py)."""
+        producer_tp = spec.remote_tp_size or self.tp_size
+        if isinstance(spec, ReleaseSpec):
+            # Each producer rank is released by exactly one consumer rank.
+            for p in range(self.tp_rank, producer_tp, self.tp_size):
+                self._queue(spec, p, None)
+            return
+        try:
+            pieces = self._pieces(producer_tp)
+            unused = releases_for(
+                self.tp_rank, self.tp_size, producer_tp, self.layout.num_kv_heads, self.layout.is_mla
+            ) if producer_tp != self.tp_size or self.layout.num_kv_heads > 0 else []
+        except TPMapError as e:
+            logger.warning(
+                "AscendSimpleConnector: cannot load KV for request %s from a TP-%d producer: %s",
+                spec.request_id, producer_tp, e,
+            )
+            self.stats.record_recv_failure("incompatible")
+            self._failed.add(spec.request_id)
+            return
+        self._recvs[spec.request_id] = _Recv(len(pieces), time.perf_counter())
+        for piece in pieces:
+            self._queue(spec, piece.producer_rank, piece)
+        release = ReleaseSpec(
+            spec.request_id, spec.remote_host, spec.remote_port, spec.transfer_id,
+            spec.remote_request_id, spec.remote_tp_size,
+        )
+        for p in unused:  # producer ranks nobody pulls from: free their blocks now
+            self._queue(release, p, None)
 
     def pump(self, budget_s: float) -> None:
         for endpoint, queue in self._queues.items():
@@ -81,29 +136,46 @@ class Puller:
             task.gen.close()
         self._pump.tasks.clear()
         self._links.clear()
+        self._recvs.clear()
         self._ctx.destroy(linger=0)
 
-    def _start(self, endpoint: str, job: RecvSpec | ReleaseSpec) -> None:
+    def _finish_piece(self, job: RecvSpec, nbytes: int, error: str | None) -> None:
+        recv = self._recvs.get(job.request_id)
+        if recv is None:
+            return
+        recv.remaining -= 1
+        recv.nbytes += nbytes
+        if error is not None and not recv.failed:
+            recv.failed = True
+            self.stats.record_recv_failure(error)
+        if recv.remaining > 0:
+            return
+        del self._recvs[job.request_id]
+        if recv.failed:
+            self._failed.add(job.request_id)
+        else:
+            self.stats.record_recv(
+                recv.nbytes, len(job.local_block_ids), job.num_tokens, time.perf_counter() - recv.start
+            )
+            self._done.add(job.request_id)
+
+    def _start(self, endpoint: str, job: RecvSpec | ReleaseSpec, piece: Piece | None) -> None:
         if isinstance(job, RecvSpec):
-            start = time.perf_counter()
+            assert piece is not None
 
             def done(nbytes: int) -> None:
-                self.stats.record_recv(
-                    nbytes, len(job.local_block_ids), job.num_tokens, time.perf_counter() - start
-                )
-                self._done.add(job.request_id)
+                self._finish_piece(job, nbytes, None)
 
             def failed(e: BaseException) -> None:
                 self._drop(endpoint)
                 cause = getattr(e, "cause", "transport")
-                self.stats.record_recv_failure(cause)
                 logger.warning(
                     "AscendSimpleConnector: loading KV for request %s from %s failed (%s): %s",
                     job.request_id, endpoint, cause, e,
                 )
-                self._failed.add(job.request_id)
+                self._finish_piece(job, 0, cause)
 
-            self._pump.add(Task(endpoint, self._pull(endpoint, job), done, failed))
+            self._pump.add(Task(endpoint, self._pull(endpoint, job, piece), done, failed))
         else:
 
             def released(ok: bool) -> None:
@@ -173,15 +245,23 @@ class Puller:
                 "shared_secret on both instances", "auth",
             ) from None
 
-    def _pull(self, endpoint: str, job: RecvSpec) -> Generator[bool, None, int]:
+    def _pull(self, endpoint: str, job: RecvSpec, piece: Piece) -> Generator[bool, None, int]:
+        if piece.dst is not None and not self.transport.head_slices:
+            raise TransferError(
+                f"transport {self.transport.name} cannot move KV-head slices, which a TP-"
+                f"{job.remote_tp_size} producer needs here; use transport tcp",
+                "incompatible",
+            )
         link = yield from self._link(endpoint)
+        heads = None if piece.src is None else (piece.src.start, piece.src.stop)
         token = self.auth.sign(
             "pull", job.transfer_id, job.remote_request_id, job.remote_block_ids,
-            self.engine_id, self.tp_rank,
+            self.engine_id, self.tp_rank, self.tp_size, heads,
         )
         req = wire.PullRequest(
             job.transfer_id, job.remote_request_id, job.remote_block_ids,
             self.engine_id, self.tp_rank, token,
+            consumer_tp=self.tp_size, heads=heads,
         )
         yield from wait_send(link, [wire.encode(req)], self.connect_timeout_s)
         reply = yield from self._expect(link, wire.PullReply, "pull")
@@ -191,7 +271,11 @@ class Puller:
             raise TransferError(
                 f"producer {endpoint} refused the pull: {reply.error}", _refusal_cause(reply.error, "refused")
             )
-        return (yield from self.transport.recv_blocks(link, job.transfer_id, job.local_block_ids))
+        if piece.src is None and piece.dst is None:
+            return (yield from self.transport.recv_blocks(link, job.transfer_id, job.local_block_ids))
+        return (yield from self.transport.recv_blocks(
+            link, job.transfer_id, job.local_block_ids, heads=piece.dst
+        ))
 
     def _release(self, endpoint: str, job: ReleaseSpec) -> Generator[bool, None, bool]:
         link = yield from self._link(endpoint)

@@ -83,10 +83,8 @@ class SchedulerSide:
                 f"producer block size {p.block_size} != consumer {self.block_size}: start "
                 "both with the same --block-size"
             )
-        if p.tp_size != self.tp_size:
-            raise InvalidParams(
-                f"producer tensor-parallel size {p.tp_size} != consumer {self.tp_size}"
-            )
+        # A different producer TP size is fine if the KV heads split evenly;
+        # the workers' handshake checks that (kv_layout.check_compatible).
         prompt = request.prompt_token_ids or []
         if p.num_tokens != len(prompt) or p.prompt_hash != prompt_hash(prompt):
             raise InvalidParams(
@@ -135,11 +133,15 @@ class SchedulerSide:
             RecvSpec(
                 request.request_id, p.remote_host, p.remote_port, p.transfer_id,
                 p.remote_request_id, remote_ids, local_ids, num_external_tokens,
+                remote_tp_size=p.tp_size,
             )
         )
 
     def _release_spec(self, request_id: str, p: ProducerParams) -> ReleaseSpec:
-        return ReleaseSpec(request_id, p.remote_host, p.remote_port, p.transfer_id, p.remote_request_id)
+        return ReleaseSpec(
+            request_id, p.remote_host, p.remote_port, p.transfer_id, p.remote_request_id,
+            remote_tp_size=p.tp_size,
+        )
 
     # -- both ---------------------------------------------------------------
     def build_connector_meta(self) -> AscendConnectorMetadata:

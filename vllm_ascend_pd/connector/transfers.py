@@ -23,6 +23,11 @@ class Lease:
     deadline: float
     state: State = State.LEASED
     block_set: frozenset[int] = field(default_factory=frozenset)
+    # Heterogeneous TP: the consumer ranks that must each pull once (fixed by
+    # the first pull), those that started, and those that finished.
+    expected: frozenset[int] = frozenset({0})
+    claimed: set[int] = field(default_factory=set)
+    pulled: set[int] = field(default_factory=set)
 
 
 class LeaseTable:
@@ -51,17 +56,44 @@ class LeaseTable:
             return "transfer id does not belong to that request"
         return lease
 
-    def begin_send(self, transfer_id: str, request_id: str, block_ids: list[int]) -> Lease | str:
-        """Claim a lease for one pull; return it, or the reason it is refused."""
+    def begin_send(
+        self,
+        transfer_id: str,
+        request_id: str,
+        block_ids: list[int],
+        puller: int = 0,
+        expected: frozenset[int] = frozenset({0}),
+    ) -> Lease | str:
+        """Claim a lease for one pull by consumer rank ``puller`` out of the
+        ``expected`` ranks; return it, or the reason it is refused."""
         lease = self._check(transfer_id, request_id)
         if isinstance(lease, str):
             return lease
-        if lease.state is not State.LEASED:
+        if puller not in expected:
+            return "this consumer rank has nothing to pull from this producer rank"
+        if lease.claimed and expected != lease.expected:
+            return "pulls of one transfer disagree on the consumer's tensor-parallel size"
+        if puller in lease.claimed:
             return "transfer is already being pulled"
         if not block_ids or not lease.block_set.issuperset(block_ids):
             return "block ids are not part of this transfer"
+        lease.expected = expected
+        lease.claimed.add(puller)
         lease.state = State.SENDING
         return lease
+
+    def end_send(self, transfer_id: str, puller: int = 0) -> bool:
+        """One pull finished; the lease ends when every expected rank pulled.
+        Returns whether it ended."""
+        lease = self._by_transfer.get(transfer_id)
+        if lease is None:
+            return False
+        lease.pulled.add(puller)
+        if lease.pulled >= lease.expected:
+            return self.end(transfer_id, "pulled")
+        if lease.pulled == lease.claimed:
+            lease.state = State.LEASED  # idle until the next rank pulls (or expiry)
+        return False
 
     def release(self, transfer_id: str, request_id: str) -> str | None:
         """Free a lease the consumer will not pull; return why not, or None."""

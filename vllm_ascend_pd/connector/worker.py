@@ -25,7 +25,7 @@ from vllm_ascend_pd.connector.metadata import AscendConnectorMetadata
 from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
-from vllm_ascend_pd.kv_layout import PagedKVCache
+from vllm_ascend_pd.kv_layout import VLLM_LOGICAL_AXES, CacheAxes, PagedKVCache, axes_from_backend
 from vllm_ascend_pd.transport import TRANSPORTS, Transport, TransportOptions, create_transport
 
 if TYPE_CHECKING:
@@ -106,33 +106,32 @@ class WorkerSide:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._last_pump = 0.0
+        self._tuple_layers: dict[str, bool] = {}
 
-    def _block_dim(self, layer: str, tensor: torch.Tensor) -> int:
-        if importlib.util.find_spec("vllm.v1.kv_cache_layout") is not None:
+    def _axes(self, layer: str, part: int, tensor: torch.Tensor) -> CacheAxes:
+        """Where blocks and heads live, from vLLM's layout contract or the
+        layer's attention backend; never from tensor sizes."""
+        if not self._tuple_layers.get(layer, False) and importlib.util.find_spec("vllm.v1.kv_cache_layout") is not None:
             # vLLM >= 0.32 hands every layer out as a logical [B, H, N, C] view.
-            return 0
-        # Older vLLM: ask the layer's attention backend where blocks live.
+            return VLLM_LOGICAL_AXES
+        # Older vLLM, and vllm-ascend's per-layer (k, v) / (k_nope, k_pe)
+        # tuples: the order get_kv_cache_shape returns (stride order only
+        # permutes memory; the view keeps this order).
         ctx = self.vllm_config.compilation_config.static_forward_context[layer]
-        backend = ctx.get_attn_backend()
-        sentinel = 1_000_003
-        spec = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec
-        shape = backend.get_kv_cache_shape(sentinel, spec.block_size, spec.num_kv_heads, spec.head_size)
-        dim = list(shape).index(sentinel)
-        try:
-            order = backend.get_kv_cache_stride_order()
-            dim = list(order).index(dim)
-        except (AttributeError, NotImplementedError):
-            pass
-        return dim
+        return axes_from_backend(ctx.get_attn_backend(), tensor.dim())
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         cache_cfg = self.vllm_config.cache_config
+        model_cfg = self.vllm_config.model_config
+        is_mla = bool(getattr(model_cfg, "use_mla", False))
+        self._tuple_layers = {k: isinstance(v, (tuple, list)) for k, v in kv_caches.items()}
         self.cache = PagedKVCache.from_vllm(
             kv_caches,
             num_blocks=self.kv_cache_config.num_blocks,
             block_size=cache_cfg.block_size,
-            block_dim_of=self._block_dim,
-            is_mla=bool(getattr(self.vllm_config.model_config, "use_mla", False)),
+            axes_of=self._axes,
+            is_mla=is_mla,
+            num_kv_heads=1 if is_mla else model_cfg.get_total_num_kv_heads(),
         )
         device = self.cache.tensors[0].device.type
         name = resolve_transport(self.cfg.transport, device)
@@ -157,9 +156,11 @@ class WorkerSide:
         self.transport = transport
         layout = self.cache.describe(self.tp_size)
         logger.info(
-            "AscendSimpleConnector rank %d: %d cache tensors, %d blocks of %d bytes, transport %s",
-            self.tp_rank, len(self.cache.tensors), self.cache.num_blocks,
-            self.cache.total_block_bytes(), name,
+            "AscendSimpleConnector rank %d/%d: %d cache tensors (first %s %s), %d blocks of "
+            "%d bytes, %d KV heads, MLA %s, transport %s",
+            self.tp_rank, self.tp_size, len(self.cache.tensors), self.cache.names[0],
+            tuple(self.cache.tensors[0].shape), self.cache.num_blocks,
+            self.cache.total_block_bytes(), self.cache.num_kv_heads, is_mla, name,
         )
         secret = resolve_secret(self.cfg)
         if self.is_producer:
@@ -180,6 +181,7 @@ class WorkerSide:
             self.puller = Puller(
                 engine_id=self.engine_id,
                 tp_rank=self.tp_rank,
+                tp_size=self.tp_size,
                 layout=layout,
                 transport=transport,
                 stats=self.stats,

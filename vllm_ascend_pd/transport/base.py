@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from collections.abc import Generator
 from typing import Any, ClassVar, Protocol
 
-from vllm_ascend_pd.kv_layout import PagedKVCache
+from vllm_ascend_pd.kv_layout import HeadRange, PagedKVCache
 
 
 def wait_recv(link: "Link", timeout_s: float, what: str) -> Generator[bool, None, list[Any]]:
@@ -100,17 +100,27 @@ class TransportOptions:
 
 class Transport(ABC):
     name: ClassVar[str]
+    # Whether send/recv_blocks take ``heads`` (heterogeneous TP, tp_map.py).
+    head_slices: ClassVar[bool] = False
 
     def __init__(self, cache: PagedKVCache, options: TransportOptions):
         self.cache = cache
         self.options = options
 
+    # ``heads``: with heterogeneous tensor parallelism a transfer moves only a
+    # range of KV heads (rank-local indices; both ranges have the same count;
+    # tensors not split by heads move whole). ``PagedKVCache.gather/scatter``
+    # and ``plan_chunks`` take the same argument.
     @abstractmethod
-    def send_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> Step:
+    def send_blocks(
+        self, link: Link, transfer_id: str, block_ids: list[int], heads: HeadRange | None = None
+    ) -> Step:
         """Producer: stream ``block_ids`` to the peer; returns bytes sent."""
 
     @abstractmethod
-    def recv_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> Step:
+    def recv_blocks(
+        self, link: Link, transfer_id: str, block_ids: list[int], heads: HeadRange | None = None
+    ) -> Step:
         """Consumer: receive into ``block_ids`` (same order as the producer's list)."""
 
     def close(self) -> None:

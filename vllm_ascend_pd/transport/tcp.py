@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from vllm_ascend_pd import protocol as wire
-from vllm_ascend_pd.kv_layout import PagedKVCache, plan_chunks
+from vllm_ascend_pd.kv_layout import HeadRange, PagedKVCache, block_runs, plan_chunks, scatter_runs
 from vllm_ascend_pd.transport.base import (
     Link,
     Step,
@@ -24,12 +24,15 @@ from vllm_ascend_pd.transport.base import (
 )
 from vllm_ascend_pd.transport.buffer_pool import BufferPool
 
+__all__ = ["TcpTransport", "block_runs", "scatter_runs"]  # the helpers live in kv_layout
+
 # Received frames are read-only memory we only read from.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
 class TcpTransport(Transport):
     name = "tcp"
+    head_slices = True
 
     def __init__(self, cache: PagedKVCache, options: TransportOptions):
         super().__init__(cache, options)
@@ -46,22 +49,18 @@ class TcpTransport(Transport):
             self._pool = BufferPool(count, self.chunk_bytes, pin_memory=self._on_device)
         return self._pool
 
-    def send_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> Step:
+    def send_blocks(
+        self, link: Link, transfer_id: str, block_ids: list[int], heads: HeadRange | None = None
+    ) -> Step:
         cache = self.cache
         timeout = self.options.idle_timeout_s
         idx_all = torch.tensor(block_ids, dtype=torch.long, device=cache.tensors[0].device)
         total = 0
-        for seq, ch in enumerate(plan_chunks(cache, len(block_ids), self.chunk_bytes)):
-            t = cache.tensors[ch.tensor]
-            n = (ch.stop - ch.start) * cache.block_bytes(ch.tensor)
+        for seq, ch in enumerate(plan_chunks(cache, len(block_ids), self.chunk_bytes, heads)):
+            n = (ch.stop - ch.start) * cache.block_bytes(ch.tensor, heads)
             buf = yield from self.pool.acquire(timeout)
             try:
-                out = buf[:n].view(t.dtype).view((ch.stop - ch.start, *t.shape[1:]))
-                idx = idx_all[ch.start : ch.stop]
-                if self._on_device:
-                    out.copy_(torch.index_select(t, 0, idx))
-                else:
-                    torch.index_select(t, 0, idx, out=out)
+                cache.gather(ch.tensor, idx_all[ch.start : ch.stop], heads, out=buf[:n])
                 header = wire.encode(wire.ChunkHeader(transfer_id, seq, n))
                 tracker = yield from wait_send(
                     link, [header, buf[:n].numpy()], timeout, copy=False, track=True
@@ -75,13 +74,15 @@ class TcpTransport(Transport):
         yield from wait_send(link, [wire.encode(wire.TransferDone(transfer_id, True))], timeout)
         return total
 
-    def recv_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> Step:
+    def recv_blocks(
+        self, link: Link, transfer_id: str, block_ids: list[int], heads: HeadRange | None = None
+    ) -> Step:
         cache = self.cache
         timeout = self.options.idle_timeout_s
         device = cache.tensors[0].device
         idx_all = torch.tensor(block_ids, dtype=torch.long, device=device)
         total = 0
-        plan = plan_chunks(cache, len(block_ids), self.chunk_bytes)
+        plan = plan_chunks(cache, len(block_ids), self.chunk_bytes, heads)
         for seq, ch in enumerate(plan):
             frames = yield from wait_recv(link, timeout, "KV data")
             msg = wire.decode(_buffer(frames[0]))
@@ -91,8 +92,7 @@ class TcpTransport(Transport):
                     f"chunks: {msg.error or 'no reason given'}",
                     cause="producer_error",
                 )
-            t = cache.tensors[ch.tensor]
-            n = (ch.stop - ch.start) * cache.block_bytes(ch.tensor)
+            n = (ch.stop - ch.start) * cache.block_bytes(ch.tensor, heads)
             if (
                 not isinstance(msg, wire.ChunkHeader)
                 or msg.transfer_id != transfer_id
@@ -106,12 +106,7 @@ class TcpTransport(Transport):
                     cause="protocol",
                 )
             src = torch.frombuffer(_buffer(frames[1]), dtype=torch.uint8)
-            src = src.view(t.dtype).view((ch.stop - ch.start, *t.shape[1:]))
-            if device.type != "cpu":
-                src = src.to(device, non_blocking=False)
-                t.index_copy_(0, idx_all[ch.start : ch.stop], src)
-            else:
-                scatter_runs(t, block_ids[ch.start : ch.stop], src)
+            cache.scatter(ch.tensor, idx_all[ch.start : ch.stop], src, heads)
             total += n
             yield True
         frames = yield from wait_recv(link, timeout, "end of transfer")
@@ -119,24 +114,6 @@ class TcpTransport(Transport):
         if not isinstance(done, wire.TransferDone) or not done.ok:
             raise TransferError(f"transfer {transfer_id} did not end cleanly", cause="protocol")
         return total
-
-
-def block_runs(ids: list[int]) -> list[tuple[int, int, int]]:
-    """(position in ``ids``, first block, length) of each run of consecutive ids."""
-    runs = []
-    start = 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or ids[i] != ids[i - 1] + 1:
-            runs.append((start, ids[start], i - start))
-            start = i
-    return runs
-
-
-def scatter_runs(t: torch.Tensor, ids: list[int], src: torch.Tensor) -> None:
-    # On CPU, index_copy_ runs at a quarter of memcpy speed (benchmarks/transfer);
-    # one copy_ per run of consecutive blocks runs at memcpy speed.
-    for pos, block, n in block_runs(ids):
-        t[block : block + n].copy_(src[pos : pos + n])
 
 
 def _buffer(frame) -> memoryview | bytes:
