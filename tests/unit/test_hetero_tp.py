@@ -341,3 +341,18 @@ def test_tp_that_does_not_divide_heads_fails_fast(group_factory):
     puller = g.consumers[0][0]
     puller.submit(RecvSpec("x", "127.0.0.1", g.kv_port, TID, "req-p", SRC, DST, 40, remote_tp_size=3))
     assert puller.take_results() == ({"x"}, {"x"})
+
+
+def test_consumer_scheduler_accepts_another_tp_size_and_passes_it_on():
+    pytest.importorskip("vllm.v1.request")
+    from tests.unit.test_scheduler import FakeBlocks, FakeRequest, produce, side
+
+    prompt = list(range(10))
+    _, _, params = produce(prompt)
+    params = {**params, "tp_size": 2}  # a TP-2 producer; this consumer is TP 1
+    c = side(consumer=True)
+    req = FakeRequest("d-1", prompt, params)
+    assert c.get_num_new_matched_tokens(req, 0) == (10, True)
+    c.update_state_after_alloc(req, FakeBlocks([100, 101, 102]), 10)
+    (r,) = c.build_connector_meta().recvs
+    assert r.remote_tp_size == 2
