@@ -323,7 +323,7 @@ def test_wrong_head_request_gets_no_data(group_factory):
     g.lease()
     puller, d_raw, _ = g.consumers[1]
     # Consumer rank 1 asks for rank 0's heads: the producer refuses, sends nothing.
-    puller._pieces = lambda producer_tp: [Piece(0, HeadRange(0, 2), HeadRange(0, 2))]
+    puller._plan = lambda producer_tp: ([Piece(0, HeadRange(0, 2), HeadRange(0, 2))], [])
     puller.submit(RecvSpec("bad", "127.0.0.1", g.kv_port, TID, "req-p", SRC, DST, 40, remote_tp_size=1))
     deadline = time.monotonic() + 10
     res = (set(), set())

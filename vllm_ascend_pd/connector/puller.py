@@ -77,11 +77,13 @@ class Puller:
         self._failed: set[str] = set()
         self._recvs: dict[str, _Recv] = {}
 
-    def _pieces(self, producer_tp: int) -> list[Piece]:
+    def _plan(self, producer_tp: int) -> tuple[list[Piece], list[int]]:
+        """(pulls, producer ranks to release) for this rank; see tp_map.py."""
         lay = self.layout
         if producer_tp == self.tp_size and lay.num_kv_heads <= 0:
-            return [Piece(self.tp_rank, None, None)]  # heads unknown: rank r <-> rank r
-        return pieces_for(self.tp_rank, self.tp_size, producer_tp, lay.num_kv_heads, lay.is_mla)
+            return [Piece(self.tp_rank, None, None)], []  # heads unknown: rank r <-> rank r
+        args = (self.tp_rank, self.tp_size, producer_tp, lay.num_kv_heads, lay.is_mla)
+        return pieces_for(*args), releases_for(*args)
 
     def _queue(self, spec: RecvSpec | ReleaseSpec, producer_rank: int, piece: Piece | None) -> None:
         endpoint = tcp_endpoint(spec.remote_host, control_port(spec.remote_port, producer_rank))
@@ -96,10 +98,7 @@ class Puller:
                 self._queue(spec, p, None)
             return
         try:
-            pieces = self._pieces(producer_tp)
-            unused = releases_for(
-                self.tp_rank, self.tp_size, producer_tp, self.layout.num_kv_heads, self.layout.is_mla
-            ) if producer_tp != self.tp_size or self.layout.num_kv_heads > 0 else []
+            pieces, unused = self._plan(producer_tp)
         except TPMapError as e:
             logger.warning(
                 "AscendSimpleConnector: cannot load KV for request %s from a TP-%d producer: %s",
