@@ -145,6 +145,14 @@ def build_tiny_mla_model(
         moe_intermediate_size=hidden,
         first_k_dense_replace=num_layers,
         max_position_embeddings=max_positions,
+        # YaRN scaling as DeepSeek-V2 ships it. It also keeps vLLM-CPU off its
+        # C++ rotary kernel, which mis-rotates MLA's strided k_pe/q_pe views
+        # (docs/known-issues.md).
+        rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+            "original_max_position_embeddings": max_positions // 4,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+        },
         initializer_range=0.5,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
