@@ -27,7 +27,10 @@ import torch
 from vllm_ascend_pd.connector.tp_map import HeadRange, TPMapError, check_tp, heads_per_rank
 from vllm_ascend_pd.protocol import LayoutDesc, TensorDesc
 
-__all__ = ["HeadRange", "CacheAxes", "PagedKVCache", "LayoutError", "check_compatible", "plan_chunks"]
+__all__ = [
+    "VLLM_LOGICAL_AXES", "CacheAxes", "HeadRange", "LayoutError", "PagedKVCache",
+    "axes_from_backend", "check_compatible", "plan_chunks",
+]
 
 
 class LayoutError(ValueError):

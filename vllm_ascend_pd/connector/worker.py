@@ -111,7 +111,8 @@ class WorkerSide:
     def _axes(self, layer: str, part: int, tensor: torch.Tensor) -> CacheAxes:
         """Where blocks and heads live, from vLLM's layout contract or the
         layer's attention backend; never from tensor sizes."""
-        if not self._tuple_layers.get(layer, False) and importlib.util.find_spec("vllm.v1.kv_cache_layout") is not None:
+        logical = importlib.util.find_spec("vllm.v1.kv_cache_layout") is not None
+        if logical and not self._tuple_layers.get(layer, False):
             # vLLM >= 0.32 hands every layer out as a logical [B, H, N, C] view.
             return VLLM_LOGICAL_AXES
         # Older vLLM, and vllm-ascend's per-layer (k, v) / (k_nope, k_pe)
