@@ -131,7 +131,7 @@ class Hooks:
 
 def make_cache(layout: Layout, num_blocks: int, seed: int | None):
     """A filled (so resident) paged cache in vllm-ascend's tuple layout."""
-    from vllm_ascend_pd.kv_layout import PagedKVCache
+    from vllm_ascend_pd.kv_layout import CacheAxes, PagedKVCache
 
     dtype = getattr(torch, layout.dtype)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -148,7 +148,7 @@ def make_cache(layout: Layout, num_blocks: int, seed: int | None):
                 t.copy_(vals.view(-1, *([1] * (t.dim() - 1))).expand_as(t))
             parts.append(t)
         caches[f"model.layers.{i}.self_attn"] = tuple(parts)
-    return PagedKVCache.from_vllm(caches, num_blocks, layout.block_size, lambda n, t: 0, layout.is_mla)
+    return PagedKVCache.from_vllm(caches, num_blocks, layout.block_size, lambda *_: CacheAxes(block=0), layout.is_mla)
 
 
 def checksum(cache, blocks: list[int]) -> list[float]:

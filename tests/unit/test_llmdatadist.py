@@ -22,7 +22,7 @@ from vllm_ascend_pd.connector.metadata import RecvSpec
 from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
-from vllm_ascend_pd.kv_layout import PagedKVCache
+from vllm_ascend_pd.kv_layout import CacheAxes, PagedKVCache
 from vllm_ascend_pd.testing.servers import free_port
 from vllm_ascend_pd.transport import TransferError, TransportOptions, create_transport
 from vllm_ascend_pd.transport.llmdatadist import cluster_id_for
@@ -46,7 +46,7 @@ def mha_cache(fill: float) -> PagedKVCache:
         f"layer.{i}": (torch.arange(NB * 2 * 16 * 8, dtype=torch.float32).view(NB, 2, 16, 8) * fill + i).half()
         for i in range(3)
     }
-    return PagedKVCache.from_vllm(caches, NB, 16, lambda n, t: 0)
+    return PagedKVCache.from_vllm(caches, NB, 16, lambda *_: CacheAxes(block=0))
 
 
 def mla_cache(fill: float) -> PagedKVCache:
@@ -58,7 +58,7 @@ def mla_cache(fill: float) -> PagedKVCache:
         )
         for i in range(2)
     }
-    return PagedKVCache.from_vllm(caches, NB, 16, lambda n, t: 0, is_mla=True)
+    return PagedKVCache.from_vllm(caches, NB, 16, lambda *_: CacheAxes(block=0), is_mla=True)
 
 
 def options(role: str, ip: str, timeout: float = 2.0) -> TransportOptions:
@@ -364,7 +364,7 @@ def test_unreadable_device_ip_names_the_key_to_set(monkeypatch):
 
 def test_non_contiguous_cache_is_refused_at_start():
     t = torch.zeros(8, NB, 4, dtype=torch.float16)
-    cache = PagedKVCache.from_vllm({"l": t}, NB, 4, lambda n, x: 1)
+    cache = PagedKVCache.from_vllm({"l": t}, NB, 4, lambda *_: CacheAxes(block=1))
     with pytest.raises(ConfigError, match="contiguous"):
         create_transport("llmdatadist", cache, options("consumer", D_IP))
 

@@ -12,14 +12,14 @@ import torch
 from tests.unit.fakes import fake_llm_datadist as fake
 from vllm_ascend_pd.config import ConfigError, parse_extra_config
 from vllm_ascend_pd.connector.worker import open_transport, resolve_transport
-from vllm_ascend_pd.kv_layout import PagedKVCache
+from vllm_ascend_pd.kv_layout import CacheAxes, PagedKVCache
 from vllm_ascend_pd.transport import TransportOptions
 
 IPS = ["10.30.0.1", "10.30.0.2"]
 
 
 def cache() -> PagedKVCache:
-    return PagedKVCache.from_vllm({"l": torch.zeros(8, 4, 2, 8, dtype=torch.float16)}, 8, 4, lambda n, t: 0)
+    return PagedKVCache.from_vllm({"l": torch.zeros(8, 4, 2, 8, dtype=torch.float16)}, 8, 4, lambda *_: CacheAxes(block=0))
 
 
 def opts(role: str, rank: int = 1) -> TransportOptions:

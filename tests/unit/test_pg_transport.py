@@ -18,7 +18,7 @@ from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
 from vllm_ascend_pd.connector.worker import resolve_transport
-from vllm_ascend_pd.kv_layout import PagedKVCache
+from vllm_ascend_pd.kv_layout import CacheAxes, PagedKVCache
 from vllm_ascend_pd.testing.servers import free_kv_port
 from vllm_ascend_pd.config import GROUP_PORT_OFFSET
 from vllm_ascend_pd.transport import TRANSPORTS, TransferError, TransportOptions, create_transport
@@ -39,17 +39,17 @@ def make_cache(kind: str, seed: int | None) -> PagedKVCache:
 
     if kind == "tensor":  # one block-first tensor per layer
         caches = {f"l{i}": t(NB, 2, BS, 4, 8) for i in range(3)}
-        return PagedKVCache.from_vllm(caches, NB, BS, lambda n, x: 0)
+        return PagedKVCache.from_vllm(caches, NB, BS, lambda *_: CacheAxes(block=0))
     if kind == "tensor_dim1":  # (2, blocks, ...): a strided view per layer
         caches = {f"l{i}": t(2, NB, BS, 4, 8) for i in range(3)}
-        return PagedKVCache.from_vllm(caches, NB, BS, lambda n, x: 1)
+        return PagedKVCache.from_vllm(caches, NB, BS, lambda *_: CacheAxes(block=1))
     if kind == "kv_tuple":  # vllm-ascend: (k, v), bf16
         caches = {f"l{i}": (t(NB, BS, 4, 8, dtype=torch.bfloat16), t(NB, BS, 4, 8, dtype=torch.bfloat16))
                   for i in range(3)}
-        return PagedKVCache.from_vllm(caches, NB, BS, lambda n, x: 0)
+        return PagedKVCache.from_vllm(caches, NB, BS, lambda *_: CacheAxes(block=0))
     if kind == "mla":  # (k_nope, k_pe) of different widths
         caches = {f"l{i}": (t(NB, BS, 1, 32), t(NB, BS, 1, 8)) for i in range(3)}
-        return PagedKVCache.from_vllm(caches, NB, BS, lambda n, x: 0, is_mla=True)
+        return PagedKVCache.from_vllm(caches, NB, BS, lambda *_: CacheAxes(block=0), is_mla=True)
     raise ValueError(kind)
 
 
