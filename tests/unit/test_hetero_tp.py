@@ -358,3 +358,27 @@ def test_consumer_scheduler_accepts_another_tp_size_and_passes_it_on():
     c.update_state_after_alloc(req, FakeBlocks([100, 101, 102]), 10)
     (r,) = c.build_connector_meta().recvs
     assert r.remote_tp_size == 2
+
+
+def test_transport_without_head_slices_refuses_a_split_cleanly(group_factory):
+    g = group_factory(1, 2, heads=4)
+    g.lease()
+    g.producers[0][0].transport.head_slices = False  # as pg / llmdatadist declare
+    assert g.pull(timeout=8) == [({"req-d"}, {"req-d"})] * 2
+    for _, d_raw, _ in g.consumers:
+        assert torch.count_nonzero(d_raw["layer.0"]) == 0
+    assert g.pending() == 1  # not pulled: the lease expires or is released
+
+
+def test_equal_tp_needs_no_head_slices(group_factory):
+    g = group_factory(2, 2, heads=4)
+    g.lease()
+    for server, _, _ in g.producers:
+        server.transport.head_slices = False
+    for puller, _, _ in g.consumers:
+        puller.transport.head_slices = False
+    assert g.pull() == [({"req-d"}, set())] * 2
+    for c, (_, d_raw, _) in enumerate(g.consumers):
+        p_raw = g.producers[c][2]
+        assert torch.equal(d_raw["layer.0"][DST], p_raw["layer.0"][SRC])
+    check_all_freed(g)
