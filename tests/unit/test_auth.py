@@ -201,7 +201,7 @@ def test_replayed_signed_pull_is_refused(secured):
     import threading
 
     leases.register("req-p", TID, [3])
-    tok = Authenticator(SECRET).sign("pull", TID, "req-p", [3], "D", 0)
+    tok = Authenticator(SECRET).sign("pull", TID, "req-p", [3], "D", 0, 1, None)
     pull = wire.PullRequest(TID, "req-p", [3], "D", 0, tok)
     stop = threading.Event()
 
@@ -291,7 +291,7 @@ def test_mutated_tokens_never_pass_and_the_server_keeps_serving(secured):
     try:
         for i in range(2000):
             if i % 2:
-                tok = signer.sign("pull", TID, "req-p", [3, 4], "D", 0)
+                tok = signer.sign("pull", TID, "req-p", [3, 4], "D", 0, 1, None)
                 msg_of = lambda t: wire.PullRequest(TID, "req-p", [3, 4], "D", 0, t)  # noqa: E731
             else:
                 tok = signer.sign("release", TID, "req-p")
