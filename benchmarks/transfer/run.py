@@ -109,10 +109,11 @@ class Hooks:
                     setattr(cls, slot + "_cpu", getattr(cls, slot + "_cpu") + time.thread_time() - c0)
             return wrapper
 
-        from vllm_ascend_pd.transport import tcp
+        from vllm_ascend_pd import kv_layout
 
-        if hasattr(tcp, "scatter_runs"):
-            tcp.scatter_runs = timed(tcp.scatter_runs, "scatter")
+        # PagedKVCache.scatter looks scatter_runs up at call time.
+        if hasattr(kv_layout, "scatter_runs"):
+            kv_layout.scatter_runs = timed(kv_layout.scatter_runs, "scatter")
         torch.index_select = timed(torch.index_select, "gather")
         torch.Tensor.index_select = timed(torch.Tensor.index_select, "gather")
         torch.Tensor.index_copy_ = timed(torch.Tensor.index_copy_, "scatter")
