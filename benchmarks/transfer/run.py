@@ -224,7 +224,23 @@ def producer_main(conn) -> None:
             conn.send(("ok", zmq_send(cache, *arg)))
 
 
-def consumer_main(conn) -> None:
+def _limit_receive_queue(rcvhwm: int) -> None:
+    """Experiment: bound the consumer's ZMQ receive queue (messages)."""
+    import zmq
+
+    from vllm_ascend_pd.connector import puller
+
+    def dealer_socket(ctx, endpoint):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.connect(endpoint)
+        return sock
+
+    puller.dealer_socket = dealer_socket
+
+
+def consumer_main(conn, rcvhwm: int = 0) -> None:
     from vllm_ascend_pd.connector.metadata import RecvSpec
     from vllm_ascend_pd.connector.puller import Puller
     from vllm_ascend_pd.connector.stats import TransferStats
@@ -232,6 +248,8 @@ def consumer_main(conn) -> None:
 
     torch.set_num_threads(1)
     Hooks.install()
+    if rcvhwm:
+        _limit_receive_queue(rcvhwm)
     cache = puller = None
     port = 0
     while True:
@@ -501,12 +519,12 @@ class Result:
 
 
 class Pair:
-    def __init__(self):
+    def __init__(self, rcvhwm: int = 0):
         ctx = mp.get_context("spawn")
         self.p, p_child = ctx.Pipe()
         self.d, d_child = ctx.Pipe()
         self.procs = [ctx.Process(target=producer_main, args=(p_child,), daemon=True),
-                      ctx.Process(target=consumer_main, args=(d_child,), daemon=True)]
+                      ctx.Process(target=consumer_main, args=(d_child, rcvhwm), daemon=True)]
         for pr in self.procs:
             pr.start()
 
@@ -700,6 +718,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--profile", type=Path, default=None,
                     help="py-spy both processes during the timed pulls of the largest case into this directory")
+    ap.add_argument("--rcvhwm", type=int, default=0,
+                    help="experiment: cap the consumer's ZMQ receive queue at this many messages")
     ap.add_argument("--tag", default="", help="suffix for the output files (before/after runs)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -710,7 +730,7 @@ def main(argv: list[str] | None = None) -> None:
         for tokens in args.tokens:
             for tr in args.transports:
                 # Fresh processes per case, so RSS figures do not inherit freed heap.
-                pair = Pair()
+                pair = Pair(args.rcvhwm)
                 try:
                     prof = args.profile if args.profile and tokens == max(args.tokens) else None
                     r = run_case(pair, LAYOUTS[layout], tokens, tr, args.chunk_mb, args.pool_mb, args.reps,
