@@ -159,7 +159,8 @@ def test_roles_swap_directly(pair, tokenizer, n_tokens):
         # The consumer pulled the whole prompt and computed none of it.
         assert wait_for(lambda: _counter(cons.url, "vllm:ascend_pd_loaded_tokens_total") - loaded) == n_tokens
         assert _counter(cons.url, "vllm:prompt_tokens_by_source_total", source="local_compute") == local
-        assert _counter(prod.url, "vllm:ascend_pd_transfers_total", direction="send") - sent == 1
+        # P reports its send when its engine next collects connector stats.
+        assert wait_for(lambda: _counter(prod.url, "vllm:ascend_pd_transfers_total", direction="send") - sent) == 1
         # Both sides back to baseline: no lease pending, no block held.
         wait_for(lambda: idle(prod) and idle(cons))
 
@@ -177,8 +178,17 @@ def test_roles_alternate_through_proxy(pair, tokenizer):
 
     # Round robin picks A and B in turn for prefill, the other one decodes:
     # each instance produced twice and consumed twice.
-    sent = [_counter(s.url, "vllm:ascend_pd_transfers_total", direction="send") - b for s, b in zip(servers, sends)]
-    recv = [_counter(s.url, "vllm:ascend_pd_transfers_total", direction="recv") - b for s, b in zip(servers, recvs)]
+    def counts():
+        sent = [_counter(s.url, "vllm:ascend_pd_transfers_total", direction="send") - b for s, b in zip(servers, sends)]
+        recv = [_counter(s.url, "vllm:ascend_pd_transfers_total", direction="recv") - b for s, b in zip(servers, recvs)]
+        return sent, recv
+
+    # A producer reports its sends when its engine next collects connector stats.
+    try:
+        wait_for(lambda: counts() == ([2, 2], [2, 2]), timeout=15)
+    except AssertionError:
+        pass
+    sent, recv = counts()
     assert sent == [2, 2] and recv == [2, 2], (sent, recv)
     total = sum(_counter(s.url, "vllm:ascend_pd_loaded_tokens_total") - b for s, b in zip(servers, loaded))
     assert total == sum(len(p) for p in prompts)

@@ -30,8 +30,17 @@ def test_2p2d_token_exact_and_balanced(cluster, tokenizer):
     with ThreadPoolExecutor(4) as ex:
         got = list(ex.map(lambda p: completion(cluster.xpyd_proxy_url, p, 8), prompts))
     assert got == expected
-    sent = [_transfers(p, "send") - b for p, b in zip(producers, sends)]
-    received = [_transfers(d, "recv") - b for d, b in zip(consumers, recvs)]
+    def counts():
+        sent = [_transfers(p, "send") - b for p, b in zip(producers, sends)]
+        received = [_transfers(d, "recv") - b for d, b in zip(consumers, recvs)]
+        return sent, received
+
+    # Producers report sends when their engines next collect connector stats.
+    try:
+        wait_for(lambda: sum(counts()[0]) == sum(counts()[1]) == 8, timeout=15)
+    except AssertionError:
+        pass
+    sent, received = counts()
     assert sum(sent) == sum(received) == 8
     assert min(sent) >= 1 and min(received) >= 1, (sent, received)
     for p in producers:
