@@ -226,18 +226,11 @@ def producer_main(conn) -> None:
 
 def _limit_receive_queue(rcvhwm: int) -> None:
     """Experiment: bound the consumer's ZMQ receive queue (messages)."""
-    import zmq
+    import functools
 
-    from vllm_ascend_pd.connector import puller
+    from vllm_ascend_pd.connector import puller, zmq_links
 
-    def dealer_socket(ctx, endpoint):
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        sock.connect(endpoint)
-        return sock
-
-    puller.dealer_socket = dealer_socket
+    puller.dealer_socket = functools.partial(zmq_links.dealer_socket, rcvhwm=rcvhwm)
 
 
 def consumer_main(conn, rcvhwm: int = 0) -> None:
