@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
 import urllib.request
@@ -39,10 +40,13 @@ def wait_for(pred, timeout: float = 30.0, interval: float = 0.25):
 
 
 def prompt_of(tokenizer, n_tokens: int, seed: int = 0) -> list[int]:
+    """A prompt of exactly ``n_tokens`` tokens, the same for the same (seed,
+    n_tokens) and unrelated otherwise: instances are shared by every test, so
+    two tests' prompts must not share a prefix block, or D's prefix cache
+    would serve part of a prompt and the loaded-token counts would be off."""
     words = "alpha beta gamma delta prefill decode block cache tensor ascend".split()
+    rng = random.Random(f"prompt-{seed}-{n_tokens}")
     ids: list[int] = []
-    i = seed
     while len(ids) < n_tokens:
-        ids.extend(tokenizer.encode(" " + words[i % len(words)], add_special_tokens=False))
-        i += 7
+        ids.extend(tokenizer.encode(" " + rng.choice(words), add_special_tokens=False))
     return ids[:n_tokens]
