@@ -570,23 +570,14 @@ def stop_profiles(procs: list) -> None:
             p.kill()
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def run_case(pair: Pair, layout: Layout, tokens: int, transport: str, chunk_mb: float,
              pool_mb: float, reps: int, seed: int, profile: Path | None = None) -> Result:
-    from vllm_ascend_pd.testing.servers import free_kv_port, free_port
+    from vllm_ascend_pd.testing.servers import free_kv_port, free_port, port_is_free
 
     nb = -(-tokens // layout.block_size)
     while True:  # control ports and the group transport's rendezvous ports, all free
         port = free_kv_port(span=3)
-        if _port_free(port + GROUP_PORT_OFFSET) and _port_free(port + 2 + GROUP_PORT_OFFSET):
+        if port_is_free(port + GROUP_PORT_OFFSET) and port_is_free(port + 2 + GROUP_PORT_OFFSET):
             break
     rss_p, rss_d = pair.both("setup", (layout, nb, transport, port, chunk_mb, pool_mb),
                              "setup", (layout, nb, transport, port, chunk_mb, pool_mb))

@@ -43,12 +43,12 @@ def _free_range(lo: int, hi: int, avoid: set[int] | None, span: int) -> int:
         p = rnd.randrange(lo, hi - span)
         if any(q in avoid for q in range(p, p + span)):
             continue
-        if all(_is_free(q) for q in range(p, p + span)):
+        if all(port_is_free(q) for q in range(p, p + span)):
             return p
     raise RuntimeError(f"no free range of {span} ports in {lo}-{hi}")
 
 
-def _is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))

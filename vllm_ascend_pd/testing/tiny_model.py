@@ -48,6 +48,25 @@ def _write_tokenizer(out: Path, vocab_size: int, seed: int):
     return fast
 
 
+def _build(out_dir: str | os.PathLike, seed: int, vocab_size: int, make_model) -> Path:
+    """Tokenizer, then ``make_model(tokenizer)`` with a seeded RNG, saved to
+    ``out_dir`` once (a marker makes later calls a no-op)."""
+    out = Path(out_dir)
+    marker = out / ".complete"
+    if marker.exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    fast = _write_tokenizer(out, vocab_size, seed)
+    torch.manual_seed(seed)
+    make_model(fast).save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    marker.write_text("ok")
+    return out
+
+
 def build_tiny_model(
     out_dir: str | os.PathLike,
     *,
@@ -60,40 +79,30 @@ def build_tiny_model(
     max_positions: int = 4096,
 ) -> Path:
     """Write a HF-format Llama model + tokenizer to ``out_dir`` (idempotent)."""
-    out = Path(out_dir)
-    marker = out / ".complete"
-    if marker.exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    def make(fast):
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-    fast = _write_tokenizer(out, vocab_size, seed)
+        cfg = LlamaConfig(
+            vocab_size=len(fast),
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=hidden // heads,
+            max_position_embeddings=max_positions,
+            # Wide logits make greedy argmax robust to float reordering between
+            # a one-pass prefill and prefill-then-transfer.
+            initializer_range=0.5,
+            bos_token_id=fast.bos_token_id,
+            eos_token_id=fast.eos_token_id,
+            tie_word_embeddings=False,
+            torch_dtype="float32",
+        )
+        return LlamaForCausalLM(cfg)
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=hidden // heads,
-        max_position_embeddings=max_positions,
-        # Wide logits make greedy argmax robust to float reordering between
-        # a one-pass prefill and prefill-then-transfer.
-        initializer_range=0.5,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out, safe_serialization=True)
-    (out / "generation_config.json").write_text(json.dumps({"do_sample": False}))
-    marker.write_text("ok")
-    return out
+    return _build(out_dir, seed, vocab_size, make)
 
 
 # vLLM's CPU MLA backend (cpu_mla.py) only runs a latent cache of 576 =
@@ -114,56 +123,47 @@ def build_tiny_mla_model(
     max_positions: int = 4096,
 ) -> Path:
     """Write a HF-format DeepSeek-V2-style (MLA, dense MLP) model + tokenizer."""
-    out = Path(out_dir)
-    marker = out / ".complete"
-    if marker.exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
 
-    import torch
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    def make(fast):
+        from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
-    fast = _write_tokenizer(out, vocab_size, seed)
-    torch.manual_seed(seed)
-    cfg = DeepseekV2Config(
-        vocab_size=len(fast),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        kv_lora_rank=MLA_KV_LORA_RANK,
-        q_lora_rank=None,
-        qk_rope_head_dim=MLA_ROPE_DIM,
-        qk_nope_head_dim=32,
-        v_head_dim=32,
-        head_dim=MLA_ROPE_DIM,
-        # Every layer is a dense MLP (the expert fields are then unused).
-        n_routed_experts=2,
-        n_shared_experts=1,
-        num_experts_per_tok=1,
-        moe_intermediate_size=hidden,
-        first_k_dense_replace=num_layers,
-        max_position_embeddings=max_positions,
-        # YaRN scaling as DeepSeek-V2 ships it. It also keeps vLLM-CPU off its
-        # C++ rotary kernel, which mis-rotates MLA's strided k_pe/q_pe views
-        # (docs/known-issues.md).
-        rope_parameters={
-            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-            "original_max_position_embeddings": max_positions // 4,
-            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
-        },
-        initializer_range=0.5,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    model = DeepseekV2ForCausalLM(cfg)
-    model.save_pretrained(out, safe_serialization=True)
-    (out / "generation_config.json").write_text(json.dumps({"do_sample": False}))
-    marker.write_text("ok")
-    return out
+        cfg = DeepseekV2Config(
+            vocab_size=len(fast),
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            kv_lora_rank=MLA_KV_LORA_RANK,
+            q_lora_rank=None,
+            qk_rope_head_dim=MLA_ROPE_DIM,
+            qk_nope_head_dim=32,
+            v_head_dim=32,
+            head_dim=MLA_ROPE_DIM,
+            # Every layer is a dense MLP (the expert fields are then unused).
+            n_routed_experts=2,
+            n_shared_experts=1,
+            num_experts_per_tok=1,
+            moe_intermediate_size=hidden,
+            first_k_dense_replace=num_layers,
+            max_position_embeddings=max_positions,
+            # YaRN scaling as DeepSeek-V2 ships it. It also keeps vLLM-CPU off its
+            # C++ rotary kernel, which mis-rotates MLA's strided k_pe/q_pe views
+            # (docs/known-issues.md).
+            rope_parameters={
+                "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                "original_max_position_embeddings": max_positions // 4,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+            },
+            initializer_range=0.5,
+            bos_token_id=fast.bos_token_id,
+            eos_token_id=fast.eos_token_id,
+            tie_word_embeddings=False,
+            torch_dtype="float32",
+        )
+        return DeepseekV2ForCausalLM(cfg)
+
+    return _build(out_dir, seed, vocab_size, make)
 
 
 def main() -> None:
