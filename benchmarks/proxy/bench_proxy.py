@@ -260,6 +260,7 @@ async def wait_ready(url: str, timeout: float = 30.0) -> None:
 
 # ---------------------------------------------------------------- report
 HANDWRITTEN = "## Reading these numbers"
+TARGETS = ("direct", "proxy", "passthrough", "baseline")
 
 
 def write_report(results: list[Result], args, path: Path, plot_path: Path) -> str:
@@ -291,7 +292,7 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
     ]
     for c in args.concurrency:
         d = by.get(("direct", c))
-        for target in ("direct", "proxy", "passthrough"):
+        for target in TARGETS:
             r = by.get((target, c))
             if r is None:
                 continue
@@ -320,7 +321,7 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
     ]
     for c in args.concurrency:
         d = by.get(("direct", c))
-        for target in ("direct", "proxy", "passthrough"):
+        for target in TARGETS:
             r = by.get((target, c))
             if r is None:
                 continue
@@ -341,7 +342,7 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        for target in ("direct", "proxy", "passthrough"):
+        for target in TARGETS:
             cs = [c for c in args.concurrency if (target, c) in by]
             if not cs:
                 continue
@@ -361,7 +362,7 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
 
 # ---------------------------------------------------------------- main
 async def run(args) -> list[Result]:
-    p_port, d_port, x_port, b_port = (_free_port() for _ in range(4))
+    p_port, d_port, x_port, b_port, y_port = (_free_port() for _ in range(5))
     env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
     procs = []
     me = str(Path(__file__).resolve())
@@ -370,23 +371,30 @@ async def run(args) -> list[Result]:
             procs.append(subprocess.Popen([sys.executable, me, "--serve-backend", role,
                                            str(port), str(args.tokens), str(args.token_ms)],
                                           env=env))
-        procs.append(subprocess.Popen([
-            sys.executable, "-m", "vllm_ascend_pd.proxy", "--prefill", f"127.0.0.1:{p_port}",
-            "--decode", f"127.0.0.1:{d_port}", "--port", str(x_port), "--health-interval",
-            "0", "--max-inflight", "100000", "--log-level", "WARNING"], env=env, cwd=REPO))
+
+        def proxy_cmd(port: int) -> list[str]:
+            return [sys.executable, "-m", "vllm_ascend_pd.proxy", "--prefill",
+                    f"127.0.0.1:{p_port}", "--decode", f"127.0.0.1:{d_port}", "--port",
+                    str(port), "--health-interval", "0", "--max-inflight", "100000",
+                    "--log-level", "WARNING"]
+        procs.append(subprocess.Popen(proxy_cmd(x_port), env=env, cwd=REPO))
+        relays = {"proxy": (x_port, procs[-1].pid)}
         if not args.no_passthrough:
             procs.append(subprocess.Popen([sys.executable, me, "--serve-passthrough",
                                            str(b_port), str(d_port)], env=env))
+            relays["passthrough"] = (b_port, procs[-1].pid)
+        if args.baseline:
+            # The same proxy command, importing vllm_ascend_pd from another tree.
+            procs.append(subprocess.Popen(proxy_cmd(y_port), cwd=args.baseline, env=dict(
+                env, PYTHONPATH=str(Path(args.baseline).resolve()))))
+            relays["baseline"] = (y_port, procs[-1].pid)
         await wait_ready(f"http://127.0.0.1:{d_port}/health")
-        await wait_ready(f"http://127.0.0.1:{x_port}/health")
         backends = {"client": None, "decode": procs[1].pid, "prefill": procs[0].pid}
-        targets = {"direct": (f"http://127.0.0.1:{d_port}/v1/completions", backends),
-                   "proxy": (f"http://127.0.0.1:{x_port}/v1/completions",
-                             {**backends, "relay": procs[2].pid})}
-        if not args.no_passthrough:
-            await wait_ready(f"http://127.0.0.1:{b_port}/v1/completions")
-            targets["passthrough"] = (f"http://127.0.0.1:{b_port}/v1/completions",
-                                      {**backends, "relay": procs[3].pid})
+        targets = {"direct": (f"http://127.0.0.1:{d_port}/v1/completions", backends)}
+        for name, (port, pid) in relays.items():
+            await wait_ready(f"http://127.0.0.1:{port}/v1/completions")
+            targets[name] = (f"http://127.0.0.1:{port}/v1/completions",
+                             {**backends, "relay": pid})
         merged: dict[tuple[str, int], Result] = {}
         for c in args.concurrency:
             # Alternate the order between rounds so that drift in background
@@ -442,6 +450,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--no-passthrough", action="store_true")
+    ap.add_argument("--baseline", metavar="DIR", help="also run the proxy imported from "
+                    "DIR (e.g. `git worktree add DIR main`) as target 'baseline', for a "
+                    "before/after comparison in one run")
     ap.add_argument("--quick", action="store_true", help="short smoke run, no files")
     ap.add_argument("--out", default=str(REPO / "docs" / "proxy-benchmark.md"))
     args = ap.parse_args()

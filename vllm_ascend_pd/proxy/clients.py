@@ -12,6 +12,7 @@ import asyncio
 from typing import Optional
 
 import aiohttp
+from yarl import URL
 
 from vllm_ascend_pd.proxy.config import ProxyConfig
 from vllm_ascend_pd.proxy.log import init_logger
@@ -25,6 +26,9 @@ class BackendClients:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._closing: set[asyncio.Task] = set()
         self._closed = False
+        # Absolute URL per (address, path): joining base_url per request
+        # costs more than the lookup.
+        self._urls: dict[tuple[str, str], URL] = {}
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=cfg.connect_timeout, sock_read=None)
 
@@ -42,14 +46,27 @@ class BackendClients:
                 connector=connector,
                 timeout=self._timeout,
                 auto_decompress=False,
+                # A router must not replay one client's backend cookies to
+                # another client (and the jar costs time per request).
+                cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),
                 raise_for_status=False,
             )
             self._sessions[address] = sess
         return sess
 
+    def url(self, address: str, path: str) -> URL:
+        """``http://address/path``, cached (the proxy serves a handful of paths)."""
+        key = (address, path)
+        url = self._urls.get(key)
+        if url is None:
+            url = self._urls[key] = URL.build(scheme="http", authority=address, path=path)
+        return url
+
     def close_later(self, address: str) -> None:
         """Close the session of a removed instance (not awaited by the caller)."""
+        for key in [k for k in self._urls if k[0] == address]:
+            del self._urls[key]
         sess = self._sessions.pop(address, None)
         if sess is not None and not sess.closed:
             task = asyncio.get_running_loop().create_task(sess.close())

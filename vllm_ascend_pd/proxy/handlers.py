@@ -9,6 +9,7 @@ import uuid
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from vllm_ascend_pd.proxy import codec
 from vllm_ascend_pd.proxy.codec import BodyError, RequestBody
@@ -108,7 +109,8 @@ class Handlers:
         body = await self._read_body(request, rid)
         if isinstance(body, web.StreamResponse):
             return body
-        headers = {"Content-Type": "application/json", "X-Request-Id": rid}
+        # Built once for both legs (aiohttp would convert a dict per leg).
+        headers = CIMultiDict({"Content-Type": "application/json", "X-Request-Id": rid})
         for name in _PASS_HEADERS:
             value = request.headers.get(name)
             if value is not None:

@@ -20,6 +20,7 @@ from typing import Optional
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from vllm_ascend_pd.proxy import codec
 from vllm_ascend_pd.proxy.codec import RequestBody
@@ -43,7 +44,7 @@ class PDRequest:
     chat: bool
     stream: bool
     request_id: str
-    headers: dict  # outbound headers (auth, request id, content type)
+    headers: CIMultiDict  # outbound headers (auth, request id, content type), both legs
     tokens: int
     started: float = field(default_factory=time.perf_counter)
     kv_params: Optional[dict] = None
@@ -77,6 +78,9 @@ class ClientGone(Exception):
         self.response = response
 
 
+_CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
+
+
 async def _send(out: web.StreamResponse, data: Optional[bytes],
                 request: Optional[web.Request] = None, *, eof: bool = False) -> None:
     """Write to the client; a failed write becomes :class:`ClientGone`."""
@@ -87,7 +91,7 @@ async def _send(out: web.StreamResponse, data: Optional[bytes],
             await out.write_eof()
         else:
             await out.write(data)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+    except _CLIENT_GONE as exc:
         raise ClientGone(out) from exc
 
 
@@ -121,7 +125,8 @@ class PDForwarder:
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(self.cfg.first_byte_timeout):
-                async with sess.post(req.path, data=payload, headers=req.headers) as resp:
+                async with sess.post(s.clients.url(inst.address, req.path), data=payload,
+                                     headers=req.headers) as resp:
                     data = await resp.read()
                     status = resp.status
                     ctype = resp.content_type
@@ -175,7 +180,8 @@ class PDForwarder:
                 (self.cfg.nonstream_timeout or None)
             try:
                 async with asyncio.timeout(first_byte):
-                    resp = await sess.post(req.path, data=payload, headers=req.headers)
+                    resp = await sess.post(s.clients.url(inst.address, req.path),
+                                           data=payload, headers=req.headers)
                     if resp.status >= 400:
                         data = await resp.read()
                         if resp.status >= 500:
@@ -217,7 +223,8 @@ class PDForwarder:
             s.release_instance(inst, req.tokens)
 
     async def _first_events(self, resp: aiohttp.ClientResponse, buf: SSEBuffer,
-                            inst: Instance) -> tuple[list[bytes], bool]:
+                            inst: Instance) -> tuple[bytes, bool]:
+        """Read until at least one complete event; returns (events, eof)."""
         content = resp.content
         while True:
             chunk = await content.readany()
@@ -226,15 +233,20 @@ class PDForwarder:
                 if rest is None:
                     raise UpstreamError("decode_empty", f"decode instance {inst.address} "
                                         "closed the stream before its first event", 502)
-                return [rest], True
-            events = buf.feed(chunk)
+                return rest, True
+            events = buf.take(chunk)
             if events:
                 return events, False
 
     async def _relay(self, request: web.Request, req: PDRequest,
-                     resp: aiohttp.ClientResponse, buf: SSEBuffer, first: list[bytes],
+                     resp: aiohttp.ClientResponse, buf: SSEBuffer, first: bytes,
                      eof: bool, inst: Instance) -> web.StreamResponse:
-        """Start the client response with the first event(s) and relay the rest."""
+        """Start the client response with the first event(s) and relay the rest.
+
+        The loop is the proxy's hot path: per read it does one boundary
+        search (:meth:`SSEBuffer.take`) and one client write of every
+        complete event that read finished; metrics and timers are per
+        request, not per event."""
         s = self.s
         out = web.StreamResponse(status=resp.status, headers={
             "Content-Type": resp.headers.get("Content-Type", _SSE),
@@ -243,26 +255,31 @@ class PDForwarder:
         })
         req.client_started = True
         await _send(out, None, request)
-        await _send(out, first[0] if len(first) == 1 else b"".join(first))
+        await _send(out, first)
         s.metrics.ttft.observe(time.perf_counter() - req.started)
         if eof:
             await _send(out, b"", eof=True)
             return out
         watchdog = GapWatchdog(self.cfg.event_gap_timeout)
-        content = resp.content
+        readany = resp.content.readany
+        take = buf.take
+        write = out.write
         try:
             while True:
-                chunk = await content.readany()
+                chunk = await readany()
                 if not chunk:
                     rest = buf.flush()
                     if rest is not None:
                         await _send(out, rest)
                     break
-                events = buf.feed(chunk)
+                events = take(chunk)
                 if events:
                     # The client's own pace must not count as backend silence.
                     watchdog.paused = True
-                    await _send(out, events[0] if len(events) == 1 else b"".join(events))
+                    try:
+                        await write(events)
+                    except _CLIENT_GONE as exc:
+                        raise ClientGone(out) from exc
                     watchdog.paused = False
                     watchdog.progress()
         except asyncio.CancelledError:

@@ -7,6 +7,11 @@ byte-for-byte as received, so they can be relayed intact.
 
 An event ends at the first blank line, i.e. ``\\n\\n``, ``\\r\\n\\r\\n`` or
 ``\\r\\r`` (any mix of the three line endings the SSE spec allows).
+
+The relay uses :meth:`SSEBuffer.take`: it needs only the boundary after the
+*last* complete event of what has arrived, so a read that ends on an event
+boundary (the usual case: servers write whole events) is forwarded as is,
+without splitting or copying.
 """
 
 from __future__ import annotations
@@ -60,6 +65,32 @@ class SSEBuffer:
             start = m.end()
         self._buf = buf[start:]
         return events
+
+    def take(self, data: bytes) -> bytes:
+        """Add a network chunk; return every complete event now buffered, as
+        one ``bytes`` that ends on an event boundary (empty if none).  The
+        incomplete tail stays buffered and holds no complete event.  In a
+        ``\\n``-only stream any ``\\n\\n`` ends a blank line, so cutting after
+        the last one never tears an event; extra blank lines (empty events)
+        may go out one read earlier than :meth:`feed` would return them."""
+        if not self._crlf:
+            if b"\r" not in data:
+                if not self._buf:
+                    if data[-2:] == b"\n\n":
+                        return data  # whole events only: no copy
+                    buf = data
+                else:
+                    buf = self._buf + data
+                end = buf.rfind(b"\n\n")
+                if end < 0:
+                    self._buf = buf
+                    return b""
+                end += 2
+                self._buf = buf[end:]
+                return buf[:end]
+            self._crlf = True
+        events = self._split_general(self._buf + data if self._buf else data)
+        return events[0] if len(events) == 1 else b"".join(events)
 
     @property
     def pending(self) -> int:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
+
+from aiohttp import web
 
 from conftest import sse_events
 
@@ -89,6 +92,43 @@ async def test_stream_events_intact_with_one_byte_chunks(backend, proxy):
         payload = ev[len(b"data: "):]
         received.append(payload if payload == b"[DONE]" else json.loads(payload))
     assert [r["choices"][0]["text"] for r in received[:-1]] == ["tok0 ", "tok1 ", "tok2 "]
+
+
+async def test_relay_writes_whole_events_batched_per_read(backend, proxy, monkeypatch):
+    """Whatever the decode's chunking, each write the proxy makes to its client
+    ends on an event boundary (usage, an error event and [DONE] included), a
+    read that finishes several events is one write, and the bytes are D's."""
+    p, d = await backend("p"), await backend("d")
+    events = sse_events(30, usage=True)
+    err = b'data: {"error":{"message":"oops","type":"InternalServerError","code":500}}\n\n'
+    events.insert(12, err)
+    d.events = events
+    data = b"".join(events)
+    rng = random.Random(7)
+    cuts = sorted(rng.sample(range(1, len(data)), 40))
+    d.chunker = lambda b: [b[i:j] for i, j in zip([0, *cuts], [*cuts, len(b)])]
+    writes: list[bytes] = []
+    real_write = web.StreamResponse.write
+
+    async def spy(self, chunk):
+        if self.headers.get("Cache-Control") == "no-cache":  # the proxy's response
+            writes.append(bytes(chunk))
+        return await real_write(self, chunk)
+
+    monkeypatch.setattr(web.StreamResponse, "write", spy)
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+    assert await resp.read() == data
+    bounds, pos = set(), 0
+    for e in events:
+        pos += len(e)
+        bounds.add(pos)
+    pos = 0
+    for w in writes:
+        pos += len(w)
+        assert pos in bounds, w
+    assert b"".join(writes) == data
+    assert len(writes) < len(events)  # batched: fewer writes than events
 
 
 async def test_client_kv_transfer_params_are_ignored_no_ssrf(backend, proxy):
