@@ -164,6 +164,13 @@ class Result:
     cpu: dict = field(default_factory=dict)
     # (events/s of this target, events/s of direct) per round, for the spread.
     rounds: list = field(default_factory=list)
+    # Proxies only: their own prefill-leg histogram (sum s, count) over the cells.
+    prefill_leg: list = field(default_factory=lambda: [0.0, 0])
+
+    @property
+    def prefill_leg_ms(self) -> float:
+        s, n = self.prefill_leg
+        return s / n * 1000.0 if n else float("nan")
 
     def cpu_us_per_event(self, proc: str | None = None) -> float:
         if not self.tokens:
@@ -243,6 +250,20 @@ async def drive(url: str, target: str, concurrency: int, duration: float,
     return res
 
 
+async def prefill_histogram(base: str) -> tuple[float, int]:
+    """(sum, count) of the proxy's vllm_pd_proxy_prefill_latency_seconds."""
+    async with aiohttp.ClientSession() as sess:
+        async with sess.get(f"{base}/metrics") as r:
+            text = await r.text()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("vllm_pd_proxy_prefill_latency_seconds_sum",
+                    "vllm_pd_proxy_prefill_latency_seconds_count"):
+            values[name.rsplit("_", 1)[1]] = float(value)
+    return values.get("sum", 0.0), int(values.get("count", 0))
+
+
 async def wait_ready(url: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as sess:
@@ -277,7 +298,10 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         f"own process (uvloop). Closed loop; per cell {args.rounds} rounds of "
         f"{args.duration:g} s measured after {args.warmup:g} s warm-up, target order "
         "alternating between rounds, samples pooled. *Added* = proxied minus direct, same "
-        "run. `passthrough` is a bare aiohttp relay (no prefill leg, no SSE framing, no "
+        "run. *Prefill leg*: mean of the proxy's own "
+        "`vllm_pd_proxy_prefill_latency_seconds` over the cell (warm-up included): the "
+        "part of the added TTFT that is the round trip to the prefill instance. "
+        "`passthrough` is a bare aiohttp relay (no prefill leg, no SSE framing, no "
         "failover): the calibration point of machine-ceilings.md.",
         "",
         f"Load average (1/5/15 min) before the run: {args.load_before}; after: "
@@ -287,8 +311,9 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         "### Latency (ms)",
         "",
         "| streams | target | requests | e2e p50 | e2e p99 | TTFT p50 | TTFT p99 | "
-        "added e2e p50 | added e2e p99 | added TTFT p50 | added TTFT p99 | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "added e2e p50 | added e2e p99 | added TTFT p50 | added TTFT p99 | "
+        "prefill leg (mean) | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in args.concurrency:
         d = by.get(("direct", c))
@@ -304,7 +329,9 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
             lines.append(
                 f"| {c} | {target} | {len(r.e2e)} | {r.pct('e2e', .5):.2f} | "
                 f"{r.pct('e2e', .99):.2f} | {r.pct('ttft', .5):.2f} | "
-                f"{r.pct('ttft', .99):.2f} | " + " | ".join(added) + f" | {r.errors} |")
+                f"{r.pct('ttft', .99):.2f} | " + " | ".join(added) +
+                f" | {'' if r.prefill_leg[1] == 0 else f'{r.prefill_leg_ms:.2f}'}"
+                f" | {r.errors} |")
     lines += [
         "",
         "### Throughput and CPU per streamed event",
@@ -403,9 +430,15 @@ async def run(args) -> list[Result]:
                 items = list(targets.items())
                 this_round = {}
                 for name, (url, pids) in (items if rnd % 2 == 0 else items[::-1]):
+                    base = url.rsplit("/v1/", 1)[0]
+                    is_proxy = name in ("proxy", "baseline")
+                    h0 = await prefill_histogram(base) if is_proxy else (0.0, 0)
                     r = await drive(url, name, c, args.duration, args.warmup, pids)
+                    h1 = await prefill_histogram(base) if is_proxy else (0.0, 0)
                     this_round[name] = r.throughput
                     m = merged.setdefault((name, c), Result(name, c, 0.0))
+                    m.prefill_leg[0] += h1[0] - h0[0]
+                    m.prefill_leg[1] += h1[1] - h0[1]
                     m.duration += r.duration
                     m.e2e += r.e2e
                     m.ttft += r.ttft
