@@ -60,6 +60,12 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pump_budget_ms: Annotated[float, _doc(
         "Longest time per engine step the connector spends moving KV data; "
         "bounds the decode latency a transfer can add.", gt=0, le=1000)] = 20.0
+    idle_wait_ms: Annotated[float, _doc(
+        "tcp: in an engine step that runs no model (only transfers pending), how "
+        "long the connector may wait for its peer's next message, waking as soon "
+        "as one arrives, instead of returning to vLLM's 1 ms polling loop. Cuts "
+        "each control round trip to the message's own latency. Bounds how late "
+        "a request arriving meanwhile is scheduled. 0 turns it off.", ge=0, le=100)] = 5.0
     shared_secret: Annotated[str, _doc(
         "Optional secret every instance of a deployment shares (at least "
         f"{MIN_SECRET_CHARS} characters). Handshakes, pulls and releases are "

@@ -105,7 +105,7 @@ class AscendSimpleConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output) -> AscendConnectorMetadata:
         assert self._scheduler is not None
-        return self._scheduler.build_connector_meta()
+        return self._scheduler.build_connector_meta(scheduler_output)
 
     def request_finished(self, request: "Request", block_ids: list[int]):
         assert self._scheduler is not None

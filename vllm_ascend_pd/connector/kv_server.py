@@ -83,11 +83,15 @@ class KVServer:
         self._inbound.clear()
         self._ctx.destroy(linger=0)
 
-    def pump(self, budget_s: float) -> None:
+    def pump(self, budget_s: float) -> bool:
+        """Answer peers and advance sends; True if all that is left waits on
+        peers (see ``Pump.run``), so the caller may wait for ``socket``."""
+        drained = False
         for _ in range(_MAX_MESSAGES):
             try:
                 frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
+                drained = True
                 break
             try:
                 self._handle(frames)
@@ -96,10 +100,24 @@ class KVServer:
                 logger.exception("AscendSimpleConnector KV server: error handling a message")
         try:
             self._retry_waiting()
-            self._sends.run(budget_s)
+            blocked = self._sends.run(budget_s)
             self.stats.record_expired(self.leases.expire())
         except Exception:  # noqa: BLE001 - the engine must keep running
             logger.exception("AscendSimpleConnector KV server: unexpected error")
+            blocked = True
+        return drained and blocked
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """Where every peer message arrives (for an event-driven wait)."""
+        return self._sock
+
+    def sending(self) -> bool:
+        return bool(self._sends.tasks)
+
+    def has_parked(self) -> bool:
+        """Pulls or releases wait for the engine to register their lease."""
+        return bool(self._waiting)
 
     def _handle(self, frames) -> None:
         if len(frames) != 2:

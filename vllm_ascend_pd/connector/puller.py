@@ -71,6 +71,8 @@ class Puller:
         self.connect_timeout_s = connect_timeout_s
         self._ctx = zmq.Context()
         self._links: dict[str, DealerLink] = {}
+        # Links whose handshake is in flight (not yet usable by other jobs).
+        self._opening: dict[str, DealerLink] = {}
         self._queues: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self._pump = Pump()
         self._done: set[str] = set()
@@ -117,11 +119,31 @@ class Puller:
         for p in unused:  # producer ranks nobody pulls from: free their blocks now
             self._queue(release, p, None)
 
-    def pump(self, budget_s: float) -> None:
+    def pump(self, budget_s: float) -> bool:
+        """Start queued jobs and advance them; True if every running job waits
+        on its producer (see ``Pump.run``), so the caller may wait for
+        ``sockets()``."""
         for endpoint, queue in self._queues.items():
             if queue and not self._pump.busy(endpoint):
                 self._start(*queue.popleft())
-        self._pump.run(budget_s)
+        return self._pump.run(budget_s)
+
+    def busy(self) -> bool:
+        return bool(self._pump.tasks) or any(self._queues.values())
+
+    def has_results(self) -> bool:
+        return bool(self._done or self._failed)
+
+    def sockets(self) -> list[zmq.Socket]:
+        """The sockets of running jobs: a message on one lets a job progress.
+        Idle links are left out, so a stray frame on one cannot keep waking
+        a wait."""
+        out = []
+        for task in self._pump.tasks:
+            link = self._links.get(task.key) or self._opening.get(task.key)
+            if link is not None:
+                out.append(link.sock)
+        return out
 
     def take_results(self) -> tuple[set[str], set[str]]:
         """(finished, failed); failed ids are also in finished, as vLLM requires."""
@@ -135,6 +157,7 @@ class Puller:
             task.gen.close()
         self._pump.tasks.clear()
         self._links.clear()
+        self._opening.clear()
         self._recvs.clear()
         self._ctx.destroy(linger=0)
 
@@ -212,6 +235,7 @@ class Puller:
             link.forget_disconnects()
             return link
         link = DealerLink(dealer_socket(self._ctx, endpoint), endpoint)
+        self._opening[endpoint] = link
         try:
             token = self.auth.sign("hello", wire.PROTOCOL_VERSION, self.engine_id, self.tp_rank)
             hello = wire.Hello(wire.PROTOCOL_VERSION, self.engine_id, self.tp_rank, self.layout, token)
@@ -232,6 +256,8 @@ class Puller:
         except BaseException:
             link.close()
             raise
+        finally:
+            self._opening.pop(endpoint, None)
         self._links[endpoint] = link
         return link
 

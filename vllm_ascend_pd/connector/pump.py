@@ -30,7 +30,12 @@ class Pump:
     def add(self, task: Task) -> None:
         self.tasks.append(task)
 
-    def run(self, budget_s: float) -> None:
+    def run(self, budget_s: float) -> bool:
+        """Advance every task until none can progress or ``budget_s`` is spent.
+
+        Returns True when it stopped because every task is waiting on a peer
+        (or none is left), False when the budget ran out with work ready:
+        the caller may then wait for its peers' messages instead of polling."""
         deadline = time.perf_counter() + budget_s
         while self.tasks:
             progressed = False
@@ -45,8 +50,11 @@ class Pump:
                     self.tasks.remove(task)
                     task.on_error(e)
                     progressed = True
-            if time.perf_counter() >= deadline or not progressed:
-                return
+            if not progressed:
+                return True
+            if time.perf_counter() >= deadline:
+                return False
+        return True
 
     def busy(self, key: Any) -> bool:
         return any(t.key == key for t in self.tasks)

@@ -144,8 +144,11 @@ class SchedulerSide:
         )
 
     # -- both ---------------------------------------------------------------
-    def build_connector_meta(self) -> AscendConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: Any = None) -> AscendConnectorMetadata:
         meta, self._meta = self._meta, AscendConnectorMetadata()
+        # Nothing scheduled: the runner takes its no-forward path this step.
+        scheduled = getattr(scheduler_output, "total_num_scheduled_tokens", None)
+        meta.no_forward = scheduled == 0
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

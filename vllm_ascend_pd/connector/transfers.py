@@ -133,6 +133,9 @@ class LeaseTable:
             self.end(t, "lease expired")
         return len(stale)
 
+    def has_finished(self) -> bool:
+        return bool(self._finished)
+
     def take_finished(self) -> set[str]:
         done, self._finished = self._finished, set()
         return done

@@ -24,7 +24,9 @@ from vllm_ascend_pd.connector.kv_server import KVServer
 from vllm_ascend_pd.connector.metadata import AscendConnectorMetadata
 from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.stats import TransferStats
+from vllm_ascend_pd.connector.threads import single_threaded
 from vllm_ascend_pd.connector.transfers import LeaseTable
+from vllm_ascend_pd.connector.zmq_links import wait_readable
 from vllm_ascend_pd.kv_layout import VLLM_LOGICAL_AXES, CacheAxes, PagedKVCache, axes_from_backend
 from vllm_ascend_pd.transport import TRANSPORTS, Transport, TransportOptions, create_transport
 
@@ -106,6 +108,8 @@ class WorkerSide:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._last_pump = 0.0
+        self._no_forward = False
+        self._copies_on_cpu = False
         self._tuple_layers: dict[str, bool] = {}
 
     def _axes(self, layer: str, part: int, tensor: torch.Tensor) -> CacheAxes:
@@ -135,6 +139,7 @@ class WorkerSide:
             num_kv_heads=1 if is_mla else model_cfg.get_total_num_kv_heads(),
         )
         device = self.cache.tensors[0].device.type
+        self._copies_on_cpu = device == "cpu"
         name = resolve_transport(self.cfg.transport, device)
         host = resolve_kv_ip(self.cfg)
         role = {(True, False): "producer", (False, True): "consumer"}.get(
@@ -204,16 +209,61 @@ class WorkerSide:
                     self.puller.submit(spec)
             elif meta.recvs or meta.releases:
                 logger.error("AscendSimpleConnector: consumer work on a non-consumer instance")
+            self._no_forward = meta.no_forward
             self._pump()
 
-    def _pump(self) -> None:
-        """Advance transfers. Caller holds ``_lock``."""
-        budget = self.cfg.pump_budget_ms / 1e3
-        if self.server is not None:
-            self.server.pump(budget)
-        if self.puller is not None:
-            self.puller.pump(budget)
+    def _pump(self, budget_s: float | None = None) -> bool:
+        """Advance transfers; True if all that is left waits on peers.
+        Caller holds ``_lock``."""
+        budget = self.cfg.pump_budget_ms / 1e3 if budget_s is None else budget_s
+        blocked = True
+        # CPU copies in one thread: see threads.py for the measurement.
+        with single_threaded(self._copies_on_cpu):
+            if self.server is not None:
+                blocked = self.server.pump(budget) and blocked
+            if self.puller is not None:
+                blocked = self.puller.pump(budget) and blocked
         self._last_pump = time.monotonic()
+        return blocked
+
+    def _wait_sockets(self) -> list | None:
+        """Sockets whose next message advances a transfer in flight; None
+        if nothing is in flight, or if waiting cannot help."""
+        if getattr(self.transport, "name", "") != "tcp":
+            return None  # other data planes complete outside these sockets
+        sockets = []
+        if self.server is not None:
+            if self.server.has_parked():
+                return None  # their leases register next step: do not delay it
+            if self.server.sending() or self.leases.pending():
+                sockets.append(self.server.socket)
+        if self.puller is not None and self.puller.busy():
+            sockets += self.puller.sockets()
+        return sockets or None
+
+    def _await_peers(self, blocked: bool) -> None:
+        """In a step without a forward pass, wait up to ``idle_wait_ms`` for
+        the peers' messages and advance the transfers the moment one
+        arrives, instead of returning to vLLM's loop, which sleeps 1 ms and
+        steps again before it looks. No request is running in such a step,
+        so nobody's decode waits. Returns as soon as there is a result for
+        the scheduler. Caller holds ``_lock``."""
+        wait_s = self.cfg.idle_wait_ms / 1e3
+        if wait_s <= 0:
+            return
+        deadline = time.monotonic() + wait_s
+        budget = self.cfg.pump_budget_ms / 1e3
+        while not self._has_results():
+            sockets = self._wait_sockets()
+            left = deadline - time.monotonic()
+            if sockets is None or left <= 0:
+                return
+            if blocked and not wait_readable(sockets, left):
+                return
+            blocked = self._pump(min(left, budget))
+
+    def _has_results(self) -> bool:
+        return self.leases.has_finished() or (self.puller is not None and self.puller.has_results())
 
     def _serve_when_idle(self) -> None:
         # The engine thread pumps on every step. Between steps (an idle
@@ -228,7 +278,10 @@ class WorkerSide:
 
     def get_finished(self) -> tuple[set[str], set[str], set[str]]:
         with self._lock:
-            self._pump()
+            blocked = self._pump()
+            if self._no_forward:
+                self._no_forward = False
+                self._await_peers(blocked)
             sending = self.leases.take_finished()
             recving: set[str] = set()
             failed: set[str] = set()

@@ -147,6 +147,15 @@ def dealer_socket(ctx: zmq.Context, endpoint: str, rcvhwm: int = CONSUMER_RCVHWM
     return sock
 
 
+def wait_readable(sockets: list[zmq.Socket], timeout_s: float) -> bool:
+    """Block (without the GIL) until one of ``sockets`` has a message or
+    ``timeout_s`` passes; True if one has."""
+    poller = zmq.Poller()
+    for sock in sockets:
+        poller.register(sock, zmq.POLLIN)
+    return bool(poller.poll(max(0.0, timeout_s) * 1e3))
+
+
 def tcp_endpoint(host: str, port: int) -> str:
     return f"tcp://{_bracket(host)}:{port}"
 
