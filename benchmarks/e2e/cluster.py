@@ -77,8 +77,15 @@ class Setup:
         return self.servers[-1].url if self.driver == "direct" else ""
 
     def start(self) -> None:
+        self.start_servers()
+        self.wait_started()
+
+    def start_servers(self) -> None:
         for s in self.servers:
             s.start()
+
+    def wait_started(self) -> None:
+        """Wait for the servers started by ``start_servers``, then start the proxy."""
         try:
             for s in self.servers:
                 s.wait_ready(900)

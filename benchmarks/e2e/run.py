@@ -9,13 +9,19 @@
 
     flock /tmp/vllm-heavy.lock python -m benchmarks.e2e [--quick]
 
-One setup runs at a time (the others are stopped), with the same prompts.
+All setups run side by side and take turns: each round sends the next
+``concurrency`` prompts to every setup in turn (the order rotates every
+round), so a change in the machine's load hits all of them alike. Idle
+servers use 0.00-0.04 of a core. ``--sequential`` runs one setup after the
+other instead (the older method, which compared setups measured minutes
+apart: single-instance TTFT moved 427-1049 ms within one such run).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -25,8 +31,8 @@ import time
 from pathlib import Path
 
 from benchmarks.e2e.cluster import (
-    MODEL_SHAPE, closed_loop, idle_cpu, model_dir, random_prompt, running, setup_example, setup_pd,
-    setup_single, summarize,
+    MODEL_SHAPE, closed_loop, idle_cpu, model_dir, random_prompt, setup_example, setup_pd, setup_single,
+    summarize,
 )
 
 OUT_DIR = Path(__file__).resolve().parent
@@ -40,29 +46,52 @@ def run(args) -> list[dict]:
     logs = work / time.strftime("e2e-%H%M%S")
     logs.mkdir()
     model = model_dir(work)
-    rows = []
-    for name in args.setups:
-        setup = SETUPS[name](model, logs)
-        t0 = time.monotonic()
-        with running(setup):
-            print(f"[{name}] ready after {time.monotonic() - t0:.0f}s", flush=True)
-            warm = random.Random(99)
-            asyncio.run(closed_loop(setup, [random_prompt(warm, args.prompt_tokens) for _ in range(2)],
-                                    args.max_tokens, 1))
-            cpu_before = idle_cpu(setup)
-            for conc in args.concurrency:
-                rnd = random.Random(1000 + conc)  # same prompts for every setup
-                prompts = [random_prompt(rnd, args.prompt_tokens) for _ in range(args.requests)]
-                samples, wall = asyncio.run(closed_loop(setup, prompts, args.max_tokens, conc))
-                row = {"setup": name, "concurrency": conc, **summarize(samples, wall)}
+    if args.sequential:
+        rows = []
+        for name in args.setups:
+            rows += _measure(args, [SETUPS[name](model, logs)])
+        return rows
+    return _measure(args, [SETUPS[name](model, logs) for name in args.setups])
+
+
+def _measure(args, setups: list) -> list[dict]:
+    """Start ``setups`` together, warm each, then run interleaved rounds."""
+    t0 = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        for setup in setups:
+            setup.start_servers()
+            stack.callback(setup.stop)
+        for setup in setups:
+            setup.wait_started()
+        print(f"[{' '.join(s.name for s in setups)}] ready after {time.monotonic() - t0:.0f}s", flush=True)
+        warm = random.Random(99)
+        warm_prompts = [random_prompt(warm, args.prompt_tokens) for _ in range(2)]
+        for setup in setups:
+            asyncio.run(closed_loop(setup, warm_prompts, args.max_tokens, 1))
+        cpu_before = {s.name: idle_cpu(s) for s in setups}
+        rows = []
+        for conc in args.concurrency:
+            rnd = random.Random(1000 + conc)  # same prompts for every setup
+            prompts = [random_prompt(rnd, args.prompt_tokens) for _ in range(args.requests)]
+            samples = {s.name: [] for s in setups}
+            wall = {s.name: 0.0 for s in setups}
+            for r, start in enumerate(range(0, len(prompts), conc)):
+                batch = prompts[start:start + conc]
+                for setup in setups[r % len(setups):] + setups[:r % len(setups)]:
+                    got, took = asyncio.run(closed_loop(setup, batch, args.max_tokens, conc))
+                    samples[setup.name] += got
+                    wall[setup.name] += took
+            for setup in setups:
+                row = {"setup": setup.name, "concurrency": conc, **summarize(samples[setup.name], wall[setup.name])}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            cpu_after = idle_cpu(setup)
-            evidence = kv_evidence(setup) + f"; idle CPU (cores) before load {cpu_before}, after {cpu_after}"
+        for setup in setups:
+            evidence = (kv_evidence(setup) + f"; idle CPU (cores) before load {cpu_before[setup.name]}, "
+                        f"after {idle_cpu(setup)}")
             for row in rows:
-                if row["setup"] == name:
+                if row["setup"] == setup.name:
                     row["kv_evidence"] = evidence
-            print(f"[{name}] {evidence}", flush=True)
+            print(f"[{setup.name}] {evidence}", flush=True)
     return rows
 
 
@@ -145,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--work", default="/tmp/vllm-ascend-pd-bench")
+    ap.add_argument("--sequential", action="store_true",
+                    help="run one setup after the other instead of interleaved rounds")
     args = ap.parse_args(argv)
     if args.quick:
         args.concurrency, args.requests = [1], 4
