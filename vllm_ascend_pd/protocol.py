@@ -11,13 +11,15 @@ Version history:
      HelloReply and PullReply are signed too.
   3: heterogeneous TP: TensorDesc.head_axis, LayoutDesc.num_kv_heads,
      PullRequest.consumer_tp/heads (a pull may carry a KV-head slice).
+  4: tcp moves data over its own raw stream: HelloReply.data_port (signed),
+     DataHello and DataHeader on that stream; ChunkHeader is gone.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 # Decoding is bounded before anything is parsed (see MAX_CONTROL_BYTES users).
 MAX_CONTROL_BYTES = 4 * 1024 * 1024
@@ -56,6 +58,8 @@ class HelloReply(msgspec.Struct, tag="hello_reply"):
     layout: LayoutDesc | None = None
     transport: str = ""
     auth: str = ""
+    # The transport's data listener on the producer's host (tcp), 0: none.
+    data_port: int = 0
 
 
 class PullRequest(msgspec.Struct, tag="pull"):
@@ -79,9 +83,18 @@ class PullReply(msgspec.Struct, tag="pull_reply"):
     auth: str = ""
 
 
-class ChunkHeader(msgspec.Struct, tag="chunk"):
+class DataHello(msgspec.Struct, tag="data_hello"):
+    """tcp data stream, consumer -> producer, once: which ZMQ pair this
+    stream belongs to (the consumer link's unguessable routing id)."""
+
+    pair_id: bytes
+
+
+class DataHeader(msgspec.Struct, tag="data_header"):
+    """tcp data stream, producer -> consumer: ``nbytes`` raw bytes of this
+    transfer's blocks follow."""
+
     transfer_id: str
-    seq: int
     nbytes: int
 
 
@@ -123,7 +136,8 @@ Message = (
     | HelloReply
     | PullRequest
     | PullReply
-    | ChunkHeader
+    | DataHello
+    | DataHeader
     | TransferDone
     | DataDistOffer
     | Release

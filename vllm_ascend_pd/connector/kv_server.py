@@ -99,6 +99,7 @@ class KVServer:
                 self.stats.record_rejected("malformed")
                 logger.exception("AscendSimpleConnector KV server: error handling a message")
         try:
+            self.transport.service()
             self._retry_waiting()
             blocked = self._sends.run(budget_s)
             self.stats.record_expired(self.leases.expire())
@@ -165,7 +166,9 @@ class KVServer:
 
     def _hello(self, msg: wire.Hello) -> wire.HelloReply:
         reply = self._hello_checked(msg)
-        reply.auth = self.auth.sign_reply("hello_reply", msg.auth, reply.ok, reply.engine_id)
+        reply.auth = self.auth.sign_reply(
+            "hello_reply", msg.auth, reply.ok, reply.engine_id, reply.data_port
+        )
         return reply
 
     def _hello_checked(self, msg: wire.Hello) -> wire.HelloReply:
@@ -180,7 +183,10 @@ class KVServer:
         why = check_compatible(self.layout, msg.layout)
         if why:
             return wire.HelloReply(False, why, self.engine_id, layout=self.layout)
-        return wire.HelloReply(True, "", self.engine_id, layout=self.layout, transport=self.transport.name)
+        return wire.HelloReply(
+            True, "", self.engine_id, layout=self.layout, transport=self.transport.name,
+            data_port=self.transport.data_port,
+        )
 
     def _pull(self, identity: bytes, req: wire.PullRequest, deadline: float) -> None:
         if not self._authorized(req, "pull", req.transfer_id, req.request_id, req.block_ids,

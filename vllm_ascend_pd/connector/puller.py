@@ -217,6 +217,7 @@ class Puller:
     def _drop(self, endpoint: str) -> None:
         link = self._links.pop(endpoint, None)
         if link is not None:
+            self.transport.drop_pair(link.pair_id)
             link.close()
 
     def _expect(self, link: DealerLink, kind: type, what: str) -> Generator[bool, None, object]:
@@ -241,7 +242,9 @@ class Puller:
             hello = wire.Hello(wire.PROTOCOL_VERSION, self.engine_id, self.tp_rank, self.layout, token)
             yield from wait_send(link, [wire.encode(hello)], self.connect_timeout_s)
             reply = yield from self._expect(link, wire.HelloReply, "handshake")
-            self._check_reply("hello_reply", reply, token, endpoint, reply.ok, reply.engine_id)
+            self._check_reply(
+                "hello_reply", reply, token, endpoint, reply.ok, reply.engine_id, reply.data_port
+            )
             if not reply.ok:
                 raise TransferError(
                     f"producer {endpoint} refused the handshake: {reply.error}", _refusal_cause(reply.error, "incompatible")
@@ -258,6 +261,7 @@ class Puller:
             raise
         finally:
             self._opening.pop(endpoint, None)
+        link.data_port = reply.data_port
         self._links[endpoint] = link
         return link
 

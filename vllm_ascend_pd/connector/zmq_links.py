@@ -62,6 +62,7 @@ class DealerLink:
     def __init__(self, sock: zmq.Socket, endpoint: str):
         self.sock = sock
         self.endpoint = endpoint
+        self.data_port = 0  # the producer's, from its HelloReply
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     @property

@@ -68,6 +68,9 @@ class Link(Protocol):
         reconnect gets a new one, so per-pair state never outlives a failure."""
         ...
 
+    # Consumer links also carry ``endpoint`` ("tcp://host:port" of the
+    # producer's control socket) and ``data_port`` (from its HelloReply).
+
 
 class WouldBlock(Exception):
     """The link cannot take another message right now."""
@@ -122,6 +125,21 @@ class Transport(ABC):
         self, link: Link, transfer_id: str, block_ids: list[int], heads: HeadRange | None = None
     ) -> Step:
         """Consumer: receive into ``block_ids`` (same order as the producer's list)."""
+
+    @property
+    def data_port(self) -> int:
+        """Port of this producer's own data listener, announced at the
+        handshake (0: the transport moves data elsewhere)."""
+        return 0
+
+    def service(self) -> None:
+        """Producer housekeeping, run on every KV server pump (accepting
+        data connections, say); never raises for a peer's fault."""
+        return None
+
+    def drop_pair(self, pair_id: bytes) -> None:
+        """Consumer: the connection ``pair_id`` failed; forget its state."""
+        return None
 
     def close(self) -> None:
         return None

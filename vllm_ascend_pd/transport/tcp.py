@@ -1,33 +1,36 @@
-"""``tcp``: host-staged transfer over the ZMQ link, zero-copy on both ends.
+"""``tcp``: KV blocks over a raw TCP stream per consumer connection.
 
-Producer: gather each chunk of blocks into a pooled staging buffer and hand
-it to ZMQ without copying. Consumer: view each received frame as a tensor and
-scatter it straight into the paged cache.
+Blocks whose bytes are contiguous in the cache (every CPU layout vLLM and
+vllm-ascend use, head slices of ``[B, H, N, C]`` included) go from the
+producer's cache to the consumer's with no copy in user space: ``sendmsg``
+reads them where they lie and ``recvmsg_into`` writes them where they
+belong. Anything else (caches on a device, layouts whose blocks are
+strided) is staged through a fixed pool: gathered into a buffer, sent, and
+scattered on arrival. Both sides stream the same bytes in the same order,
+whichever way each side reads or writes them.
+
+The data stream itself is in ``stream.py``; ZMQ carries only the control
+plane, plus ``TransferDone`` when a producer has to give up mid-transfer.
 """
 
 from __future__ import annotations
 
-import warnings
+import time
+from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import torch
 
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.kv_layout import HeadRange, PagedKVCache, block_runs, plan_chunks, scatter_runs
-from vllm_ascend_pd.transport.base import (
-    Link,
-    Step,
-    TransferError,
-    Transport,
-    TransportOptions,
-    wait_recv,
-    wait_send,
-)
-from vllm_ascend_pd.transport.buffer_pool import BufferPool
+from vllm_ascend_pd.log import get_logger
+from vllm_ascend_pd.transport import stream
+from vllm_ascend_pd.transport.base import Link, Step, TransferError, Transport, TransportOptions, WouldBlock
 
 __all__ = ["TcpTransport", "block_runs", "scatter_runs"]  # the helpers live in kv_layout
 
-# Received frames are read-only memory we only read from.
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
+logger = get_logger(__name__)
 
 
 class TcpTransport(Transport):
@@ -38,82 +41,267 @@ class TcpTransport(Transport):
         super().__init__(cache, options)
         largest_block = max(cache.block_bytes(i) for i in range(len(cache.tensors)))
         self.chunk_bytes = max(options.chunk_bytes, largest_block)
-        self._pool: BufferPool | None = None
-        self._on_device = cache.tensors[0].device.type != "cpu"
+        # Staging buffers, one per transfer in flight that needs one; at most
+        # pool_bytes in all.
+        self._free: list[torch.Tensor] = []
+        self._allocated = 0
+        self._max_buffers = max(1, options.pool_bytes // self.chunk_bytes)
+        self._rows: dict[tuple[int, Any], np.ndarray | None] = {}
+        self._listener: stream.DataListener | None = None
+        if options.role in ("producer", "both"):
+            self._listener = stream.DataListener(options.bind_host or options.host, options.group_port)
+        # Consumer: this rank's data stream to each producer pair.
+        self._streams: dict[bytes, Any] = {}
+        direct = sum(self._block_rows(i, None) is not None for i in range(len(cache.tensors)))
+        logger.info(
+            "tcp transport: %d of %d cache tensors move without staging%s",
+            direct, len(cache.tensors),
+            f"; data port {self._listener.port}" if self._listener is not None else "",
+        )
 
     @property
-    def pool(self) -> BufferPool:
-        # Only producers need staging buffers.
-        if self._pool is None:
-            count = max(2, self.options.pool_bytes // self.chunk_bytes)
-            self._pool = BufferPool(count, self.chunk_bytes, pin_memory=self._on_device)
-        return self._pool
+    def data_port(self) -> int:
+        return 0 if self._listener is None else self._listener.port
 
+    def service(self) -> None:
+        if self._listener is not None:
+            self._listener.poll()
+
+    def drop_pair(self, pair_id: bytes) -> None:
+        sock = self._streams.pop(pair_id, None)
+        if sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        for sock in self._streams.values():
+            sock.close()
+        self._streams.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    # -- layout ------------------------------------------------------------
+    def _block_rows(self, i: int, heads: HeadRange | None) -> np.ndarray | None:
+        """Tensor ``i`` (head slice) as a byte matrix, one row per block,
+        sharing the cache's memory; None if a block is not contiguous."""
+        key = (i, None if heads is None else (heads.start, heads.stop))
+        if key not in self._rows:
+            t = self.cache.part(i, heads)
+            rows = None
+            if t.device.type == "cpu" and t.shape[0] and t[0].numel() and t[0].is_contiguous():
+                flat = t.as_strided((t.shape[0], t[0].numel()), (t.stride(0), 1))
+                rows = flat.view(torch.uint8).numpy()
+            self._rows[key] = rows
+        return self._rows[key]
+
+    def _staged(self, heads: HeadRange | None) -> bool:
+        return any(self._block_rows(i, heads) is None for i in range(len(self.cache.tensors)))
+
+    def _acquire(self) -> Step:
+        deadline = time.monotonic() + self.options.idle_timeout_s
+        while not self._free and self._allocated >= self._max_buffers:
+            if time.monotonic() >= deadline:
+                raise TransferError(
+                    "no staging buffer came free in time: raise buffer_pool_mb", "timeout"
+                )
+            yield False
+        if self._free:
+            return self._free.pop()
+        self._allocated += 1
+        pin = self.cache.tensors[0].device.type != "cpu"
+        return torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=pin)
+
+    def _plan_bytes(self, n: int, heads: HeadRange | None) -> int:
+        return n * self.cache.total_block_bytes(heads)
+
+    def _views(
+        self, block_ids: list[int], heads: HeadRange | None, receive: bool,
+        buf: torch.Tensor | None,
+    ) -> Iterator[Any]:
+        """The transfer's bytes as views, in wire order (``stream.FLUSH``
+        marks where a staging buffer is about to be reused)."""
+        cache = self.cache
+        runs = block_runs(block_ids)
+        for i in range(len(cache.tensors)):
+            rows = self._block_rows(i, heads)
+            if rows is not None:
+                tight = rows.strides[0] == rows.shape[1]
+                for _, block, n in runs:
+                    if tight:
+                        yield memoryview(rows[block : block + n].reshape(-1))
+                    else:
+                        for b in range(block, block + n):
+                            yield memoryview(rows[b])
+                continue
+            assert buf is not None
+            idx_all = torch.tensor(block_ids, dtype=torch.long, device=cache.tensors[i].device)
+            for ch in plan_chunks(cache, len(block_ids), self.chunk_bytes, heads):
+                if ch.tensor != i:
+                    continue
+                n = (ch.stop - ch.start) * cache.block_bytes(i, heads)
+                idx = idx_all[ch.start : ch.stop]
+                if not receive:
+                    cache.gather(i, idx, heads, out=buf[:n])
+                yield memoryview(buf[:n].numpy())
+                yield stream.FLUSH
+                if receive:
+                    cache.scatter(i, idx, buf[:n], heads)
+
+    # -- producer ----------------------------------------------------------
     def send_blocks(
         self, link: Link, transfer_id: str, block_ids: list[int], heads: HeadRange | None = None
     ) -> Step:
-        cache = self.cache
+        listener = self._listener
+        if listener is None:
+            raise TransferError("this instance does not serve KV (not a producer)", "protocol")
         timeout = self.options.idle_timeout_s
-        idx_all = torch.tensor(block_ids, dtype=torch.long, device=cache.tensors[0].device)
-        total = 0
-        for seq, ch in enumerate(plan_chunks(cache, len(block_ids), self.chunk_bytes, heads)):
-            n = (ch.stop - ch.start) * cache.block_bytes(ch.tensor, heads)
-            buf = yield from self.pool.acquire(timeout)
-            try:
-                cache.gather(ch.tensor, idx_all[ch.start : ch.stop], heads, out=buf[:n])
-                header = wire.encode(wire.ChunkHeader(transfer_id, seq, n))
-                tracker = yield from wait_send(
-                    link, [header, buf[:n].numpy()], timeout, copy=False, track=True
-                )
-            except BaseException:
-                self.pool.release(buf)
-                raise
-            self.pool.release(buf, tracker)
-            total += n
-            yield True
-        yield from wait_send(link, [wire.encode(wire.TransferDone(transfer_id, True))], timeout)
-        return total
+        pair = link.pair_id
+        sock = yield from _borrow(listener, pair, timeout)
+        nbytes = self._plan_bytes(len(block_ids), heads)
+        ok = False
+        buf = None
+        try:
+            if self._staged(heads):
+                buf = yield from self._acquire()
+            header = memoryview(stream.framed(wire.DataHeader(transfer_id, nbytes)))
+            views = self._views(block_ids, heads, False, buf)
+            sent = yield from stream.send_views(sock, _chain(header, views), timeout, self.chunk_bytes)
+            ok = True
+        except BaseException as e:
+            _tell_failed(link, transfer_id, e)
+            raise
+        finally:
+            if buf is not None:
+                self._free.append(buf)
+            if ok:
+                listener.give_back(pair, sock)
+            else:
+                sock.close()  # the stream is mid-transfer: nobody may read on
+        return sent - len(header)
 
+    # -- consumer ----------------------------------------------------------
     def recv_blocks(
         self, link: Link, transfer_id: str, block_ids: list[int], heads: HeadRange | None = None
     ) -> Step:
-        cache = self.cache
         timeout = self.options.idle_timeout_s
-        device = cache.tensors[0].device
-        idx_all = torch.tensor(block_ids, dtype=torch.long, device=device)
-        total = 0
-        plan = plan_chunks(cache, len(block_ids), self.chunk_bytes, heads)
-        for seq, ch in enumerate(plan):
-            frames = yield from wait_recv(link, timeout, "KV data")
+        pair = link.pair_id
+        sock = self._streams.get(pair)
+        if sock is None:
+            port = getattr(link, "data_port", 0)
+            if not port:
+                raise TransferError(
+                    "the producer announced no tcp data port: install the same "
+                    "vllm-ascend-pd version on both instances",
+                    "incompatible",
+                )
+            sock = yield from stream.connect(_host_of(link), port, pair, timeout)
+            self._streams[pair] = sock
+        ok = False
+        buf = None
+        watch = _EndWatch(link, transfer_id)
+        try:
+            if self._staged(heads):
+                buf = yield from self._acquire()
+            header = yield from _read_header(sock, timeout, watch.poll)
+            nbytes = self._plan_bytes(len(block_ids), heads)
+            if header.transfer_id != transfer_id or header.nbytes != nbytes:
+                raise TransferError(
+                    f"data stream announced transfer {header.transfer_id} of {header.nbytes} "
+                    f"bytes, expected {transfer_id} of {nbytes}",
+                    "protocol",
+                )
+            got = yield from stream.recv_views(
+                sock, self._views(block_ids, heads, True, buf), timeout, self.chunk_bytes, watch.poll
+            )
+            ok = True
+        finally:
+            if buf is not None:
+                self._free.append(buf)
+            if not ok:
+                self.drop_pair(pair)  # unknown stream position: never reuse it
+        return got
+
+
+def _chain(first: memoryview, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def _borrow(listener: stream.DataListener, pair: bytes, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listener.poll()
+        sock = listener.take(pair)
+        if sock is not None:
+            return sock
+        if time.monotonic() >= deadline:
+            raise TransferError(
+                f"the consumer did not open its tcp data connection within {timeout_s:.1f}s "
+                "(is the producer's data port, kv_port + 64 + rank, reachable from it?)",
+                "timeout",
+            )
+        yield False
+
+
+def _read_header(sock, timeout_s: float, on_idle):
+    reader = stream.FrameReader()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            msg = reader.poll(sock)
+        except TransferError:
+            on_idle()  # a producer that failed says why on the control link
+            raise
+        if isinstance(msg, wire.DataHeader):
+            return msg
+        if msg is not None:
+            raise TransferError(f"unexpected {type(msg).__name__} on the data stream", "protocol")
+        on_idle()
+        if time.monotonic() >= deadline:
+            raise TransferError(
+                f"no KV data from the producer for {timeout_s:.1f}s (dead, overloaded or "
+                "firewalled data port?)",
+                "timeout",
+            )
+        yield False
+
+
+class _EndWatch:
+    """Consumer: a producer that gives up mid-transfer says why on the
+    control link; turn that into the transfer's error."""
+
+    def __init__(self, link: Link, transfer_id: str):
+        self.link = link
+        self.transfer_id = transfer_id
+
+    def poll(self) -> None:
+        frames = self.link.try_recv()
+        if frames is None:
+            return
+        try:
             msg = wire.decode(_buffer(frames[0]))
-            if isinstance(msg, wire.TransferDone):
-                raise TransferError(
-                    f"producer ended transfer {transfer_id} after {seq}/{len(plan)} "
-                    f"chunks: {msg.error or 'no reason given'}",
-                    cause="producer_error",
-                )
-            n = (ch.stop - ch.start) * cache.block_bytes(ch.tensor, heads)
-            if (
-                not isinstance(msg, wire.ChunkHeader)
-                or msg.transfer_id != transfer_id
-                or msg.seq != seq
-                or msg.nbytes != n
-                or len(frames) != 2
-                or len(_buffer(frames[1])) != n
-            ):
-                raise TransferError(
-                    f"unexpected frame in transfer {transfer_id} at chunk {seq}",
-                    cause="protocol",
-                )
-            src = torch.frombuffer(_buffer(frames[1]), dtype=torch.uint8)
-            cache.scatter(ch.tensor, idx_all[ch.start : ch.stop], src, heads)
-            total += n
-            yield True
-        frames = yield from wait_recv(link, timeout, "end of transfer")
-        done = wire.decode(_buffer(frames[0]))
-        if not isinstance(done, wire.TransferDone) or not done.ok:
-            raise TransferError(f"transfer {transfer_id} did not end cleanly", cause="protocol")
-        return total
+        except wire.ProtocolError as e:
+            raise TransferError(f"bad control message mid-transfer: {e}", "protocol") from None
+        if isinstance(msg, wire.TransferDone) and msg.transfer_id == self.transfer_id and not msg.ok:
+            raise TransferError(
+                f"producer ended transfer {self.transfer_id}: {msg.error or 'no reason given'}",
+                "producer_error",
+            )
+        raise TransferError(f"unexpected {type(msg).__name__} mid-transfer", "protocol")
+
+
+def _tell_failed(link: Link, transfer_id: str, e: BaseException) -> None:
+    if isinstance(e, GeneratorExit):
+        return
+    try:
+        link.send([wire.encode(wire.TransferDone(transfer_id, False, str(e)[:500]))])
+    except (WouldBlock, TransferError, OSError, RuntimeError):
+        pass  # the consumer is gone or stuck; it fails on its own
+
+
+def _host_of(link: Link) -> str:
+    rest = link.endpoint.removeprefix("tcp://")  # type: ignore[attr-defined]
+    return rest.rpartition(":")[0].strip("[]")
 
 
 def _buffer(frame) -> memoryview | bytes:
