@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 # Ports derive from kv_port; each producer worker rank r listens on
-# kv_port + r (control + tcp data) and the process-group transport uses
-# kv_port + GROUP_PORT_OFFSET + r for its rendezvous. So one instance owns
+# kv_port + r (control) and on kv_port + GROUP_PORT_OFFSET + r for data
+# (tcp's raw stream, or the process-group transports' rendezvous). So one instance owns
 # [kv_port, kv_port + KV_PORT_SPAN). The llmdatadist transport's producer rank
 # r listens on its NPU's device IP at llmdatadist_comm_port + r.
 MAX_RANKS = 64
@@ -31,7 +31,8 @@ def _doc(text: str, **kw: Any) -> msgspec.Meta:
 
 class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     transport: Annotated[Transport, _doc(
-        "Data plane. `tcp`: host-staged ZMQ frames (any device). `gloo`/`hccl`: a "
+        "Data plane. `tcp`: a raw TCP stream per consumer, straight from cache "
+        "to cache on the CPU, staged through host buffers from a device. `gloo`/`hccl`: a "
         "2-rank process group per producer/consumer rank pair. `llmdatadist`: CANN "
         "block pulls. `auto`: llmdatadist or hccl on NPUs, tcp elsewhere.")] = "auto"
     kv_ip: Annotated[str, _doc(
@@ -53,10 +54,12 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "Longest silence tolerated while a transfer streams (consumer; with "
         "`gloo`/`hccl` also the producer and group set-up).", gt=0)] = 30.0
     chunk_mb: Annotated[float, _doc(
-        "Size of one staged chunk on the wire (tcp, gloo, hccl).", gt=0, le=256)] = 2.0
+        "Most bytes one engine-step call moves (tcp), or one staged chunk on the "
+        "wire (gloo, hccl).", gt=0, le=256)] = 2.0
     buffer_pool_mb: Annotated[float, _doc(
-        "Fixed size of the staging pool (tcp: producer; gloo/hccl: each side, on "
-        "the device for hccl); bounds the memory transfers can use.", gt=0)] = 32.0
+        "Fixed size of the staging pool (gloo/hccl: each side, on the device for "
+        "hccl; tcp: only caches on a device or with strided blocks stage, one "
+        "chunk per transfer in flight); bounds the memory transfers can use.", gt=0)] = 32.0
     pump_budget_ms: Annotated[float, _doc(
         "Longest time per engine step the connector spends moving KV data; "
         "bounds the decode latency a transfer can add.", gt=0, le=1000)] = 20.0
