@@ -612,23 +612,28 @@ def run_case(pair: Pair, layout: Layout, tokens: int, transport: str, chunk_mb: 
         res.scatter_cpu_s.append(sd["scatter_cpu_s"])
         res.p_cpu_s.append(sp["cpu_s"])
         res.d_cpu_s.append(sd["cpu_s"])
+        # Ceilings right after each timed pull, so load changes hit both alike.
+        _ceilings(pair, res, nb, int(max(chunk_mb * MB, 1)), rnd)
     if spies:
         stop_profiles(spies)
     res.p_rss_added, res.d_rss_added = hwm_p - rss_p, hwm_d - rss_d
-    chunk = int(max(chunk_mb * MB, 1))
-    for _ in range(reps):
-        p = free_port(span=2)
-        raw_p, raw_d = pair.both("raw_send", p, "raw_recv", p)
-        res.raw_s.append(raw_d)
-        p = free_port(span=2)
-        blocks = rnd.sample(range(nb), nb)
-        _, iov = pair.both("iov_send", (p, blocks), "iov_recv", (p, rnd.sample(range(nb), nb)))
-        res.iov_s.append(iov)
-        p = free_port(span=2)
-        _, z = pair.both("zmq_send", (p, chunk), "zmq_recv", (p, chunk))
-        res.zmq_s.append(z)
-        res.memcpy_s.append(pair.reply(pair.call(pair.d, "memcpy")))
     return res
+
+
+def _ceilings(pair: Pair, res: Result, nb: int, chunk: int, rnd) -> None:
+    from vllm_ascend_pd.testing.servers import free_port
+
+    p = free_port(span=2)
+    _, raw_d = pair.both("raw_send", p, "raw_recv", p)
+    res.raw_s.append(raw_d)
+    p = free_port(span=2)
+    blocks = rnd.sample(range(nb), nb)
+    _, iov = pair.both("iov_send", (p, blocks), "iov_recv", (p, rnd.sample(range(nb), nb)))
+    res.iov_s.append(iov)
+    p = free_port(span=2)
+    _, z = pair.both("zmq_send", (p, chunk), "zmq_recv", (p, chunk))
+    res.zmq_s.append(z)
+    res.memcpy_s.append(pair.reply(pair.call(pair.d, "memcpy")))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -699,7 +704,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--transports", nargs="+", default=[t for t in TRANSPORTS if t not in NPU_ONLY])
     ap.add_argument("--chunk-mb", type=float, default=defaults.chunk_mb)
     ap.add_argument("--pool-mb", type=float, default=defaults.buffer_pool_mb)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profile", type=Path, default=None,
                     help="py-spy both processes during the timed pulls of the largest case into this directory")
     ap.add_argument("--rcvhwm", type=int, default=0,
