@@ -247,9 +247,9 @@ def test_idle_wait_zero_turns_waiting_off():
 def _producer_worker(idle_wait_ms: float):
     src = make_cache(1.0)
     w = _worker(idle_wait_ms, producer=True)
-    w.transport = create_transport("tcp", src, OPT)
     port = free_port()
     w.server = _server(port, w.leases, src)
+    w.transport = w.server.transport  # one transport per worker, as in the connector
     return w, src, port
 
 

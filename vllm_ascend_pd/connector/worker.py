@@ -26,7 +26,9 @@ from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.threads import single_threaded
 from vllm_ascend_pd.connector.transfers import LeaseTable
-from vllm_ascend_pd.connector.zmq_links import wait_readable
+import zmq
+
+from vllm_ascend_pd.connector.zmq_links import wait_ready
 from vllm_ascend_pd.kv_layout import VLLM_LOGICAL_AXES, CacheAxes, PagedKVCache, axes_from_backend
 from vllm_ascend_pd.transport import TRANSPORTS, Transport, TransportOptions, create_transport
 
@@ -227,19 +229,21 @@ class WorkerSide:
         return blocked
 
     def _wait_sockets(self) -> list | None:
-        """Sockets whose next message advances a transfer in flight; None
-        if nothing is in flight, or if waiting cannot help."""
+        """(socket, events) whose readiness advances a transfer in flight;
+        None if nothing is in flight, or if waiting cannot help."""
         if getattr(self.transport, "name", "") != "tcp":
             return None  # other data planes complete outside these sockets
-        sockets = []
+        items: list = []
         if self.server is not None:
             if self.server.has_parked():
                 return None  # their leases register next step: do not delay it
             if self.server.sending() or self.leases.pending():
-                sockets.append(self.server.socket)
+                items.append((self.server.socket, zmq.POLLIN))
         if self.puller is not None and self.puller.busy():
-            sockets += self.puller.sockets()
-        return sockets or None
+            items += [(s, zmq.POLLIN) for s in self.puller.sockets()]
+        if items:
+            items += self.transport.poll_items()
+        return items or None
 
     def _await_peers(self, blocked: bool) -> None:
         """In a step without a forward pass, wait up to ``idle_wait_ms`` for
@@ -258,7 +262,7 @@ class WorkerSide:
             left = deadline - time.monotonic()
             if sockets is None or left <= 0:
                 return
-            if blocked and not wait_readable(sockets, left):
+            if blocked and not wait_ready(sockets, left):
                 return
             blocked = self._pump(min(left, budget))
 

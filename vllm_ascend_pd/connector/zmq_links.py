@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
+from typing import Any
 
 import zmq
 
@@ -148,12 +149,13 @@ def dealer_socket(ctx: zmq.Context, endpoint: str, rcvhwm: int = CONSUMER_RCVHWM
     return sock
 
 
-def wait_readable(sockets: list[zmq.Socket], timeout_s: float) -> bool:
-    """Block (without the GIL) until one of ``sockets`` has a message or
-    ``timeout_s`` passes; True if one has."""
+def wait_ready(items: list[tuple[Any, int]], timeout_s: float) -> bool:
+    """Block (without the GIL) until one of ``(socket, zmq.POLLIN|POLLOUT)``
+    is ready or ``timeout_s`` passes; True if one is. Sockets may be ZMQ
+    sockets or plain ones (a transport's data streams)."""
     poller = zmq.Poller()
-    for sock in sockets:
-        poller.register(sock, zmq.POLLIN)
+    for sock, events in items:
+        poller.register(sock, events)
     return bool(poller.poll(max(0.0, timeout_s) * 1e3))
 
 

@@ -137,6 +137,11 @@ class Transport(ABC):
         data connections, say); never raises for a peer's fault."""
         return None
 
+    def poll_items(self) -> list[tuple[Any, int]]:
+        """(socket, zmq.POLLIN/POLLOUT) of the transport's own data streams
+        with a transfer in flight, for an event-driven wait."""
+        return []
+
     def drop_pair(self, pair_id: bytes) -> None:
         """Consumer: the connection ``pair_id`` failed; forget its state."""
         return None

@@ -23,6 +23,8 @@ import time
 from collections.abc import Generator, Iterator
 from typing import Any
 
+import zmq
+
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.log import get_logger
 from vllm_ascend_pd.transport.base import TransferError
@@ -204,8 +206,11 @@ def recv_views(
     return (yield from _move(sock, views, timeout_s, max_bytes, recv, silent, on_idle))
 
 
-def connect(host: str, port: int, pair_id: bytes, timeout_s: float) -> Generator[bool, None, socket.socket]:
-    """Consumer: open a data connection and name its pair."""
+def connect(
+    host: str, port: int, pair_id: bytes, timeout_s: float, on_socket=None
+) -> Generator[bool, None, socket.socket]:
+    """Consumer: open a data connection and name its pair. ``on_socket``
+    sees the socket as soon as it exists (to wait on it while it connects)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as e:
@@ -214,9 +219,20 @@ def connect(host: str, port: int, pair_id: bytes, timeout_s: float) -> Generator
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         _tune(sock)
-        err = sock.connect_ex(addr)
+        if on_socket is not None:
+            on_socket(sock)
         deadline = time.monotonic() + timeout_s
-        while err in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK, errno.EINTR):
+        while True:
+            err = sock.connect_ex(addr)
+            if err in (0, errno.EISCONN):
+                break
+            if err not in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK, errno.EINTR):
+                raise TransferError(
+                    f"cannot connect to the producer's data port {host}:{port}: "
+                    f"{errno.errorcode.get(err, err)}; check that the producer runs the same "
+                    "transport and that the port is reachable",
+                    "peer_lost",
+                )
             if time.monotonic() >= deadline:
                 raise TransferError(
                     f"cannot connect to the producer's data port {host}:{port} within "
@@ -224,17 +240,6 @@ def connect(host: str, port: int, pair_id: bytes, timeout_s: float) -> Generator
                     "timeout",
                 )
             yield False
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err == 0:
-                break
-            err = errno.EINPROGRESS if err in (errno.EINPROGRESS, errno.EALREADY) else err
-        if err not in (0, errno.EISCONN):
-            raise TransferError(
-                f"cannot connect to the producer's data port {host}:{port}: "
-                f"{errno.errorcode.get(err, err)}; check that the producer runs the same "
-                "transport and that the port is reachable",
-                "peer_lost",
-            )
         hello = memoryview(framed(wire.DataHello(pair_id)))
         yield from send_views(sock, iter([hello]), timeout_s, len(hello))
     except BaseException:
@@ -345,6 +350,10 @@ class DataListener:
         self._pairs[pair_id] = sock
         while len(self._pairs) > MAX_PAIRS:
             self._pairs.popitem(last=False)[1].close()
+
+    def poll_items(self) -> list[tuple[socket.socket, int]]:
+        """What a producer waiting for a stream to be named waits on."""
+        return [(self._sock, zmq.POLLIN), *((p.sock, zmq.POLLIN) for p in self._pending)]
 
     def take(self, pair_id: bytes) -> socket.socket | None:
         """The pair's socket, lent out until ``give_back`` (None: not yet here)."""

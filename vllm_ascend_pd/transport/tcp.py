@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zmq
 
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.kv_layout import HeadRange, PagedKVCache, block_runs, plan_chunks, scatter_runs
@@ -52,6 +53,9 @@ class TcpTransport(Transport):
             self._listener = stream.DataListener(options.bind_host or options.host, options.group_port)
         # Consumer: this rank's data stream to each producer pair.
         self._streams: dict[bytes, Any] = {}
+        # Streams with a transfer in flight, and what they wait for.
+        self._active: dict[bytes, tuple[Any, int]] = {}
+        self._borrowing = 0  # sends waiting for their consumer's stream
         direct = sum(self._block_rows(i, None) is not None for i in range(len(cache.tensors)))
         logger.info(
             "tcp transport: %d of %d cache tensors move without staging%s",
@@ -66,6 +70,12 @@ class TcpTransport(Transport):
     def service(self) -> None:
         if self._listener is not None:
             self._listener.poll()
+
+    def poll_items(self) -> list[tuple[Any, int]]:
+        items = list(self._active.values())
+        if self._borrowing and self._listener is not None:
+            items += self._listener.poll_items()
+        return items
 
     def drop_pair(self, pair_id: bytes) -> None:
         sock = self._streams.pop(pair_id, None)
@@ -156,10 +166,16 @@ class TcpTransport(Transport):
             raise TransferError("this instance does not serve KV (not a producer)", "protocol")
         timeout = self.options.idle_timeout_s
         pair = link.pair_id
-        sock = yield from _borrow(listener, pair, timeout)
+        self._borrowing += 1
+        try:
+            sock = yield from _borrow(listener, pair, timeout)
+        finally:
+            self._borrowing -= 1
         nbytes = self._plan_bytes(len(block_ids), heads)
         ok = False
         buf = None
+        key = b"s" + pair  # a kv_both instance may send and receive on one pair id
+        self._active[key] = (sock, zmq.POLLOUT)
         try:
             if self._staged(heads):
                 buf = yield from self._acquire()
@@ -171,6 +187,7 @@ class TcpTransport(Transport):
             _tell_failed(link, transfer_id, e)
             raise
         finally:
+            self._active.pop(key, None)
             if buf is not None:
                 self._free.append(buf)
             if ok:
@@ -194,11 +211,21 @@ class TcpTransport(Transport):
                     "vllm-ascend-pd version on both instances",
                     "incompatible",
                 )
-            sock = yield from stream.connect(_host_of(link), port, pair, timeout)
+            key = b"r" + pair
+
+            def waiting(s) -> None:
+                self._active[key] = (s, zmq.POLLOUT)
+
+            try:
+                sock = yield from stream.connect(_host_of(link), port, pair, timeout, waiting)
+            finally:
+                self._active.pop(key, None)
             self._streams[pair] = sock
         ok = False
         buf = None
         watch = _EndWatch(link, transfer_id)
+        key = b"r" + pair
+        self._active[key] = (sock, zmq.POLLIN)
         try:
             if self._staged(heads):
                 buf = yield from self._acquire()
@@ -215,6 +242,7 @@ class TcpTransport(Transport):
             )
             ok = True
         finally:
+            self._active.pop(key, None)
             if buf is not None:
                 self._free.append(buf)
             if not ok:
