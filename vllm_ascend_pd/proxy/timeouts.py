@@ -1,4 +1,4 @@
-"""A gap watchdog whose cost per event is one attribute write.
+"""A gap watchdog: a few attribute writes and a clock read per event.
 
 ``asyncio.timeout().reschedule()`` per SSE event creates and cancels a timer
 handle for every event; this watchdog arms one timer per *gap period* and, when
