@@ -28,11 +28,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import zmq
 
 from vllm_ascend_pd.config import GROUP_PORT_OFFSET, ConnectorConfig
+from vllm_ascend_pd.connector.zmq_links import wait_ready
 from vllm_ascend_pd.transport import TRANSPORTS
 
 MB = 1 << 20
+# Driver: between pumps that made no progress, wait for the sockets (as an
+# idle engine step with idle_wait_ms does) or, with --spin, poll at once
+# (as vLLM's busy engine loop does). Read by the child processes.
+SPIN = os.environ.get("TRANSFER_BENCH_SPIN") == "1"
 OUT_DIR = Path(__file__).resolve().parent
 DOCS = OUT_DIR.parents[1] / "docs"
 # Transports that need NPUs cannot run here.
@@ -207,9 +213,11 @@ def producer_main(conn) -> None:
             c0 = time.process_time()
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
-                server.pump(0.02)
+                blocked = server.pump(0.02)
                 if rid in leases.take_finished():
                     break
+                if blocked and not SPIN:
+                    wait_ready([(server.socket, zmq.POLLIN), *server.transport.poll_items()], 0.02)
             conn.send(("ok", {**Hooks.stop(), "cpu_s": time.process_time() - c0, "hwm": _status("VmHWM")}))
         elif cmd == "checksum":
             sums = checksum(cache, arg)
@@ -271,10 +279,13 @@ def consumer_main(conn, rcvhwm: int = 0) -> None:
             t0 = time.perf_counter()
             puller.submit(RecvSpec("d-" + rid, "127.0.0.1", port, tid, rid, remote, local, 0))
             while True:
-                puller.pump(0.02)
+                blocked = puller.pump(0.02)
                 done, failed = puller.take_results()
                 if done:
                     break
+                if blocked and not SPIN:
+                    items = [(s, zmq.POLLIN) for s in puller.sockets()] + puller.transport.poll_items()
+                    wait_ready(items, 0.02)
             wall = time.perf_counter() - t0
             conn.send(("ok", {**Hooks.stop(), "wall_s": wall, "cpu_s": time.process_time() - c0,
                               "failed": bool(failed), "hwm": _status("VmHWM")}))
@@ -705,12 +716,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk-mb", type=float, default=defaults.chunk_mb)
     ap.add_argument("--pool-mb", type=float, default=defaults.buffer_pool_mb)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--spin", action="store_true",
+                    help="poll without waiting between pumps that made no progress")
     ap.add_argument("--profile", type=Path, default=None,
                     help="py-spy both processes during the timed pulls of the largest case into this directory")
     ap.add_argument("--rcvhwm", type=int, default=0,
                     help="experiment: cap the consumer's ZMQ receive queue at this many messages")
     ap.add_argument("--tag", default="", help="suffix for the output files (before/after runs)")
     args = ap.parse_args(argv)
+    if args.spin:
+        os.environ["TRANSFER_BENCH_SPIN"] = "1"
     if args.quick:
         args.tokens, args.reps = [t for t in args.tokens if t <= 4096], 2
     load0 = os.getloadavg()
@@ -743,7 +758,7 @@ def main(argv: list[str] | None = None) -> None:
     md = markdown(rows)
     (OUT_DIR / f"results{tag}.md").write_text(
         f"`{meta['command']}` — {meta['when']}, {meta['machine']}, load {load0[0]:.1f} -> {load1[0]:.1f}, "
-        f"chunk {args.chunk_mb} MiB, pool {args.pool_mb} MiB, median of {args.reps}\n\n{md}\n")
+        f"chunk {args.chunk_mb} MiB, pool {args.pool_mb} MiB, median of {args.reps}, driver {'spin' if args.spin else 'wait'}\n\n{md}\n")
     plot(rows, DOCS / f"benchmarks-transfer{tag}.png",
          f"{meta['command']} ({meta['when']}; chunk {args.chunk_mb} MiB, pool {args.pool_mb} MiB)")
     print(md)
