@@ -68,8 +68,8 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "long the connector may wait for its peer's next message, waking as soon "
         "as one arrives, instead of returning to vLLM's 1 ms polling loop. Cuts "
         "each control round trip to the message's own latency. Bounds how late "
-        "a request arriving meanwhile is scheduled. 0 turns it off (the default "
-        "until the lease lifecycle on real vLLM passes with it on).", ge=0, le=100)] = 0.0
+        "a request arriving meanwhile is scheduled; it never moves more data per "
+        "step than `pump_budget_ms` allows. 0 turns it off.", ge=0, le=100)] = 5.0
     shared_secret: Annotated[str, _doc(
         "Optional secret every instance of a deployment shares (at least "
         f"{MIN_SECRET_CHARS} characters). Handshakes, pulls and releases are "

@@ -69,7 +69,9 @@ def test_expired_lease_frees_producer_and_decode_recomputes(cluster, tokenizer):
     prompt = prompt_of(tokenizer, 90, seed=21)
     expired_before = metric(cluster.P.url, "vllm:ascend_pd_leases_expired_total")
     params = _prefill(cluster, prompt)
-    assert metric(cluster.P.url, "vllm:ascend_pd_leases_pending") == 1
+    # The lease registers in the step after the prefill's; its gauge reaches
+    # /metrics with that step's output, which may come after the answer.
+    wait_for(lambda: metric(cluster.P.url, "vllm:ascend_pd_leases_pending") == 1, timeout=5)
     wait_for(lambda: producer_idle(cluster), timeout=LEASE_S + 15)
     assert metric(cluster.P.url, "vllm:ascend_pd_leases_expired_total") == expired_before + 1
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,

@@ -330,3 +330,33 @@ def test_other_transports_never_wait():
     w.get_finished()
     assert time.monotonic() - t0 < 0.2
     w.server.close()
+
+
+class _BusyServer:
+    """A producer whose send always has more to move: never blocked."""
+
+    def __init__(self):
+        self.pumps = 0
+
+    def pump(self, budget_s):
+        self.pumps += 1
+        return False
+
+    def has_parked(self):
+        return False
+
+    def sending(self):
+        return True
+
+
+def test_wait_never_moves_more_than_one_pump_budget_per_step():
+    # The fault tests slow transfers down with a tiny pump budget; a
+    # no-forward step must keep that bound rather than pump until idle_wait.
+    w = _worker(idle_wait_ms=3000, producer=True)
+    w.server = _BusyServer()
+    w.transport = SimpleNamespace(name="tcp", poll_items=lambda: [])
+    w._no_forward = True
+    t0 = time.monotonic()
+    w.get_finished()
+    assert w.server.pumps == 1
+    assert time.monotonic() - t0 < 0.2

@@ -251,20 +251,20 @@ class WorkerSide:
         arrives, instead of returning to vLLM's loop, which sleeps 1 ms and
         steps again before it looks. No request is running in such a step,
         so nobody's decode waits. Returns as soon as there is a result for
-        the scheduler. Caller holds ``_lock``."""
+        the scheduler, and as soon as a pump ends with work still ready: it
+        only waits, it never moves more data per wake-up than
+        ``pump_budget_ms`` allows. Caller holds ``_lock``."""
         wait_s = self.cfg.idle_wait_ms / 1e3
         if wait_s <= 0:
             return
         deadline = time.monotonic() + wait_s
         budget = self.cfg.pump_budget_ms / 1e3
-        while not self._has_results():
+        while blocked and not self._has_results():
             sockets = self._wait_sockets()
             left = deadline - time.monotonic()
-            if sockets is None or left <= 0:
+            if sockets is None or left <= 0 or not wait_ready(sockets, left):
                 return
-            if blocked and not wait_ready(sockets, left):
-                return
-            blocked = self._pump(min(left, budget))
+            blocked = self._pump(budget)
 
     def _has_results(self) -> bool:
         return self.leases.has_finished() or (self.puller is not None and self.puller.has_results())
