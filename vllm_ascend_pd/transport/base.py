@@ -12,26 +12,33 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, ClassVar, Protocol
 
 from vllm_ascend_pd.kv_layout import HeadRange, PagedKVCache
 
 
-def wait_recv(link: "Link", timeout_s: float, what: str) -> Generator[bool, None, list[Any]]:
-    """Yield until the peer sends a message; TransferError after ``timeout_s`` of silence."""
+def poll_until(
+    poll: Callable[[], Any], timeout_s: float, why: Callable[[], str]
+) -> Generator[bool, None, Any]:
+    """Yield until ``poll()`` returns something other than None; a
+    ``timeout`` TransferError saying ``why()`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        frames = link.try_recv()
-        if frames is not None:
-            return frames
+        got = poll()
+        if got is not None:
+            return got
         if time.monotonic() >= deadline:
-            raise TransferError(
-                f"no {what} from the peer for {timeout_s:.1f}s (dead, overloaded or "
-                "firewalled KV port?)",
-                cause="timeout",
-            )
+            raise TransferError(why(), cause="timeout")
         yield False
+
+
+def wait_recv(link: "Link", timeout_s: float, what: str) -> Generator[bool, None, list[Any]]:
+    """Yield until the peer sends a message; TransferError after ``timeout_s`` of silence."""
+    return (yield from poll_until(
+        link.try_recv, timeout_s,
+        lambda: f"no {what} from the peer for {timeout_s:.1f}s (dead, overloaded or firewalled KV port?)",
+    ))
 
 
 def wait_send(link: "Link", frames: list[Any], timeout_s: float, **kw: Any) -> Generator[bool, None, Any]:

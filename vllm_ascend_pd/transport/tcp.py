@@ -27,7 +27,9 @@ from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.kv_layout import HeadRange, PagedKVCache, block_runs, plan_chunks, scatter_runs
 from vllm_ascend_pd.log import get_logger
 from vllm_ascend_pd.transport import stream
-from vllm_ascend_pd.transport.base import Link, Step, TransferError, Transport, TransportOptions, WouldBlock
+from vllm_ascend_pd.transport.base import (
+    Link, Step, TransferError, Transport, TransportOptions, WouldBlock, poll_until,
+)
 
 __all__ = ["TcpTransport", "block_runs", "scatter_runs"]  # the helpers live in kv_layout
 
@@ -256,19 +258,15 @@ def _chain(first: memoryview, rest: Iterator[Any]) -> Iterator[Any]:
 
 
 def _borrow(listener: stream.DataListener, pair: bytes, timeout_s: float):
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def arrived():
         listener.poll()
-        sock = listener.take(pair)
-        if sock is not None:
-            return sock
-        if time.monotonic() >= deadline:
-            raise TransferError(
-                f"the consumer did not open its tcp data connection within {timeout_s:.1f}s "
-                "(is the producer's data port, kv_port + 64 + rank, reachable from it?)",
-                "timeout",
-            )
-        yield False
+        return listener.take(pair)
+
+    return (yield from poll_until(
+        arrived, timeout_s,
+        lambda: f"the consumer did not open its tcp data connection within {timeout_s:.1f}s "
+        "(is the producer's data port, kv_port + 64 + rank, reachable from it?)",
+    ))
 
 
 def _read_header(sock, timeout_s: float, on_idle):
