@@ -284,6 +284,17 @@ HANDWRITTEN = "## Reading these numbers"
 TARGETS = ("direct", "proxy", "passthrough", "baseline")
 
 
+def _cells(concurrency, by):
+    """(streams, target, result, direct's result or None for direct itself)
+    for every measured cell, in report order."""
+    for c in concurrency:
+        d = by.get(("direct", c))
+        for target in TARGETS:
+            r = by.get((target, c))
+            if r is not None:
+                yield c, target, r, (None if target == "direct" else d)
+
+
 def write_report(results: list[Result], args, path: Path, plot_path: Path) -> str:
     by = {(r.target, r.concurrency): r for r in results}
     lines = [
@@ -315,23 +326,18 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         "prefill leg (mean) | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in args.concurrency:
-        d = by.get(("direct", c))
-        for target in TARGETS:
-            r = by.get((target, c))
-            if r is None:
-                continue
-            if target == "direct" or d is None:
-                added = ["", "", "", ""]
-            else:
-                added = [f"{r.pct(k, q) - d.pct(k, q):+.2f}"
-                         for k, q in (("e2e", .5), ("e2e", .99), ("ttft", .5), ("ttft", .99))]
-            lines.append(
-                f"| {c} | {target} | {len(r.e2e)} | {r.pct('e2e', .5):.2f} | "
-                f"{r.pct('e2e', .99):.2f} | {r.pct('ttft', .5):.2f} | "
-                f"{r.pct('ttft', .99):.2f} | " + " | ".join(added) +
-                f" | {'' if r.prefill_leg[1] == 0 else f'{r.prefill_leg_ms:.2f}'}"
-                f" | {r.errors} |")
+    for c, target, r, d in _cells(args.concurrency, by):
+        if d is None:
+            added = ["", "", "", ""]
+        else:
+            added = [f"{r.pct(k, q) - d.pct(k, q):+.2f}"
+                     for k, q in (("e2e", .5), ("e2e", .99), ("ttft", .5), ("ttft", .99))]
+        lines.append(
+            f"| {c} | {target} | {len(r.e2e)} | {r.pct('e2e', .5):.2f} | "
+            f"{r.pct('e2e', .99):.2f} | {r.pct('ttft', .5):.2f} | "
+            f"{r.pct('ttft', .99):.2f} | " + " | ".join(added) +
+            f" | {'' if r.prefill_leg[1] == 0 else f'{r.prefill_leg_ms:.2f}'}"
+            f" | {r.errors} |")
     lines += [
         "",
         "### Throughput and CPU per streamed event",
@@ -346,23 +352,18 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         "prefill | relay | total | CPU ceiling |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in args.concurrency:
-        d = by.get(("direct", c))
-        for target in TARGETS:
-            r = by.get((target, c))
-            if r is None:
-                continue
-            if target == "direct" or d is None:
-                ratio = spread = ceiling = ""
-            else:
-                lo, hi = r.ratio_spread()
-                ratio = f"{r.throughput / d.throughput:.2f}x"
-                spread = f"{lo:.2f}–{hi:.2f}"
-                ceiling = f"{d.cpu_us_per_event() / r.cpu_us_per_event():.2f}x"
-            cpu = [f"{r.cpu_us_per_event(p):.1f}" if p in r.cpu else ""
-                   for p in ("client", "decode", "prefill", "relay")]
-            lines.append(f"| {c} | {target} | {r.throughput:.0f} | {ratio} | {spread} | " +
-                         " | ".join(cpu) + f" | {r.cpu_us_per_event():.1f} | {ceiling} |")
+    for c, target, r, d in _cells(args.concurrency, by):
+        if d is None:
+            ratio = spread = ceiling = ""
+        else:
+            lo, hi = r.ratio_spread()
+            ratio = f"{r.throughput / d.throughput:.2f}x"
+            spread = f"{lo:.2f}–{hi:.2f}"
+            ceiling = f"{d.cpu_us_per_event() / r.cpu_us_per_event():.2f}x"
+        cpu = [f"{r.cpu_us_per_event(p):.1f}" if p in r.cpu else ""
+               for p in ("client", "decode", "prefill", "relay")]
+        lines.append(f"| {c} | {target} | {r.throughput:.0f} | {ratio} | {spread} | " +
+                     " | ".join(cpu) + f" | {r.cpu_us_per_event():.1f} | {ceiling} |")
     text = "\n".join(lines) + "\n"
     try:
         import matplotlib
