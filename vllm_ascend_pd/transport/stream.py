@@ -91,7 +91,7 @@ class FrameReader:
             except OSError as e:
                 raise TransferError(f"data connection failed: {e}", "peer_lost") from None
             if not got:
-                raise TransferError("the peer closed the data connection", "peer_lost")
+                raise TransferError("the peer closed the connection (data stream)", "peer_lost")
             self._buf += got
 
 
@@ -164,11 +164,13 @@ def _move(sock, views, timeout_s: float, max_bytes: int, call, idle_error, on_id
         except OSError as e:
             if on_idle is not None:
                 on_idle()  # a producer that failed says why on the control link
-            raise TransferError(f"the data connection failed: {e}", "peer_lost") from None
+            raise TransferError(
+                f"the peer closed the connection (data stream: {e})", "peer_lost"
+            ) from None
         if n == 0:
             if on_idle is not None:
                 on_idle()
-            raise TransferError("the peer closed the data connection mid-transfer", "peer_lost")
+            raise TransferError("the peer closed the connection mid-transfer (data stream)", "peer_lost")
         total += n
         batch.consume(n)
         deadline = time.monotonic() + timeout_s
