@@ -8,22 +8,19 @@ import time
 import pytest
 import torch
 
-from test_transport import NB, TID, drive, make_cache
+from kv_loopback import (
+    TID, assert_copied, drive, make_cache, pump_for, pumped, release_params, tcp_puller, tcp_server,
+)
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.auth import MAX_SKEW_S, Authenticator, AuthError
 from vllm_ascend_pd.config import ConfigError, parse_extra_config, resolve_secret
-from vllm_ascend_pd.connector.kv_server import KVServer
 from vllm_ascend_pd.connector.metadata import RecvSpec
-from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
 from vllm_ascend_pd.kvclient import release_transfer_sync
-from vllm_ascend_pd.params import prompt_hash
 from vllm_ascend_pd.testing.servers import free_port
-from vllm_ascend_pd.transport import TransportOptions, create_transport
 
 SECRET = "correct horse battery staple"
-OPT = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=2)
 
 
 # -- the token scheme ----------------------------------------------------------
@@ -110,30 +107,15 @@ def test_secret_from_environment(monkeypatch):
 
 
 # -- producer and consumer workers ---------------------------------------------------
-def _server(src, leases, stats, secret):
-    port = free_port()
-    server = KVServer(
-        bind_host="127.0.0.1", port=port, engine_id="P", tp_rank=0, layout=src.describe(),
-        leases=leases, transport=create_transport("tcp", src, OPT), stats=stats,
-        secret=secret, registration_grace_s=0.2,
-    )
-    return server, port
-
-
-def _puller(dst, secret, stats=None):
-    return Puller(engine_id="D", tp_rank=0, layout=dst.describe(), transport=create_transport("tcp", dst, OPT),
-                  stats=stats or TransferStats(), secret=secret, connect_timeout_s=2)
-
-
 @pytest.fixture
 def secured():
     src, dst = make_cache(1.0), make_cache(0.0)
-    leases, stats = LeaseTable(60), TransferStats()
-    server, port = _server(src, leases, stats, SECRET)
-    pullers: list[Puller] = []
+    leases, stats, port = LeaseTable(60), TransferStats(), free_port()
+    server = tcp_server(src, port, leases, stats=stats, secret=SECRET, grace_s=0.2)
+    pullers = []
 
     def puller(secret, stats=None):
-        p = _puller(dst, secret, stats)
+        p = tcp_puller(dst, stats=stats, secret=secret)
         pullers.append(p)
         return p
 
@@ -159,17 +141,16 @@ def test_consumer_without_the_secret_gets_no_data_and_server_keeps_serving(secur
     good = puller(SECRET)
     good.submit(RecvSpec("b", "127.0.0.1", port, TID, "req-p", [3, 4], [7, 8], 64))
     assert drive(server, good) == ({"b"}, set())
-    for s, d in zip(src.tensors, dst.tensors):
-        assert torch.equal(d[[7, 8]], s[[3, 4]])
+    assert_copied(src, dst, [3, 4], [7, 8])
     assert leases.pending() == 0
 
 
 def test_consumer_refuses_a_producer_without_the_secret():
     src, dst = make_cache(1.0), make_cache(0.0)
-    leases = LeaseTable(60)
-    server, port = _server(src, leases, TransferStats(), "")
+    leases, port = LeaseTable(60), free_port()
+    server = tcp_server(src, port, leases, grace_s=0.2)
     stats = TransferStats()
-    puller = _puller(dst, SECRET, stats)
+    puller = tcp_puller(dst, stats=stats, secret=SECRET)
     try:
         leases.register("req-p", TID, [3])
         puller.submit(RecvSpec("a", "127.0.0.1", port, TID, "req-p", [3], [5], 32))
@@ -198,21 +179,10 @@ def _raw(port: int, msg) -> object:
 
 def test_replayed_signed_pull_is_refused(secured):
     src, dst, leases, stats, server, port, _ = secured
-    import threading
-
     leases.register("req-p", TID, [3])
     tok = Authenticator(SECRET).sign("pull", TID, "req-p", [3], "D", 0, 1, None)
     pull = wire.PullRequest(TID, "req-p", [3], "D", 0, tok)
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            server.pump(0.01)
-            time.sleep(0.005)
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
+    with pumped(server):
         assert _raw(port, pull).ok  # the legitimate pull (its data is not read here)
         deadline = time.monotonic() + 10
         while leases.pending() and time.monotonic() < deadline:
@@ -223,38 +193,18 @@ def test_replayed_signed_pull_is_refused(secured):
         reply = _raw(port, pull)
         assert not reply.ok and reply.error == "authentication failed"
         assert stats.take()["rejected"] == {"auth": 1}
-    finally:
-        stop.set()
-        t.join()
 
 
 def test_release_needs_the_secret(secured):
     _, _, leases, stats, server, port, _ = secured
-    import threading
-
     leases.register("req-p", TID, [3, 4])
-    params = {"remote_engine_id": "P", "remote_host": "127.0.0.1", "remote_port": port,
-              "remote_block_ids": [3, 4], "remote_request_id": "req-p", "transfer_id": TID,
-              "tp_size": 1, "block_size": 32, "num_tokens": 40, "prompt_hash": prompt_hash([1]),
-              "protocol": wire.PROTOCOL_VERSION}
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            server.pump(0.01)
-            time.sleep(0.005)
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
+    params = release_params(port)
+    with pumped(server):
         assert release_transfer_sync(params, timeout=5) is False
         assert release_transfer_sync(params, timeout=5, secret="wrong but long enough") is False
         assert leases.pending() == 1
         assert release_transfer_sync(params, timeout=5, secret=SECRET) is True
         assert leases.pending() == 0
-    finally:
-        stop.set()
-        t.join()
     assert stats.take()["rejected"] == {"auth": 2}
 
 
@@ -304,10 +254,7 @@ def test_mutated_tokens_never_pass_and_the_server_keeps_serving(secured):
             sock.send(wire.encode(msg_of(b.decode())))
             if i % 100 == 0:
                 server.pump(0.01)
-        end = time.monotonic() + 3
-        while time.monotonic() < end:
-            server.pump(0.01)
-            time.sleep(0.001)
+        pump_for(server, 3)
     finally:
         ctx.destroy(linger=0)
     assert leases.pending() == 1
@@ -315,5 +262,4 @@ def test_mutated_tokens_never_pass_and_the_server_keeps_serving(secured):
     good = puller(SECRET)
     good.submit(RecvSpec("b", "127.0.0.1", port, TID, "req-p", [3, 4], [7, 8], 64))
     assert drive(server, good) == ({"b"}, set())
-    for s, d in zip(src.tensors, dst.tensors):
-        assert torch.equal(d[[7, 8]], s[[3, 4]])
+    assert_copied(src, dst, [3, 4], [7, 8])

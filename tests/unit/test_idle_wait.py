@@ -12,19 +12,16 @@ import pytest
 import torch
 
 from vllm_ascend_pd.config import parse_extra_config
-from vllm_ascend_pd.connector.kv_server import KVServer
 from vllm_ascend_pd.connector.metadata import AscendConnectorMetadata, RecvSpec, SendSpec
-from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.pump import Pump, Task
 from vllm_ascend_pd.connector.scheduler import SchedulerSide
-from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.threads import single_threaded
 from vllm_ascend_pd.connector.transfers import LeaseTable
 from vllm_ascend_pd.connector.worker import WorkerSide
 from vllm_ascend_pd.testing.servers import free_port
-from vllm_ascend_pd.transport import TransportOptions, create_transport
+from vllm_ascend_pd.transport import TransportOptions
 
-from test_transport import TID, make_cache
+from kv_loopback import TID, make_cache, tcp_puller, tcp_server
 
 OPT = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=5)
 BLOCKS, LOCAL = [3, 9, 4, 40], [10, 11, 12, 13]
@@ -137,19 +134,11 @@ def _worker(idle_wait_ms: float, producer: bool) -> WorkerSide:
     return w
 
 
-def _server(port, leases, cache=None):
-    src = cache or make_cache(1.0)
-    return KVServer(bind_host="127.0.0.1", port=port, engine_id="P", tp_rank=0, layout=src.describe(),
-                    leases=leases, transport=create_transport("tcp", src, OPT), stats=TransferStats(),
-                    secret="", registration_grace_s=0.5)
-
-
 def _consumer(idle_wait_ms: float):
     dst = make_cache(0.0)
     w = _worker(idle_wait_ms, producer=False)
-    w.transport = create_transport("tcp", dst, OPT)
-    w.puller = Puller(engine_id="D", tp_rank=0, layout=dst.describe(), transport=w.transport,
-                      stats=TransferStats(), secret="", connect_timeout_s=5)
+    w.puller = tcp_puller(dst, opt=OPT, connect_timeout_s=5)
+    w.transport = w.puller.transport  # one transport per worker, as in the connector
     return w, dst
 
 
@@ -161,7 +150,7 @@ class _Producer:
         self.leases = LeaseTable(60)
         self.leases.register("req-p", TID, BLOCKS)
         self.port = free_port()
-        self.server = _server(self.port, self.leases, self.src)
+        self.server = tcp_server(self.src, self.port, self.leases, opt=OPT)
         self._stop = threading.Event()
         self._delay = delay_s
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -248,7 +237,7 @@ def _producer_worker(idle_wait_ms: float):
     src = make_cache(1.0)
     w = _worker(idle_wait_ms, producer=True)
     port = free_port()
-    w.server = _server(port, w.leases, src)
+    w.server = tcp_server(src, port, w.leases, opt=OPT)
     w.transport = w.server.transport  # one transport per worker, as in the connector
     return w, src, port
 
@@ -258,9 +247,7 @@ class _Consumer:
 
     def __init__(self, port, delay_s):
         self.dst = make_cache(0.0)
-        self.puller = Puller(engine_id="D", tp_rank=0, layout=self.dst.describe(),
-                             transport=create_transport("tcp", self.dst, OPT), stats=TransferStats(),
-                             secret="", connect_timeout_s=5)
+        self.puller = tcp_puller(self.dst, opt=OPT, connect_timeout_s=5)
         self.port, self.delay = port, delay_s
         self.result = None
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -4,13 +4,11 @@ legitimate transfer must still be served exactly."""
 from __future__ import annotations
 
 import random
-import time
 
 import msgspec
-import torch
 import zmq
 
-from tests.unit.test_transport import TID, drive, make_cache, pair  # noqa: F401 - fixture
+from kv_loopback import TID, assert_copied, drive, pair, pump_for  # noqa: F401 - pair is a fixture
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.connector.metadata import RecvSpec
 
@@ -58,12 +56,7 @@ def test_fuzzed_kv_port_survives_and_serves(pair):  # noqa: F811
             socks[i % len(socks)].send_multipart(frames)
             if i % 200 == 0:
                 server.pump(0.01)
-        # Keep serving for a while: delivery is asynchronous and pump() returns
-        # as soon as nothing is waiting.
-        end = time.monotonic() + 3
-        while time.monotonic() < end:
-            server.pump(0.01)
-            time.sleep(0.001)
+        pump_for(server, 3)
     finally:
         for s in socks:
             s.close(0)
@@ -75,5 +68,4 @@ def test_fuzzed_kv_port_survives_and_serves(pair):  # noqa: F811
     assert leases.pending() == 1
     puller.submit(RecvSpec("d", "127.0.0.1", port, TID, "req-p", [3, 4], [20, 21], 64))
     assert drive(server, puller) == ({"d"}, set())
-    for s, d in zip(src.tensors, dst.tensors):
-        assert torch.equal(d[[20, 21]], s[[3, 4]])
+    assert_copied(src, dst, [3, 4], [20, 21])

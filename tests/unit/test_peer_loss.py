@@ -6,24 +6,16 @@ from __future__ import annotations
 
 import time
 
-from test_transport import TID, make_cache
-from vllm_ascend_pd.connector.kv_server import KVServer
+from kv_loopback import TID, assert_copied, make_cache, tcp_puller, tcp_server
 from vllm_ascend_pd.connector.metadata import RecvSpec
-from vllm_ascend_pd.connector.puller import Puller
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
 from vllm_ascend_pd.testing.servers import free_port
-from vllm_ascend_pd.transport import TransportOptions, create_transport
+from vllm_ascend_pd.transport import TransportOptions
 
 # Small chunks: a 40-block transfer is 120 chunks, so it is still running
 # when the producer is closed.
 OPT = TransportOptions(chunk_bytes=1024, pool_bytes=2048, idle_timeout_s=20)
-
-
-def _server(src, port, leases):
-    return KVServer(bind_host="127.0.0.1", port=port, engine_id="P", tp_rank=0, layout=src.describe(),
-                    leases=leases, transport=create_transport("tcp", src, OPT), stats=TransferStats(),
-                    secret="", registration_grace_s=0.5)
 
 
 def _wait(puller, server=None, timeout=30.0):
@@ -43,10 +35,9 @@ def test_producer_closed_mid_transfer_fails_the_pull_at_once():
     src, dst = make_cache(1.0), make_cache(0.0)
     port = free_port()
     leases = LeaseTable(60)
-    server = _server(src, port, leases)
+    server = tcp_server(src, port, leases, opt=OPT)
     stats = TransferStats()
-    puller = Puller(engine_id="D", tp_rank=0, layout=dst.describe(), transport=create_transport("tcp", dst, OPT),
-                    stats=stats, secret="", connect_timeout_s=20)
+    puller = tcp_puller(dst, opt=OPT, stats=stats, connect_timeout_s=20)
     try:
         blocks = list(range(40))
         leases.register("req-p", TID, blocks)
@@ -71,12 +62,11 @@ def test_producer_closed_mid_transfer_fails_the_pull_at_once():
 
         # A producer back at the same address serves the next pull exactly.
         leases2 = LeaseTable(60)
-        server = _server(src, port, leases2)
+        server = tcp_server(src, port, leases2, opt=OPT)
         leases2.register("req-q", "q" * 24, [1, 2])
         puller.submit(RecvSpec("b", "127.0.0.1", port, "q" * 24, "req-q", [1, 2], [60, 61], 64))
         assert _wait(puller, server) == ({"b"}, set())
-        for s, d in zip(src.tensors, dst.tensors):
-            assert (d[[60, 61]] == s[[1, 2]]).all()
+        assert_copied(src, dst, [1, 2], [60, 61])
     finally:
         server.close()
         puller.close()

@@ -7,58 +7,12 @@ import time
 import pytest
 import torch
 
+# Re-exported: test_tcp_stream.py imports these from this module.
+from kv_loopback import NB, TID, drive, make_cache, pair, tcp_puller  # noqa: F401 - pair is a fixture
 from vllm_ascend_pd import protocol as wire
-from vllm_ascend_pd.connector.kv_server import KVServer
 from vllm_ascend_pd.connector.metadata import RecvSpec, ReleaseSpec
-from vllm_ascend_pd.connector.puller import Puller
-from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
-from vllm_ascend_pd.kv_layout import CacheAxes, PagedKVCache
 from vllm_ascend_pd.testing.servers import free_port
-from vllm_ascend_pd.transport import TransportOptions, create_transport
-
-NB = 64
-TID = "t" * 24
-
-
-def make_cache(fill: float, dtype=torch.float32) -> PagedKVCache:
-    caches = {
-        f"layer.{i}": (torch.arange(NB * 2 * 32 * 8, dtype=torch.float32).view(NB, 2, 32, 8) * fill + i).to(dtype)
-        for i in range(3)
-    }
-    return PagedKVCache.from_vllm(caches, NB, 32, lambda n, i, t: CacheAxes(block=0))
-
-
-@pytest.fixture
-def pair():
-    src, dst = make_cache(1.0), make_cache(0.0)
-    opt = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=2)
-    leases = LeaseTable(60)
-    port = free_port()
-    server = KVServer(
-        bind_host="127.0.0.1", port=port, engine_id="P", tp_rank=0, layout=src.describe(),
-        leases=leases, transport=create_transport("tcp", src, opt), stats=TransferStats(),
-        secret="", registration_grace_s=0.5,
-    )
-    stats = TransferStats()
-    puller = Puller(
-        engine_id="D", tp_rank=0, layout=dst.describe(), transport=create_transport("tcp", dst, opt),
-        stats=stats, secret="", connect_timeout_s=2,
-    )
-    yield src, dst, leases, server, puller, port, stats
-    server.close()
-    puller.close()
-
-
-def drive(server, puller, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        puller.pump(0.01)
-        server.pump(0.01)
-        done, failed = puller.take_results()
-        if done:
-            return done, failed
-    raise AssertionError("no result")
 
 
 def test_pull_copies_exact_blocks_and_frees_lease(pair):
@@ -132,9 +86,7 @@ def test_dead_producer_times_out(pair):
 def test_incompatible_layout_is_refused_at_handshake(pair):
     src, _, leases, server, _, ep, _ = pair
     other = make_cache(0.0, torch.float16)
-    opt = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=2)
-    puller = Puller(engine_id="D2", tp_rank=0, layout=other.describe(), transport=create_transport("tcp", other, opt),
-                    stats=TransferStats(), secret="", connect_timeout_s=2)
+    puller = tcp_puller(other, engine_id="D2")
     try:
         leases.register("req-p", TID, [1])
         puller.submit(RecvSpec("a", "127.0.0.1", ep, TID, "req-p", [1], [1], 32))
