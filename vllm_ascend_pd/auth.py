@@ -9,8 +9,9 @@ window, so a captured message cannot be replayed. Its replies are signed
 over the request's nonce, so a consumer never takes a handshake or a pull
 answer from an instance that does not know the secret.
 
-The secret itself never travels. KV data frames are not signed (that would
-cost a pass over every byte): authentication stops strangers from pulling
+The tcp transport's ``DataHello`` (which names a data stream) is signed the
+same way. The secret itself never travels. KV data frames are not signed
+(that would cost a pass over every byte): authentication stops strangers from pulling
 or releasing blocks, it does not encrypt; keep KV traffic on a private
 network.
 """

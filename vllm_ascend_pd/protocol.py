@@ -13,13 +13,15 @@ Version history:
      PullRequest.consumer_tp/heads (a pull may carry a KV-head slice).
   4: tcp moves data over its own raw stream: HelloReply.data_port (signed),
      DataHello and DataHeader on that stream; ChunkHeader is gone.
+  5: DataHello.auth: with a shared secret the data stream's preamble is
+     signed like the control messages.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 # Decoding is bounded before anything is parsed (see MAX_CONTROL_BYTES users).
 MAX_CONTROL_BYTES = 4 * 1024 * 1024
@@ -88,6 +90,7 @@ class DataHello(msgspec.Struct, tag="data_hello"):
     stream belongs to (the consumer link's unguessable routing id)."""
 
     pair_id: bytes
+    auth: str = ""  # token over pair_id (auth.py), with a shared secret
 
 
 class DataHeader(msgspec.Struct, tag="data_header"):

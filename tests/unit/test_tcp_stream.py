@@ -143,6 +143,7 @@ def test_hostile_data_connections_are_closed_and_serving_goes_on(pair, monkeypat
         s.close()
     listener = _listener(server)
     assert listener.refused == 5 and not listener._pending and not listener._pairs  # noqa: SLF001
+    assert server.stats.take()["rejected"] == {"data_malformed": 4, "data_timeout": 1}
     blocks, local = [11, 12], [13, 14]
     assert _pull(pair, blocks, local) == ({"req-d"}, set())
     for s, d in zip(src.tensors, dst.tensors):
@@ -294,3 +295,58 @@ def test_a_taken_data_port_fails_start_up_with_the_fix():
             create_transport("tcp", make_cache(0.0), opt)
     finally:
         busy.close()
+
+
+SECRET = "a deployment secret, long enough"
+
+
+@pytest.fixture
+def secured(pair):
+    """``pair`` with both sides' transports holding the shared secret."""
+    src, dst, leases, server, puller, ep, stats = pair
+    opt = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=2, secret=SECRET)
+    for side, cache in ((server, src), (puller, dst)):
+        side.transport.close()
+        side.transport = create_transport("tcp", cache, opt)
+    server.auth = puller.auth = type(server.auth)(SECRET)
+    return pair
+
+
+def test_with_a_secret_only_signed_fresh_preambles_name_a_stream(secured, monkeypatch, caplog):
+    src, dst, leases, server, puller, ep, _ = secured
+    assert "secret" not in repr(server.transport.options)  # never in a log line
+    sent = []
+    real_framed = stream.framed
+    monkeypatch.setattr(stream, "framed", lambda m: sent.append(real_framed(m)) or sent[-1])
+    assert _pull(secured, [1, 2], [3, 4], "a", "a" * 24) == ({"a"}, set())
+    hello = next(f for f in sent if isinstance(wire.decode(f[4:]), wire.DataHello))
+    listener = _listener(server)
+    (pair_id, legit), = listener._pairs.items()  # noqa: SLF001
+    assert pair_id == wire.decode(hello[4:]).pair_id
+    token = wire.decode(hello[4:]).auth
+    forged = {
+        "unsigned": wire.DataHello(pair_id),
+        "replayed": None,  # the consumer's own preamble, captured and sent again
+        "wrong secret": wire.DataHello(pair_id, type(server.auth)("another secret, long too").sign("data_hello", pair_id)),
+        "token for another pair": wire.DataHello(b"z" * 16, token),
+    }
+    socks = []
+    for msg in forged.values():
+        socks.append(_connect(server.transport.data_port))
+        socks[-1].sendall(hello if msg is None else stream.framed(msg))
+    with caplog.at_level("WARNING"):
+        _service_for(server, 0.3)
+    for s in socks:
+        s.settimeout(2)
+        assert s.recv(1) == b"", "an unauthenticated preamble must close the connection"
+        s.close()
+    assert listener._pairs == {pair_id: legit}  # noqa: SLF001 - the real stream kept its name
+    assert server.stats.take()["rejected"] == {"data_auth": 4}
+    warned = [r.getMessage() for r in caplog.records if "unauthenticated" in r.getMessage()]
+    assert len(warned) == 1 and "data stream preamble" in warned[0] and "shared_secret" in warned[0]
+    # The consumer's stream is untouched: the next pull reuses it, exactly.
+    consumer_sock = puller.transport._streams[pair_id]  # noqa: SLF001
+    assert _pull(secured, [9, 10], [11, 12], "b", "b" * 24) == ({"b"}, set())
+    assert puller.transport._streams[pair_id] is consumer_sock  # noqa: SLF001
+    for s, d in zip(src.tensors, dst.tensors):
+        assert torch.equal(d[[3, 4, 11, 12]], s[[1, 2, 9, 10]])

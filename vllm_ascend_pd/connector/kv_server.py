@@ -99,7 +99,7 @@ class KVServer:
                 self.stats.record_rejected("malformed")
                 logger.exception("AscendSimpleConnector KV server: error handling a message")
         try:
-            self.transport.service()
+            self.transport.service(self._data_refused)
             self._retry_waiting()
             blocked = self._sends.run(budget_s)
             self.stats.record_expired(self.leases.expire())
@@ -151,18 +151,27 @@ class KVServer:
             return True
         except AuthError as e:
             self.stats.record_rejected("auth")
-            self._auth_refused += 1
-            now = time.monotonic()
-            if now - self._auth_logged_at >= _AUTH_LOG_EVERY_S:
-                logger.warning(
-                    "KV server rank %d: refused %d unauthenticated message(s), last a %s: %s. "
-                    "Every instance of a deployment needs the same shared_secret "
-                    "(or shared_secret_env).",
-                    self.tp_rank, self._auth_refused, kind, e,
-                )
-                self._auth_refused = 0
-                self._auth_logged_at = now
+            self._auth_failed(kind, str(e))
             return False
+
+    def _auth_failed(self, kind: str, why: str) -> None:
+        self._auth_refused += 1
+        now = time.monotonic()
+        if now - self._auth_logged_at >= _AUTH_LOG_EVERY_S:
+            logger.warning(
+                "KV server rank %d: refused %d unauthenticated message(s), last a %s: %s. "
+                "Every instance of a deployment needs the same shared_secret "
+                "(or shared_secret_env).",
+                self.tp_rank, self._auth_refused, kind, why,
+            )
+            self._auth_refused = 0
+            self._auth_logged_at = now
+
+    def _data_refused(self, reason: str, detail: str) -> None:
+        """A connection to the transport's data port was turned away."""
+        self.stats.record_rejected(f"data_{reason}")
+        if reason == "auth":
+            self._auth_failed("data stream preamble", detail)
 
     def _hello(self, msg: wire.Hello) -> wire.HelloReply:
         reply = self._hello_checked(msg)

@@ -157,6 +157,7 @@ class WorkerSide:
             host=host,
             role=role,
             bind_host=self.cfg.kv_bind_host,
+            secret=resolve_secret(self.cfg),
         )
         name, transport = open_transport(
             self.cfg, name, self.cache, options, kv_port=self.kv_port, tp_size=self.tp_size
@@ -170,7 +171,7 @@ class WorkerSide:
             tuple(self.cache.tensors[0].shape), self.cache.num_blocks,
             self.cache.total_block_bytes(), self.cache.num_kv_heads, is_mla, name,
         )
-        secret = resolve_secret(self.cfg)
+        secret = options.secret
         if self.is_producer:
             port = control_port(self.kv_port, self.tp_rank)
             self.server = KVServer(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable, Generator
 from typing import Any, ClassVar, Protocol
 
@@ -106,6 +106,9 @@ class TransportOptions:
     comm_port: int = 0
     # gloo/hccl producers bind their group rendezvous here (default: host).
     bind_host: str = ""
+    # The deployment's shared secret (auth.py): signs a transport's own
+    # connection preambles, such as tcp's data stream.
+    secret: str = field(default="", repr=False)
 
 
 class Transport(ABC):
@@ -139,9 +142,10 @@ class Transport(ABC):
         handshake (0: the transport moves data elsewhere)."""
         return 0
 
-    def service(self) -> None:
+    def service(self, on_refused: Callable[[str, str], None] | None = None) -> None:
         """Producer housekeeping, run on every KV server pump (accepting
-        data connections, say); never raises for a peer's fault."""
+        data connections, say); never raises for a peer's fault.
+        ``on_refused(reason, detail)`` hears of every peer turned away."""
         return None
 
     def poll_items(self) -> list[tuple[Any, int]]:

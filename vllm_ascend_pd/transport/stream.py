@@ -2,8 +2,10 @@
 
 Each consumer connection (one ZMQ ``Link``) gets one data socket to the
 producer rank's data port. The consumer opens it and names the pair with a
-``DataHello`` carrying the link's routing id, which only the two ends know;
-the producer files the socket under that id. Blocks then move as raw bytes:
+``DataHello`` carrying the link's routing id, which only the two ends know
+(signed, when the deployment has a shared secret, so a stranger can neither
+name a stream nor replay a name); the producer files the socket under that
+id. Blocks then move as raw bytes:
 ``sendmsg`` straight from the producer's cache blocks and ``recvmsg_into``
 straight into the consumer's, so a contiguous block is never copied in user
 space. Every transfer starts with a length-prefixed ``DataHeader`` that the
@@ -20,12 +22,13 @@ import errno
 import socket
 import struct
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import zmq
 
 from vllm_ascend_pd import protocol as wire
+from vllm_ascend_pd.auth import Authenticator, AuthError
 from vllm_ascend_pd.log import get_logger
 from vllm_ascend_pd.transport.base import TransferError
 
@@ -209,10 +212,11 @@ def recv_views(
 
 
 def connect(
-    host: str, port: int, pair_id: bytes, timeout_s: float, on_socket=None
+    host: str, port: int, pair_id: bytes, timeout_s: float, on_socket=None, token: str = ""
 ) -> Generator[bool, None, socket.socket]:
-    """Consumer: open a data connection and name its pair. ``on_socket``
-    sees the socket as soon as it exists (to wait on it while it connects)."""
+    """Consumer: open a data connection and name its pair (``token``: the
+    name's signature). ``on_socket`` sees the socket as soon as it exists
+    (to wait on it while it connects)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as e:
@@ -242,7 +246,7 @@ def connect(
                     "timeout",
                 )
             yield False
-        hello = memoryview(framed(wire.DataHello(pair_id)))
+        hello = memoryview(framed(wire.DataHello(pair_id, token)))
         yield from send_views(sock, iter([hello]), timeout_s, len(hello))
     except BaseException:
         sock.close()
@@ -264,9 +268,13 @@ class DataListener:
 
     Bound at start-up so a taken port fails the instance at once. Peers are
     untrusted: unnamed connections are bounded in number and time, and a
-    bad preamble closes the connection without a reply."""
+    bad or (with a secret) unsigned preamble closes the connection without
+    a reply. ``on_refused(reason, detail)`` hears of each."""
 
-    def __init__(self, bind_host: str, port: int):
+    def __init__(
+        self, bind_host: str, port: int, auth: Authenticator | None = None,
+        on_refused: Callable[[str, str], None] | None = None,
+    ):
         family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -287,6 +295,8 @@ class DataListener:
         self._pending: list[_Pending] = []
         self._pairs: collections.OrderedDict[bytes, socket.socket] = collections.OrderedDict()
         self.refused = 0
+        self._auth = auth or Authenticator("")
+        self._on_refused = on_refused
         self._reaped_at = time.monotonic()
 
     def poll(self) -> None:
@@ -301,8 +311,7 @@ class DataListener:
                 logger.warning("tcp KV data: accept failed: %s", e)
                 break
             if len(self._pending) >= MAX_PENDING:
-                sock.close()
-                self.refused += 1
+                self._refuse(sock, "overflow", f"more than {MAX_PENDING} unnamed connections")
                 continue
             _tune(sock)
             self._pending.append(_Pending(sock, now + PREAMBLE_TIMEOUT_S))
@@ -311,17 +320,22 @@ class DataListener:
             try:
                 msg = p.reader.poll(p.sock)
             except TransferError as e:
-                self._refuse(p.sock, str(e))
+                self._refuse(p.sock, "malformed", str(e))
                 continue
             if msg is None:
                 if now < p.deadline:
                     keep.append(p)
                 else:
-                    self._refuse(p.sock, "no preamble in time")
+                    self._refuse(p.sock, "timeout", "no preamble in time")
             elif isinstance(msg, wire.DataHello) and len(msg.pair_id) >= 8:
+                try:
+                    self._auth.verify("data_hello", msg.auth, msg.pair_id)
+                except AuthError as e:
+                    self._refuse(p.sock, "auth", str(e))
+                    continue
                 self._file(msg.pair_id, p.sock)
             else:
-                self._refuse(p.sock, f"unexpected {type(msg).__name__}")
+                self._refuse(p.sock, "malformed", f"unexpected {type(msg).__name__}")
         self._pending = keep
         if now - self._reaped_at >= REAP_EVERY_S:
             self._reaped_at = now
@@ -340,10 +354,12 @@ class DataListener:
             del self._pairs[pair_id]
             sock.close()
 
-    def _refuse(self, sock: socket.socket, why: str) -> None:
+    def _refuse(self, sock: socket.socket, reason: str, detail: str) -> None:
         self.refused += 1
-        logger.debug("tcp KV data: closed a connection: %s", why)
+        logger.debug("tcp KV data: closed a connection (%s): %s", reason, detail)
         sock.close()
+        if self._on_refused is not None:
+            self._on_refused(reason, detail)
 
     def _file(self, pair_id: bytes, sock: socket.socket) -> None:
         old = self._pairs.pop(pair_id, None)

@@ -24,6 +24,7 @@ import torch
 import zmq
 
 from vllm_ascend_pd import protocol as wire
+from vllm_ascend_pd.auth import Authenticator
 from vllm_ascend_pd.kv_layout import HeadRange, PagedKVCache, block_runs, plan_chunks, scatter_runs
 from vllm_ascend_pd.log import get_logger
 from vllm_ascend_pd.transport import stream
@@ -50,9 +51,13 @@ class TcpTransport(Transport):
         self._allocated = 0
         self._max_buffers = max(1, options.pool_bytes // self.chunk_bytes)
         self._rows: dict[tuple[int, Any], np.ndarray | None] = {}
+        self._auth = Authenticator(options.secret)
+        self._on_refused = None
         self._listener: stream.DataListener | None = None
         if options.role in ("producer", "both"):
-            self._listener = stream.DataListener(options.bind_host or options.host, options.group_port)
+            self._listener = stream.DataListener(
+                options.bind_host or options.host, options.group_port, self._auth, self._refused
+            )
         # Consumer: this rank's data stream to each producer pair.
         self._streams: dict[bytes, Any] = {}
         # Streams with a transfer in flight, and what they wait for.
@@ -69,9 +74,15 @@ class TcpTransport(Transport):
     def data_port(self) -> int:
         return 0 if self._listener is None else self._listener.port
 
-    def service(self) -> None:
+    def service(self, on_refused=None) -> None:
+        if on_refused is not None:
+            self._on_refused = on_refused
         if self._listener is not None:
             self._listener.poll()
+
+    def _refused(self, reason: str, detail: str) -> None:
+        if self._on_refused is not None:
+            self._on_refused(reason, detail)
 
     def poll_items(self) -> list[tuple[Any, int]]:
         items = list(self._active.values())
@@ -219,7 +230,8 @@ class TcpTransport(Transport):
                 self._active[key] = (s, zmq.POLLOUT)
 
             try:
-                sock = yield from stream.connect(_host_of(link), port, pair, timeout, waiting)
+                token = self._auth.sign("data_hello", pair)
+                sock = yield from stream.connect(_host_of(link), port, pair, timeout, waiting, token)
             finally:
                 self._active.pop(key, None)
             self._streams[pair] = sock
