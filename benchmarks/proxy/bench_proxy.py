@@ -5,15 +5,21 @@ Starts, as separate processes on 127.0.0.1:
     and a decode that streams ``--tokens`` SSE events ``--token-ms`` apart;
   * the proxy (``python -m vllm_ascend_pd.proxy``, uvloop, 1P1D);
   * a bare aiohttp passthrough (no prefill leg, no SSE framing) as the
-    calibration point of machine-ceilings.md.
+    calibration point of machine-ceilings.md;
+  * the relay floor: an asyncio Protocol byte pump (uvloop) with no HTTP
+    parsing, one decode connection per client connection; what no Python
+    relay can go below.
 Then drives each target with 1, 64 and 256 concurrent streaming clients
 (closed loop) in the same run and reports added latency (p50/p99 of
-end-to-end and time-to-first-token) and the throughput ratio.
+end-to-end and time-to-first-token) and the throughput ratio. It does so in
+two scenarios, each with its own set of processes: *saturation* (decode
+events ``--token-ms`` apart, 2 ms: the direct path alone fills the cores)
+and *paced* (``--paced-token-ms``, 20 ms: a realistic decode pace).
 
     python benchmarks/proxy/bench_proxy.py            # writes docs/proxy-benchmark.md
     python benchmarks/proxy/bench_proxy.py --quick    # smoke run, no files
 
-Runs in about 3 minutes with the defaults.
+Runs in about 9 minutes with the defaults.
 """
 
 from __future__ import annotations
@@ -130,6 +136,93 @@ def serve_passthrough(port: int, d_port: int) -> None:
         r.run(main())
 
 
+async def start_floor(port: int, d_port: int) -> asyncio.AbstractServer:
+    """The relay floor: bytes pumped verbatim between each client connection
+    and its own connection to the decode, no HTTP parsing, no copies beyond
+    the transports' own. Backpressure is passed on both ways."""
+    loop = asyncio.get_running_loop()
+
+    def nodelay(transport: asyncio.Transport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, client: "Client") -> None:
+            self.client = client
+
+        def connection_made(self, transport) -> None:
+            self.transport = transport
+            nodelay(transport)
+
+        def data_received(self, data: bytes) -> None:
+            self.client.transport.write(data)
+
+        def connection_lost(self, exc) -> None:
+            self.client.transport.close()
+
+        def pause_writing(self) -> None:
+            self.client.transport.pause_reading()
+
+        def resume_writing(self) -> None:
+            self.client.transport.resume_reading()
+
+    class Client(asyncio.Protocol):
+        up: Upstream | None = None
+        closed = False
+
+        def connection_made(self, transport) -> None:
+            self.transport = transport
+            self.pending: list[bytes] = []
+            nodelay(transport)
+            loop.create_task(self.connect())
+
+        async def connect(self) -> None:
+            try:
+                _, up = await loop.create_connection(lambda: Upstream(self), "127.0.0.1",
+                                                     d_port)
+            except OSError:
+                self.transport.close()
+                return
+            if self.closed:
+                up.transport.close()
+                return
+            self.up = up
+            if self.pending:
+                up.transport.write(b"".join(self.pending))
+            self.pending = []
+
+        def data_received(self, data: bytes) -> None:
+            if self.up is None:
+                self.pending.append(data)
+            else:
+                self.up.transport.write(data)
+
+        def connection_lost(self, exc) -> None:
+            self.closed = True
+            if self.up is not None:
+                self.up.transport.close()
+
+        def pause_writing(self) -> None:
+            if self.up is not None:
+                self.up.transport.pause_reading()
+
+        def resume_writing(self) -> None:
+            if self.up is not None:
+                self.up.transport.resume_reading()
+
+    return await loop.create_server(Client, "127.0.0.1", port, backlog=4096)
+
+
+def serve_floor(port: int, d_port: int) -> None:
+    async def main() -> None:
+        await start_floor(port, d_port)
+        await asyncio.Event().wait()
+
+    with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
+        r.run(main())
+
+
 # ---------------------------------------------------------------- client
 def _loadavg() -> str:
     try:
@@ -155,6 +248,7 @@ class Result:
     target: str
     concurrency: int
     duration: float
+    token_ms: float = 0.0  # the scenario: the fake decode's event spacing
     e2e: list = field(default_factory=list)
     ttft: list = field(default_factory=list)
     tokens: int = 0
@@ -198,12 +292,12 @@ class Result:
 
 
 async def drive(url: str, target: str, concurrency: int, duration: float,
-                warmup: float, pids: dict | None = None) -> Result:
+                warmup: float, pids: dict | None = None, token_ms: float = 0.0) -> Result:
     """``pids``: process name -> pid whose CPU time to measure (None = this one)."""
     body = json.dumps({"model": "bench", "prompt": "hello " * 64, "max_tokens": 32,
                        "stream": True}).encode()
     headers = {"Content-Type": "application/json"}
-    res = Result(target, concurrency, duration)
+    res = Result(target, concurrency, duration, token_ms)
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=conn) as sess:
         loop = asyncio.get_running_loop()
@@ -281,43 +375,41 @@ async def wait_ready(url: str, timeout: float = 30.0) -> None:
 
 # ---------------------------------------------------------------- report
 HANDWRITTEN = "## Reading these numbers"
-TARGETS = ("direct", "proxy", "passthrough", "baseline")
+TARGETS = ("direct", "proxy", "passthrough", "floor", "baseline")
 
 
-def _cells(concurrency, by):
+def scenarios(args) -> list[tuple[str, float]]:
+    """(name, decode event spacing in ms), in run and report order."""
+    return [("saturation", args.token_ms)] + [("paced", ms) for ms in args.paced_token_ms]
+
+
+def _cells(concurrency, by, token_ms):
     """(streams, target, result, direct's result or None for direct itself)
-    for every measured cell, in report order."""
+    for every measured cell of one scenario, in report order."""
     for c in concurrency:
-        d = by.get(("direct", c))
+        d = by.get((token_ms, "direct", c))
         for target in TARGETS:
-            r = by.get((target, c))
+            r = by.get((token_ms, target, c))
             if r is not None:
                 yield c, target, r, (None if target == "direct" else d)
 
 
-def write_report(results: list[Result], args, path: Path, plot_path: Path) -> str:
-    by = {(r.target, r.concurrency): r for r in results}
+SCENARIO_TEXT = {
+    "saturation": "{per_s:.0f} events/s per stream: at 64 and 256 streams the direct path "
+                  "alone keeps both cores busy, so these cells measure CPU per event.",
+    "paced": "{per_s:.0f} events/s per stream, a realistic decode pace (see *Scenarios* "
+             "below): the cores are not saturated by the direct path, so these cells "
+             "measure what the relay adds to a real stream.",
+}
+
+
+def _scenario_section(name: str, token_ms: float, results_by: dict, args) -> list[str]:
+    by = results_by
     lines = [
-        "# Proxy benchmark",
+        f"## Scenario {name}: decode events {token_ms:g} ms apart",
         "",
-        f"Generated by `{' '.join(['python benchmarks/proxy/bench_proxy.py', *args.argv])}`"
-        f" on {time.strftime('%Y-%m-%d %H:%M')}"
-        f" ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}).",
-        "",
-        f"Fake decode streams {args.tokens} events {args.token_ms} ms apart; fake prefill "
-        "answers at once. Client, proxy and backends share the machine's cores, each in its "
-        f"own process (uvloop). Closed loop; per cell {args.rounds} rounds of "
-        f"{args.duration:g} s measured after {args.warmup:g} s warm-up, target order "
-        "alternating between rounds, samples pooled. *Added* = proxied minus direct, same "
-        "run. *Prefill leg*: mean of the proxy's own "
-        "`vllm_pd_proxy_prefill_latency_seconds` over the cell (warm-up included): the "
-        "part of the added TTFT that is the round trip to the prefill instance. "
-        "`passthrough` is a bare aiohttp relay (no prefill leg, no SSE framing, no "
-        "failover): the calibration point of machine-ceilings.md.",
-        "",
-        f"Load average (1/5/15 min) before the run: {args.load_before}; after: "
-        f"{args.load_after}. The machine has {os.cpu_count()} cores, so anything above "
-        f"{os.cpu_count()} means other work competed for CPU.",
+        f"Fake decode streams {args.tokens} events {token_ms:g} ms apart, " +
+        SCENARIO_TEXT[name].format(per_s=1000.0 / token_ms if token_ms else float("inf")),
         "",
         "### Latency (ms)",
         "",
@@ -326,7 +418,7 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         "prefill leg (mean) | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c, target, r, d in _cells(args.concurrency, by):
+    for c, target, r, d in _cells(args.concurrency, by, token_ms):
         if d is None:
             added = ["", "", "", ""]
         else:
@@ -342,17 +434,11 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         "",
         "### Throughput and CPU per streamed event",
         "",
-        "*vs direct*: pooled events/s over direct's, with the lowest and highest ratio of "
-        "single rounds. *CPU µs/event*: CPU time of each process over the measured "
-        "windows divided by the events the client received. When the two cores are "
-        "saturated, throughput is bounded by CPU per event, so *CPU ceiling* = direct's "
-        "total CPU per event over this target's is the best ratio this machine allows.",
-        "",
         "| streams | target | events/s | vs direct | rounds min–max | client | decode | "
         "prefill | relay | total | CPU ceiling |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c, target, r, d in _cells(args.concurrency, by):
+    for c, target, r, d in _cells(args.concurrency, by, token_ms):
         if d is None:
             ratio = spread = ceiling = ""
         else:
@@ -364,22 +450,100 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
                for p in ("client", "decode", "prefill", "relay")]
         lines.append(f"| {c} | {target} | {r.throughput:.0f} | {ratio} | {spread} | " +
                      " | ".join(cpu) + f" | {r.cpu_us_per_event():.1f} | {ceiling} |")
-    text = "\n".join(lines) + "\n"
+    floor_rows = []
+    for c in args.concurrency:
+        f = by.get((token_ms, "floor", c))
+        if f is None or not f.tokens:
+            continue
+        fl = f.relay_us_per_event
+        cells = [f"{fl:.1f}"]
+        for target in ("passthrough", "proxy"):
+            r = by.get((token_ms, target, c))
+            if r is None or not r.tokens:
+                cells += ["", ""]
+            else:
+                cells += [f"{r.relay_us_per_event:.1f}",
+                          f"{r.relay_us_per_event / fl:.1f}x" if fl else ""]
+        d = by.get((token_ms, "direct", c))
+        tput = [f"{by[(token_ms, t, c)].throughput / d.throughput:.2f}x"
+                if d is not None and (token_ms, t, c) in by else ""
+                for t in ("floor", "passthrough", "proxy")]
+        floor_rows.append(f"| {c} | " + " | ".join(cells) + " | " + " / ".join(tput) + " |")
+    if floor_rows:
+        lines += [
+            "",
+            "### Relay CPU against the floor",
+            "",
+            "Relay process CPU µs per streamed event, and its multiple of the floor's.",
+            "",
+            "| streams | floor | passthrough | ÷ floor | proxy | ÷ floor | "
+            "vs direct: floor / passthrough / proxy |",
+            "|---|---|---|---|---|---|---|",
+            *floor_rows,
+        ]
+    return lines + [""]
+
+
+def write_report(results: list[Result], args, path: Path, plot_path: Path) -> str:
+    by = {(r.token_ms, r.target, r.concurrency): r for r in results}
+    lines = [
+        "# Proxy benchmark",
+        "",
+        f"Generated by `{' '.join(['python benchmarks/proxy/bench_proxy.py', *args.argv])}`"
+        f" on {time.strftime('%Y-%m-%d %H:%M')}"
+        f" ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}).",
+        "",
+        "Each scenario starts its own processes: fake prefill and decode, proxy, "
+        "passthrough and floor. The fake prefill answers at once, so that *added* "
+        "latency is only the relay's (direct has no prefill leg). Client, relays and "
+        "backends share the machine's cores, each in its own process (uvloop). Closed "
+        f"loop; per cell {args.rounds} rounds of {args.duration:g} s measured after "
+        f"{args.warmup:g} s warm-up, target order alternating between rounds, samples "
+        "pooled. *Added* = proxied minus direct, same run. *Prefill leg*: mean of the "
+        "proxy's own `vllm_pd_proxy_prefill_latency_seconds` over the cell (warm-up "
+        "included): the part of the added TTFT that is the round trip to the prefill "
+        "instance. `passthrough` is a bare aiohttp relay (no prefill leg, no SSE "
+        "framing, no failover): the calibration point of machine-ceilings.md. `floor` "
+        "is an asyncio Protocol byte pump (uvloop) that forwards bytes verbatim between "
+        "each client connection and its own decode connection, with no HTTP parsing: "
+        "the kernel and event-loop cost of relaying, which no Python relay goes below.",
+        "",
+        "*vs direct*: pooled events/s over direct's, with the lowest and highest ratio of "
+        "single rounds. *CPU µs/event*: CPU time of each process over the measured "
+        "windows divided by the events the client received. When the two cores are "
+        "saturated, throughput is bounded by CPU per event, so *CPU ceiling* = direct's "
+        "total CPU per event over this target's is the best ratio this machine allows.",
+        "",
+        f"Load average (1/5/15 min) before the run: {args.load_before}; after: "
+        f"{args.load_after}. The machine has {os.cpu_count()} cores, so anything above "
+        f"{os.cpu_count()} means other work competed for CPU.",
+        "",
+    ]
+    scens = [(n, ms) for n, ms in scenarios(args)
+             if any(k[0] == ms for k in by)]
+    for name, token_ms in scens:
+        lines += _scenario_section(name, token_ms, by, args)
+    text = "\n".join(lines)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        for target in TARGETS:
-            cs = [c for c in args.concurrency if (target, c) in by]
-            if not cs:
-                continue
-            a1.plot(cs, [by[(target, c)].pct("e2e", .5) for c in cs], "o-", label=target)
-            a2.plot(cs, [by[(target, c)].throughput for c in cs], "o-", label=target)
-        a1.set(xscale="log", xlabel="concurrent streams", ylabel="e2e p50 (ms)")
-        a2.set(xscale="log", xlabel="concurrent streams", ylabel="events/s")
-        a1.legend()
-        a2.legend()
+        fig, axes = plt.subplots(len(scens), 2, figsize=(10, 4 * len(scens)), squeeze=False)
+        for (name, token_ms), (a1, a2) in zip(scens, axes):
+            for target in TARGETS:
+                cs = [c for c in args.concurrency if (token_ms, target, c) in by]
+                if not cs:
+                    continue
+                a1.plot(cs, [by[(token_ms, target, c)].pct("e2e", .5) for c in cs], "o-",
+                        label=target)
+                a2.plot(cs, [by[(token_ms, target, c)].throughput for c in cs], "o-",
+                        label=target)
+            a1.set(xscale="log", xlabel="concurrent streams", ylabel="e2e p50 (ms)",
+                   title=f"{name}: events {token_ms:g} ms apart")
+            a2.set(xscale="log", xlabel="concurrent streams", ylabel="events/s",
+                   title=f"{name}: events {token_ms:g} ms apart")
+            a1.legend()
+            a2.legend()
         fig.tight_layout()
         fig.savefig(plot_path, dpi=90)
         text += f"\n![latency and throughput]({plot_path.name})\n"
@@ -389,15 +553,30 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
 
 
 # ---------------------------------------------------------------- main
-async def run(args) -> list[Result]:
-    p_port, d_port, x_port, b_port, y_port = (_free_port() for _ in range(5))
+def _merge(merged: dict, r: Result, hist: tuple[float, int]) -> Result:
+    m = merged.setdefault((r.token_ms, r.target, r.concurrency),
+                          Result(r.target, r.concurrency, 0.0, r.token_ms))
+    m.prefill_leg[0] += hist[0]
+    m.prefill_leg[1] += hist[1]
+    m.duration += r.duration
+    m.e2e += r.e2e
+    m.ttft += r.ttft
+    m.tokens += r.tokens
+    m.errors += r.errors
+    for proc, secs in r.cpu.items():
+        m.cpu[proc] = m.cpu.get(proc, 0.0) + secs
+    return m
+
+
+async def run_scenario(args, token_ms: float) -> list[Result]:
+    p_port, d_port, x_port, b_port, y_port, f_port = (_free_port() for _ in range(6))
     env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
     procs = []
     me = str(Path(__file__).resolve())
     try:
         for role, port in (("prefill", p_port), ("decode", d_port)):
             procs.append(subprocess.Popen([sys.executable, me, "--serve-backend", role,
-                                           str(port), str(args.tokens), str(args.token_ms)],
+                                           str(port), str(args.tokens), str(token_ms)],
                                           env=env))
 
         def proxy_cmd(port: int) -> list[str]:
@@ -411,6 +590,10 @@ async def run(args) -> list[Result]:
             procs.append(subprocess.Popen([sys.executable, me, "--serve-passthrough",
                                            str(b_port), str(d_port)], env=env))
             relays["passthrough"] = (b_port, procs[-1].pid)
+        if not args.no_floor:
+            procs.append(subprocess.Popen([sys.executable, me, "--serve-floor",
+                                           str(f_port), str(d_port)], env=env))
+            relays["floor"] = (f_port, procs[-1].pid)
         if args.baseline:
             # The same proxy command, importing vllm_ascend_pd from another tree.
             procs.append(subprocess.Popen(proxy_cmd(y_port), cwd=args.baseline, env=dict(
@@ -423,7 +606,7 @@ async def run(args) -> list[Result]:
             await wait_ready(f"http://127.0.0.1:{port}/v1/completions")
             targets[name] = (f"http://127.0.0.1:{port}/v1/completions",
                              {**backends, "relay": pid})
-        merged: dict[tuple[str, int], Result] = {}
+        merged: dict[tuple[float, str, int], Result] = {}
         for c in args.concurrency:
             # Alternate the order between rounds so that drift in background
             # load hits every target alike; samples of all rounds are pooled.
@@ -434,30 +617,21 @@ async def run(args) -> list[Result]:
                     base = url.rsplit("/v1/", 1)[0]
                     is_proxy = name in ("proxy", "baseline")
                     h0 = await prefill_histogram(base) if is_proxy else (0.0, 0)
-                    r = await drive(url, name, c, args.duration, args.warmup, pids)
+                    r = await drive(url, name, c, args.duration, args.warmup, pids, token_ms)
                     h1 = await prefill_histogram(base) if is_proxy else (0.0, 0)
                     this_round[name] = r.throughput
-                    m = merged.setdefault((name, c), Result(name, c, 0.0))
-                    m.prefill_leg[0] += h1[0] - h0[0]
-                    m.prefill_leg[1] += h1[1] - h0[1]
-                    m.duration += r.duration
-                    m.e2e += r.e2e
-                    m.ttft += r.ttft
-                    m.tokens += r.tokens
-                    m.errors += r.errors
-                    for proc, secs in r.cpu.items():
-                        m.cpu[proc] = m.cpu.get(proc, 0.0) + secs
+                    _merge(merged, r, (h1[0] - h0[0], h1[1] - h0[1]))
                 for name, tput in this_round.items():
-                    merged[(name, c)].rounds.append((tput, this_round["direct"]))
+                    merged[(token_ms, name, c)].rounds.append((tput, this_round["direct"]))
             for name in targets:
-                r = merged[(name, c)]
+                r = merged[(token_ms, name, c)]
                 lo, hi = r.ratio_spread()
-                print(f"{c:4d} streams {name:12s} e2e p50 {r.pct('e2e', .5):7.2f} ms "
-                      f"p99 {r.pct('e2e', .99):7.2f} ms  TTFT p50 {r.pct('ttft', .5):6.2f} "
-                      f"p99 {r.pct('ttft', .99):6.2f} ms  {r.throughput:8.0f} events/s "
-                      f"(x{lo:.2f}-{hi:.2f})  CPU us/event: relay "
-                      f"{r.cpu_us_per_event('relay'):5.1f} total {r.cpu_us_per_event():5.1f}"
-                      f"  errors {r.errors}", flush=True)
+                print(f"[{token_ms:g} ms] {c:4d} streams {name:11s} e2e p50 "
+                      f"{r.pct('e2e', .5):7.2f} ms p99 {r.pct('e2e', .99):7.2f} ms  TTFT p50 "
+                      f"{r.pct('ttft', .5):6.2f} p99 {r.pct('ttft', .99):6.2f} ms  "
+                      f"{r.throughput:8.0f} events/s (x{lo:.2f}-{hi:.2f})  CPU us/event: "
+                      f"relay {r.cpu_us_per_event('relay'):5.1f} total "
+                      f"{r.cpu_us_per_event():5.1f}  errors {r.errors}", flush=True)
         return list(merged.values())
     finally:
         for p in procs:
@@ -469,6 +643,39 @@ async def run(args) -> list[Result]:
                 p.kill()
 
 
+async def run(args) -> list[Result]:
+    results: list[Result] = []
+    for _, token_ms in scenarios(args):
+        results += await run_scenario(args, token_ms)
+    return results
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--token-ms", type=float, default=2.0,
+                    help="event spacing of the saturation scenario (default 2)")
+    ap.add_argument("--paced-token-ms", type=float, nargs="*", default=[20.0],
+                    metavar="MS", help="event spacing of each paced scenario, run after "
+                    "the saturation one (default 20; give no value to skip)")
+    ap.add_argument("--duration", type=float, default=4.0, help="measured s per round")
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--no-passthrough", action="store_true")
+    ap.add_argument("--no-floor", action="store_true")
+    ap.add_argument("--baseline", metavar="DIR", help="also run the proxy imported from "
+                    "DIR (e.g. `git worktree add DIR main`) as target 'baseline', for a "
+                    "before/after comparison in one run")
+    ap.add_argument("--quick", action="store_true", help="short smoke run, no files")
+    ap.add_argument("--out", default=str(REPO / "docs" / "proxy-benchmark.md"))
+    args = ap.parse_args(argv)
+    args.argv = argv
+    if args.quick:
+        args.duration, args.warmup, args.rounds = 2.0, 0.5, 1
+    return args
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve-backend":
         serve_backend(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
@@ -476,23 +683,10 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve-passthrough":
         serve_passthrough(int(sys.argv[2]), int(sys.argv[3]))
         return
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--token-ms", type=float, default=2.0)
-    ap.add_argument("--duration", type=float, default=4.0, help="measured s per round")
-    ap.add_argument("--warmup", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--no-passthrough", action="store_true")
-    ap.add_argument("--baseline", metavar="DIR", help="also run the proxy imported from "
-                    "DIR (e.g. `git worktree add DIR main`) as target 'baseline', for a "
-                    "before/after comparison in one run")
-    ap.add_argument("--quick", action="store_true", help="short smoke run, no files")
-    ap.add_argument("--out", default=str(REPO / "docs" / "proxy-benchmark.md"))
-    args = ap.parse_args()
-    args.argv = sys.argv[1:]
-    if args.quick:
-        args.duration, args.warmup, args.rounds = 2.0, 0.5, 1
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-floor":
+        serve_floor(int(sys.argv[2]), int(sys.argv[3]))
+        return
+    args = parse_args(sys.argv[1:])
     args.load_before = _loadavg()
     with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
         results = r.run(run(args))
