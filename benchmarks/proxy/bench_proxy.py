@@ -292,12 +292,20 @@ class Result:
 
 
 async def drive(url: str, target: str, concurrency: int, duration: float,
-                warmup: float, pids: dict | None = None, token_ms: float = 0.0) -> Result:
-    """``pids``: process name -> pid whose CPU time to measure (None = this one)."""
+                warmup: float, pids: dict | None = None, token_ms: float = 0.0,
+                events: int | None = None) -> Result:
+    """``pids``: process name -> pid whose CPU time to measure (None = this one).
+    ``events``: SSE events a complete answer has; fewer or more is an error.
+
+    The workers' first requests are spread over one nominal request time
+    (``events`` x ``token_ms``), as arrivals would be: with fixed request
+    times, streams that start together stay in lock step and every relay
+    would see a burst of ``concurrency`` request set-ups at once."""
     body = json.dumps({"model": "bench", "prompt": "hello " * 64, "max_tokens": 32,
                        "stream": True}).encode()
     headers = {"Content-Type": "application/json"}
     res = Result(target, concurrency, duration, token_ms)
+    stagger = (events or 0) * token_ms / 1000.0 / concurrency
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=conn) as sess:
         loop = asyncio.get_running_loop()
@@ -305,7 +313,8 @@ async def drive(url: str, target: str, concurrency: int, duration: float,
         t_measure = t_start + warmup
         t_end = t_measure + duration
 
-        async def worker() -> None:
+        async def worker(i: int) -> None:
+            await asyncio.sleep(i * stagger)
             while True:
                 t0 = time.perf_counter()
                 if loop.time() >= t_end:
@@ -320,18 +329,25 @@ async def drive(url: str, target: str, concurrency: int, duration: float,
                         async for chunk in resp.content.iter_any():
                             if first is None:
                                 first = time.perf_counter()
-                            n += chunk.count(b"\n\n")
+                            k = chunk.count(b"\n\n")
+                            n += k
+                            # Throughput counts events as they arrive inside the
+                            # window: counting whole requests that fit in it
+                            # would lose more of a slower target's events.
+                            if t_measure <= loop.time() <= t_end:
+                                res.tokens += k
+                    if events is not None and n != events:
+                        raise RuntimeError(f"{n} events, expected {events}")
                 except Exception:
                     if measuring:
                         res.errors += 1
                     await asyncio.sleep(0.01)
                     continue
                 t1 = time.perf_counter()
-                # Count only requests that finished inside the window.
+                # Latency: only requests that started and finished inside the window.
                 if measuring and loop.time() <= t_end:
                     res.e2e.append(t1 - t0)
                     res.ttft.append(first - t0)
-                    res.tokens += n
         async def cpu_window() -> None:
             if not pids:
                 return
@@ -340,7 +356,7 @@ async def drive(url: str, target: str, concurrency: int, duration: float,
             await asyncio.sleep(max(0.0, t_end - loop.time()))
             res.cpu = {name: _cpu_seconds(pid) - c0[name] for name, pid in pids.items()}
 
-        await asyncio.gather(cpu_window(), *(worker() for _ in range(concurrency)))
+        await asyncio.gather(cpu_window(), *(worker(i) for i in range(concurrency)))
     return res
 
 
@@ -497,9 +513,13 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         "passthrough and floor. The fake prefill answers at once, so that *added* "
         "latency is only the relay's (direct has no prefill leg). Client, relays and "
         "backends share the machine's cores, each in its own process (uvloop). Closed "
-        f"loop; per cell {args.rounds} rounds of {args.duration:g} s measured after "
+        "loop, the streams' first requests spread over one nominal request time (as "
+        "arrivals would be; started together, fixed-length streams stay in lock step); "
+        f"per cell {args.rounds} rounds of {args.duration:g} s measured after "
         f"{args.warmup:g} s warm-up, target order alternating between rounds, samples "
-        "pooled. *Added* = proxied minus direct, same run. *Prefill leg*: mean of the "
+        "pooled. Latency: requests that started and ended in the window. Events/s: "
+        "events that arrived in the window; a request with the wrong number of events "
+        "counts as an error. *Added* = proxied minus direct, same run. *Prefill leg*: mean of the "
         "proxy's own `vllm_pd_proxy_prefill_latency_seconds` over the cell (warm-up "
         "included): the part of the added TTFT that is the round trip to the prefill "
         "instance. `passthrough` is a bare aiohttp relay (no prefill leg, no SSE "
@@ -617,7 +637,8 @@ async def run_scenario(args, token_ms: float) -> list[Result]:
                     base = url.rsplit("/v1/", 1)[0]
                     is_proxy = name in ("proxy", "baseline")
                     h0 = await prefill_histogram(base) if is_proxy else (0.0, 0)
-                    r = await drive(url, name, c, args.duration, args.warmup, pids, token_ms)
+                    r = await drive(url, name, c, args.duration, args.warmup, pids, token_ms,
+                                    args.tokens + 1)
                     h1 = await prefill_histogram(base) if is_proxy else (0.0, 0)
                     this_round[name] = r.throughput
                     _merge(merged, r, (h1[0] - h0[0], h1[1] - h0[1]))

@@ -97,8 +97,9 @@ async def test_tiny_run_covers_both_scenarios_and_floor(bench, tmp_path):
     for key, r in by.items():
         assert r.errors == 0, key
         assert r.e2e, key
-        # 3 token events and [DONE] per request, through every relay.
-        assert r.tokens == 4 * len(r.e2e), key
+        # errors == 0 also says every request got its 3 token events and
+        # [DONE] through every relay; the window saw at least those requests'.
+        assert r.tokens >= 4 * len(r.e2e), key
         assert len(r.rounds) == 2, key
         assert "relay" in r.cpu or r.target == "direct", key
     # The paced decode really is paced: 4 events 4 ms apart take >= 16 ms.
