@@ -4,18 +4,14 @@ shared by every end-to-end test, always torn down."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from vllm_ascend_pd.testing.servers import BASE_ARGS, VllmServer, free_kv_port, free_port, kv_config
+from tests.e2e.helpers import log_dir, serve
+from vllm_ascend_pd.testing.servers import (
+    BASE_ARGS, PortPicker, ProxyServer, VllmServer, kv_config, start_all, stop_all,
+)
 from vllm_ascend_pd.testing.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -38,16 +34,9 @@ def tokenizer(tiny_model):
 
 class Cluster:
     def __init__(self, model: str, logs: Path):
-        used: set[int] = set()
-        kv = free_kv_port(span=8)
-        used.update(range(kv, kv + 8))
-        self.kv_port = kv
-
-        def port() -> int:
-            p = free_port(used)
-            used.add(p)
-            return p
-
+        ports = PortPicker()
+        kv = self.kv_port = ports.kv(span=8)
+        port = ports.http
         self.proxy_port = port()
         # A second proxy learns P and D only from their registration heartbeats.
         self.dyn_proxy_port = port()
@@ -73,7 +62,7 @@ class Cluster:
         self.D2 = VllmServer("D2", model, port(), [*BASE_ARGS, "--kv-transfer-config", kv_config("kv_consumer", kv + 6)],
                              log_path=logs / "D2.log")
         self.xpyd_proxy_port = port()
-        self.proxies: list[subprocess.Popen] = []
+        self.proxies: list[ProxyServer] = []
         self.logs = logs
 
     @property
@@ -82,10 +71,7 @@ class Cluster:
 
     def start(self) -> None:
         self.start_registration_proxy()
-        for s in self.servers:
-            s.start()
-        with ThreadPoolExecutor(len(self.servers)) as ex:
-            list(ex.map(lambda s: s.wait_ready(600), self.servers))
+        start_all(self.servers, 600)
         self._start_proxy("proxy", self.proxy_port, "--prefill", f"127.0.0.1:{self.P.port}",
                           "--decode", f"127.0.0.1:{self.D.port}")
         self._start_proxy("xpyd-proxy", self.xpyd_proxy_port,
@@ -98,26 +84,9 @@ class Cluster:
                           "--heartbeat-ttl", "3")
 
     def _start_proxy(self, name: str, port: int, *args: str) -> None:
-        env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_ascend_pd.proxy", "--host", "127.0.0.1",
-             "--port", str(port), "--model", "tiny", *args],
-            stdout=open(self.logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT,
-            start_new_session=True, env=env,
-        )
-        self.proxies.append(proc)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                return
-            except urllib.error.HTTPError:
-                return  # answering (503 until instances are healthy)
-            except OSError:
-                if proc.poll() is not None:
-                    break
-                time.sleep(0.3)
-        raise RuntimeError(f"{name} did not start; see {self.logs / (name + '.log')}")
+        proxy = ProxyServer(port, self.logs / f"{name}.log", *args)
+        self.proxies.append(proxy)  # stopped by stop(), also if it never answers
+        proxy.start()
 
     @property
     def proxy_url(self) -> str:
@@ -132,25 +101,11 @@ class Cluster:
         return f"http://127.0.0.1:{self.dyn_proxy_port}"
 
     def stop(self) -> None:
-        for proc in self.proxies:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait(5)
-        for s in self.servers:
-            s.stop()
+        for proxy in self.proxies:
+            proxy.stop()
+        stop_all(self.servers)
 
 
 @pytest.fixture(scope="session")
 def cluster(tiny_model, tmp_path_factory):
-    logs = Path(os.environ.get("E2E_LOG_DIR") or tmp_path_factory.mktemp("e2e-logs"))
-    logs.mkdir(parents=True, exist_ok=True)
-    c = Cluster(tiny_model, logs)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
+    yield from serve(Cluster(tiny_model, log_dir(tmp_path_factory, "e2e-logs")))

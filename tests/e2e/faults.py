@@ -1,21 +1,17 @@
 """Fault-injection tools for the end-to-end tests: a client that hangs up at
 a chosen moment, a TCP port that accepts and then says nothing, a proxy
-process we can kill, and the "back to baseline" checks on /metrics."""
+process we can kill (testing.servers.ProxyServer, as ProxyProcess), and the
+"back to baseline" checks on /metrics."""
 
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 from tests.e2e.helpers import metric
+from vllm_ascend_pd.testing.servers import ProxyServer as ProxyProcess  # noqa: F401 - re-exported
 
 
 def _metric_or(url: str, name: str, default: float = 0.0, **labels: str) -> float:
@@ -131,54 +127,3 @@ class SilentPort:
         for c in self.accepted:
             c.close()
         self.sock.close()
-
-
-class ProxyProcess:
-    """A proxy in its own process group, so a test can kill and restart it."""
-
-    def __init__(self, port: int, log: Path, *args: str, env: dict[str, str] | None = None):
-        self.port, self.log, self.args = port, log, args
-        self.env = env or {}
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60) -> "ProxyProcess":
-        env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1", **self.env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_ascend_pd.proxy", "--host", "127.0.0.1",
-             "--port", str(self.port), "--model", "tiny", *self.args],
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=2)
-                return self
-            except urllib.error.HTTPError:
-                return self  # answering (503 until its instances are healthy)
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.2)
-        raise RuntimeError(f"proxy did not start; see {self.log}")
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-
-    def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.signal(15)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.signal(9)
-            self.proc.wait(5)

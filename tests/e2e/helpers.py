@@ -1,10 +1,30 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import time
 import urllib.request
+from pathlib import Path
+
+
+def log_dir(tmp_path_factory, name: str) -> Path:
+    """$E2E_LOG_DIR when set (the logs outlive the run), else a fresh temporary folder."""
+    logs = Path(os.environ.get("E2E_LOG_DIR") or tmp_path_factory.mktemp(name))
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs
+
+
+def serve(deployment):
+    """Body of a server fixture: ``yield from serve(d)`` starts ``d`` (its
+    servers in parallel), hands it to the tests and always stops it, also
+    when start-up fails half way."""
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.stop()
 
 
 def post(url: str, path: str, body: dict, timeout: float = 120) -> dict:

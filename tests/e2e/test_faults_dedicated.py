@@ -9,19 +9,17 @@ a fraction of one: long enough to kill or abandon it half way."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import urllib.error
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.faults import HangUpClient, ProxyProcess, counter, producer_idle, wait_idle
-from tests.e2e.helpers import metric, post, prompt_of, wait_for
+from tests.e2e.helpers import log_dir, metric, post, prompt_of, serve, wait_for
 from tests.e2e.test_pd_e2e import completion
-from vllm_ascend_pd.testing.servers import BASE_ARGS, VllmServer, free_kv_port, free_port, kv_config
+from vllm_ascend_pd.testing.servers import BASE_ARGS, PortPicker, VllmServer, kv_config, start_all, stop_all
 from vllm_ascend_pd.testing.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -37,14 +35,9 @@ LONG = 1800  # tokens: a transfer of a few seconds
 
 class Dedicated:
     def __init__(self, model: str, logs: Path):
-        kv = free_kv_port(span=6)
-        used: set[int] = set()
-
-        def port() -> int:
-            p = free_port(used)
-            used.add(p)
-            return p
-
+        ports = PortPicker()
+        kv = ports.kv(span=6)
+        port = ports.http
         env = {SECRET_ENV: SECRET}
 
         def server(name, role, kv_port, *extra, policy=None):
@@ -65,28 +58,18 @@ class Dedicated:
         return (self.P, self.D, self.Dk)
 
     def start(self) -> None:
-        for s in self.servers:
-            s.start()
-        with ThreadPoolExecutor(len(self.servers)) as ex:
-            list(ex.map(lambda s: s.wait_ready(900), self.servers))
+        start_all(self.servers, 900)
         self.proxy.start()
 
     def stop(self) -> None:
         self.proxy.stop()
-        for s in self.servers:
-            s.stop()
+        stop_all(self.servers)
 
 
 @pytest.fixture(scope="module")
 def ded(tmp_path_factory):
     model = str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama-24"), num_layers=24))
-    logs = Path(os.environ.get("E2E_LOG_DIR") or tmp_path_factory.mktemp("e2e-logs"))
-    d = Dedicated(model, logs)
-    try:
-        d.start()
-        yield d
-    finally:
-        d.stop()
+    yield from serve(Dedicated(model, log_dir(tmp_path_factory, "e2e-logs")))
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,12 @@ reference S, started in parallel once for this module."""
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import metric, post, prompt_of, wait_for
-from vllm_ascend_pd.testing.servers import BASE_ARGS, VllmServer, free_kv_port, free_port, kv_config
+from tests.e2e.helpers import log_dir, metric, post, prompt_of, serve, wait_for
+from vllm_ascend_pd.testing.servers import BASE_ARGS, PortPicker, VllmServer, kv_config, start_all, stop_all
 from vllm_ascend_pd.testing.tiny_model import MLA_BLOCK_SIZE, build_tiny_mla_model
 
 pytestmark = pytest.mark.e2e
@@ -33,15 +31,9 @@ def _args(*extra: str) -> list[str]:
 
 class MlaCluster:
     def __init__(self, model: str, logs: Path):
-        used: set[int] = set()
-        kv = free_kv_port(span=4)
-        used.update(range(kv, kv + 4))
-
-        def port() -> int:
-            p = free_port(used)
-            used.add(p)
-            return p
-
+        ports = PortPicker()
+        kv = ports.kv(span=4)
+        port = ports.http
         self.P = VllmServer("mla-P", model, port(),
                             _args("--kv-transfer-config", kv_config("kv_producer", kv, lease_s=30)),
                             log_path=logs / "mla-P.log")
@@ -54,6 +46,12 @@ class MlaCluster:
     @property
     def servers(self):
         return (self.P, self.D, self.S)
+
+    def start(self) -> None:
+        start_all(self.servers, 600)
+
+    def stop(self) -> None:
+        stop_all(self.servers)
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +68,7 @@ def mla_tokenizer(mla_model):
 
 @pytest.fixture(scope="module")
 def mla(mla_model, tmp_path_factory):
-    logs = Path(os.environ.get("E2E_LOG_DIR") or tmp_path_factory.mktemp("mla-logs"))
-    logs.mkdir(parents=True, exist_ok=True)
-    c = MlaCluster(mla_model, logs)
-    try:
-        for s in c.servers:
-            s.start()
-        with ThreadPoolExecutor(3) as ex:
-            list(ex.map(lambda s: s.wait_ready(600), c.servers))
-        yield c
-    finally:
-        for s in c.servers:
-            s.stop()
+    yield from serve(MlaCluster(mla_model, log_dir(tmp_path_factory, "mla-logs")))
 
 
 def _completion(url: str, prompt: list[int], max_tokens: int, params: dict | None = None) -> dict:

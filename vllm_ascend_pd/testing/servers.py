@@ -13,7 +13,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +49,23 @@ def _free_range(lo: int, hi: int, avoid: set[int] | None, span: int) -> int:
         if all(port_is_free(q) for q in range(p, p + span)):
             return p
     raise RuntimeError(f"no free range of {span} ports in {lo}-{hi}")
+
+
+class PortPicker:
+    """Distinct free ports for one deployment: HTTP ports and kv_port ranges."""
+
+    def __init__(self) -> None:
+        self.taken: set[int] = set()
+
+    def http(self) -> int:
+        p = free_port(self.taken)
+        self.taken.add(p)
+        return p
+
+    def kv(self, span: int = 4) -> int:
+        p = free_kv_port(self.taken, span)
+        self.taken.update(range(p, p + span))
+        return p
 
 
 def port_is_free(port: int) -> bool:
@@ -133,6 +153,75 @@ class VllmServer:
             except ProcessLookupError:
                 pass
             proc.wait(10)
+
+
+def start_all(servers: Sequence[VllmServer], timeout_s: float) -> None:
+    """Start every server at once, then wait for all of them in parallel
+    (vLLM start-up costs about a minute per instance here)."""
+    for s in servers:
+        s.start()
+    with ThreadPoolExecutor(len(servers)) as ex:
+        list(ex.map(lambda s: s.wait_ready(timeout_s), servers))
+
+
+def stop_all(servers: Sequence[VllmServer]) -> None:
+    for s in servers:
+        s.stop()
+
+
+class ProxyServer:
+    """The proxy (``python -m vllm_ascend_pd.proxy``) on 127.0.0.1 in its own
+    process group, so teardown, or a test, can signal all of it."""
+
+    def __init__(self, port: int, log: Path, *args: str, env: dict[str, str] | None = None):
+        self.port, self.log, self.args = port, log, args
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60, healthy: bool = False) -> "ProxyServer":
+        """Start it and wait until /health answers: any status (503 until its
+        instances are healthy), or 200 with ``healthy``."""
+        env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1", **self.env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_ascend_pd.proxy", "--host", "127.0.0.1",
+             "--port", str(self.port), "--model", "tiny", *self.args],
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2)
+                return self
+            except urllib.error.HTTPError:
+                if not healthy:
+                    return self  # answering
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+            time.sleep(0.2)
+        raise RuntimeError(f"proxy did not start; see {self.log}")
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(5)
 
 
 def kv_config(role: str, kv_port: int, *, failure_policy: str | None = None, **extra) -> str:
