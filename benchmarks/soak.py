@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_ascend_pd.testing.servers import BASE_ARGS, VllmServer, free_kv_port, free_port, kv_config  # noqa: E402
+from vllm_ascend_pd.testing.servers import (  # noqa: E402
+    BASE_ARGS, PortPicker, ProxyServer, VllmServer, kv_config, start_all, stop_all,
+)
 from vllm_ascend_pd.testing.soak import soak  # noqa: E402
 from vllm_ascend_pd.testing.tiny_model import build_tiny_model  # noqa: E402
 
@@ -58,55 +57,28 @@ def main() -> int:
 
 
 def _with_servers(work: Path, kw: dict):
-    import subprocess
-
     work.mkdir(parents=True, exist_ok=True)
     model = str(build_tiny_model(work / "tiny-llama"))
-    kv = free_kv_port()
-    used = set(range(kv, kv + 4))
-
-    def port() -> int:
-        p = free_port(used)
-        used.add(p)
-        return p
-
+    ports = PortPicker()
+    kv = ports.kv()
+    port = ports.http
     P = VllmServer("P", model, port(), [*BASE_ARGS, "--kv-transfer-config", kv_config("kv_producer", kv)],
                    log_path=work / "P.log")
     D = VllmServer("D", model, port(), [*BASE_ARGS, "--kv-transfer-config",
                                         kv_config("kv_consumer", kv + 2, failure_policy="recompute")],
                    log_path=work / "D.log")
     S = VllmServer("S", model, port(), list(BASE_ARGS), log_path=work / "S.log")
-    proxy_port = port()
-    proxy = None
+    proxy = ProxyServer(port(), work / "proxy.log", "--prefill", f"127.0.0.1:{P.port}",
+                        "--decode", f"127.0.0.1:{D.port}")
     try:
-        for s in (P, D, S):
-            s.start()
-        with ThreadPoolExecutor(3) as ex:
-            list(ex.map(lambda s: s.wait_ready(900), (P, D, S)))
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "vllm_ascend_pd.proxy", "--host", "127.0.0.1", "--port", str(proxy_port),
-             "--model", "tiny", "--prefill", f"127.0.0.1:{P.port}", "--decode", f"127.0.0.1:{D.port}"],
-            stdout=open(work / "proxy.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-            env=dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1"),
-        )
-        url = f"http://127.0.0.1:{proxy_port}"
-        import urllib.request
-
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.3)
+        start_all((P, D, S), 900)
+        proxy.start(healthy=True)
         print(f"[soak] servers ready (logs in {work}); {kw['requests']} requests at concurrency "
               f"{kw['concurrency']}", file=sys.stderr)
-        return asyncio.run(soak(url, [P.url, D.url], reference_url=S.url, **kw))
+        return asyncio.run(soak(proxy.url, [P.url, D.url], reference_url=S.url, **kw))
     finally:
-        if proxy is not None and proxy.poll() is None:
-            os.killpg(proxy.pid, 15)
-            proxy.wait(15)
-        for s in (P, D, S):
-            s.stop()
+        proxy.stop()
+        stop_all((P, D, S))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vllm_ascend_pd.testing.servers import BASE_ARGS, VllmServer, free_kv_port, free_port, kv_config
+from vllm_ascend_pd.testing.servers import (
+    BASE_ARGS, PortPicker, ProxyServer, VllmServer, kv_config, start_all, stop_all,
+)
 from vllm_ascend_pd.testing.tiny_model import build_tiny_model
 
 
@@ -36,34 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     print(f"[demo] building the tiny model in {work / 'tiny-llama'}")
     model = str(build_tiny_model(work / "tiny-llama"))
-    kv = free_kv_port()
-    used = set(range(kv, kv + 4))
-    ports = []
-    for _ in range(3):
-        ports.append(free_port(used))
-        used.add(ports[-1])
-    p = VllmServer("prefill", model, ports[0], [*BASE_ARGS, "--kv-transfer-config", kv_config("kv_producer", kv)], log_path=work / "prefill.log")
-    d = VllmServer("decode", model, ports[1], [*BASE_ARGS, "--kv-transfer-config", kv_config("kv_consumer", kv + 2)], log_path=work / "decode.log")
-    proxy = None
+    ports = PortPicker()
+    kv = ports.kv()
+    p = VllmServer("prefill", model, ports.http(), [*BASE_ARGS, "--kv-transfer-config", kv_config("kv_producer", kv)], log_path=work / "prefill.log")
+    d = VllmServer("decode", model, ports.http(), [*BASE_ARGS, "--kv-transfer-config", kv_config("kv_consumer", kv + 2)], log_path=work / "decode.log")
+    proxy = ProxyServer(ports.http(), work / "proxy.log", "--prefill", f"127.0.0.1:{p.port}",
+                        "--decode", f"127.0.0.1:{d.port}")
     try:
         print(f"[demo] starting prefill :{p.port} and decode :{d.port} (logs in {work})")
-        p.start()
-        d.start()
-        with ThreadPoolExecutor(2) as ex:
-            list(ex.map(lambda s: s.wait_ready(600), (p, d)))
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "vllm_ascend_pd.proxy", "--port", str(ports[2]), "--model", "tiny",
-             "--prefill", f"127.0.0.1:{p.port}", "--decode", f"127.0.0.1:{d.port}"],
-            stdout=open(work / "proxy.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-            env=dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1"),
-        )
-        url = f"http://127.0.0.1:{ports[2]}"
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.3)
+        start_all((p, d), 600)
+        proxy.start(healthy=True)
+        url = proxy.url
         print(f"[demo] proxy on {url}")
         prompt = "the prefill instance computes the cache and the decode instance " * 6
         out = _post(url, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0})
@@ -82,11 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n[demo] the decode instance generated both answers from KV cache pulled from the prefill instance")
         return 0
     finally:
-        if proxy is not None and proxy.poll() is None:
-            os.killpg(proxy.pid, 15)
-            proxy.wait(15)
-        d.stop()
-        p.stop()
+        proxy.stop()
+        stop_all((d, p))
         print("[demo] all processes stopped")
 
 
