@@ -4,13 +4,12 @@ hccn_tool (Ascend driver) and installed-package metadata are faked."""
 from __future__ import annotations
 
 import http.server
-import os
 import socket
-import stat
 import threading
 
 import pytest
 
+from test_hccn import fake_tool
 from vllm_ascend_pd.cli import checks, main
 from vllm_ascend_pd.cli.checks import FAIL, OK, WARN
 from vllm_ascend_pd.config import GROUP_PORT_OFFSET
@@ -137,17 +136,8 @@ def test_health(health_server):
     assert f.status == FAIL and "refused" in f.message
 
 
-def fake_hccn(tmp_path, monkeypatch, script: str) -> None:
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    tool = bindir / "hccn_tool"
-    tool.write_text("#!/bin/sh\n" + script)
-    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-
-
 def test_device_ips(tmp_path, monkeypatch):
-    fake_hccn(tmp_path, monkeypatch, 'case "$2" in\n'
+    fake_tool(tmp_path, monkeypatch, 'case "$2" in\n'
               "  0) echo ipaddr:10.0.0.1; echo netmask:255.255.255.0 ;;\n"
               "  1) echo ipaddr:10.0.0.1; echo netmask:255.255.255.0 ;;\n"
               "  *) echo netmask:255.255.255.0 ;;\nesac\n")
@@ -173,7 +163,7 @@ def test_doctor_exit_codes_and_report(tmp_path, monkeypatch, listener, health_se
     out = capsys.readouterr().out
     assert out.rstrip().endswith("no problems found") and "[FAIL]" not in out
 
-    fake_hccn(tmp_path, monkeypatch, "echo ipaddr:10.0.0.7\n")
+    fake_tool(tmp_path, monkeypatch, "echo ipaddr:10.0.0.7\n")
     assert main(["doctor", "--device", "cpu", "--devices", "3", "--http-port", str(listener),
                  "--reach", f"127.0.0.1:{closed_port()}"]) == 1
     out = capsys.readouterr().out
