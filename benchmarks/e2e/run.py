@@ -24,9 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from benchmarks.e2e.cluster import (
     MODEL_SHAPE, closed_loop, idle_cpu, model_dir, random_prompt, setup_example, setup_pd, setup_single,
     summarize,
 )
+from benchmarks.report import header, pyplot, run_id, table
 
 OUT_DIR = Path(__file__).resolve().parent
 DOCS = OUT_DIR.parents[1] / "docs"
@@ -118,23 +117,13 @@ def markdown(rows: list[dict]) -> str:
     cols = ["setup", "concurrency", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms",
             "itl_p50_ms", "itl_p99_ms", "first_itl_p50_ms", "tokens_per_s", "requests_per_s", "ttft_p50_vs_single"]
     base = {r["concurrency"]: r["ttft_p50_ms"] for r in rows if r["setup"] == "single"}
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        r = dict(r)
-        b = base.get(r["concurrency"])
-        r["ttft_p50_vs_single"] = r["ttft_p50_ms"] / b if b else float("nan")
-        out.append("| " + " | ".join(
-            f"{r[c]:.2f}" if c.endswith("vs_single") else f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c])
-            for c in cols) + " |")
-    return "\n".join(out)
+    rows = [{**r, "ttft_p50_vs_single": r["ttft_p50_ms"] / b if (b := base.get(r["concurrency"])) else float("nan")}
+            for r in rows]
+    return table(rows, cols, two_decimals=lambda c: c.endswith("vs_single"))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     setups = list(dict.fromkeys(r["setup"] for r in rows))
     concs = list(dict.fromkeys(r["concurrency"] for r in rows))
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
@@ -183,16 +172,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(args)
     load1 = os.getloadavg()
     meta = {
-        "command": "python -m benchmarks.e2e " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        **run_id("e2e", argv),
         "model": MODEL_SHAPE, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
         "load_before": load0, "load_after": load1,
     }
     (OUT_DIR / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = markdown(rows)
     (OUT_DIR / "results.md").write_text(
-        f"`{meta['command']}` — {meta['when']}, {meta['machine']}, load {load0[0]:.1f} -> {load1[0]:.1f}, "
+        f"{header(meta)}, "
         f"model {MODEL_SHAPE}, {args.prompt_tokens}-token prompts, {args.max_tokens} output tokens\n\n{md}\n")
     plot(rows, DOCS / "benchmarks-e2e.png", f"{meta['command']} ({meta['when']})")
     print(md)

@@ -18,9 +18,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from benchmarks.e2e.cluster import (
     MODEL_SHAPE, closed_loop, model_dir, pct, random_prompt, running, setup_pd, setup_single,
     stream_one,
 )
+from benchmarks.report import header, pyplot, run_id, table
 
 OUT_DIR = Path(__file__).resolve().parent
 DOCS = OUT_DIR.parents[1] / "docs"
@@ -106,20 +105,11 @@ def run(args) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     cols = ["setup", "streams", "tokens_per_stream", "background_requests", "background_per_s", "errors", "idle_p50_ms",
             "idle_p99_ms", "loaded_p50_ms", "loaded_p99_ms", "p50_ratio", "p99_ratio"]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        out.append("| " + " | ".join(
-            f"{r[c]:.2f}" if c.endswith("ratio") else f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c])
-            for c in cols) + " |")
-    return "\n".join(out)
+    return table(rows, cols, two_decimals=lambda c: c.endswith("ratio"))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 4), squeeze=False)
     for ax, r in zip(axes[0], rows):
         for key, label in (("idle_itls", "no background load"), ("loaded_itls", "with long-prompt load")):
@@ -154,15 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(args)
     load1 = os.getloadavg()
     meta = {
-        "command": "python -m benchmarks.overlap " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        **run_id("overlap", argv),
         "model": MODEL_SHAPE, "args": vars(args), "load_before": load0, "load_after": load1,
     }
     (OUT_DIR / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = markdown(rows)
     (OUT_DIR / "results.md").write_text(
-        f"`{meta['command']}` — {meta['when']}, {meta['machine']}, load {load0[0]:.1f} -> {load1[0]:.1f}\n\n{md}\n")
+        f"{header(meta)}\n\n{md}\n")
     plot(rows, DOCS / "benchmarks-overlap.png", f"{meta['command']} ({meta['when']})")
     print(md)
 

@@ -18,7 +18,6 @@ import gc
 import json
 import multiprocessing as mp
 import os
-import platform
 import secrets
 import socket
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 import zmq
 
+from benchmarks.report import header, pyplot, run_id, table
 from vllm_ascend_pd.config import GROUP_PORT_OFFSET, ConnectorConfig
 from vllm_ascend_pd.connector.zmq_links import wait_ready
 from vllm_ascend_pd.transport import TRANSPORTS
@@ -652,23 +652,11 @@ def markdown(rows: list[dict]) -> str:
             "socket GB/s", "zmq GB/s", "iovec GB/s", "memcpy GB/s", "wall ms", "gather ms", "scatter ms",
             "rest ms", "gather+scatter %", "gather cpu ms", "scatter cpu ms", "P+D cpu ms",
             "gather+scatter % of cpu", "P RSS+ MiB", "D RSS+ MiB", "ok"]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r[c]
-            cells.append(f"{v:.2f}" if isinstance(v, float) and c.startswith("x ") else
-                         f"{v:.1f}" if isinstance(v, float) else str(v))
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return table(rows, cols, two_decimals=lambda c: c.startswith("x "))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = [f"{r['layout'].split('-')[0]}\n{r['tokens'] // 1024}k\n{r['transport']}" for r in rows]
     x = range(len(rows))
     fig, (a, b) = plt.subplots(2, 1, figsize=(min(16, max(8, 1.1 * len(rows))), 8))
@@ -747,9 +735,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r.summary() for r in results]
     tag = f"-{args.tag}" if args.tag else ""
     meta = {
-        "command": "python -m benchmarks.transfer " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}",
+        **run_id("transfer", argv, f", torch {torch.__version__}"),
         "load_before": load0, "load_after": load1,
         "chunk_mb": args.chunk_mb, "pool_mb": args.pool_mb, "reps": args.reps,
     }
@@ -757,7 +743,7 @@ def main(argv: list[str] | None = None) -> None:
         {"meta": meta, "rows": rows, "raw": [asdict(r) for r in results]}, indent=1))
     md = markdown(rows)
     (OUT_DIR / f"results{tag}.md").write_text(
-        f"`{meta['command']}` — {meta['when']}, {meta['machine']}, load {load0[0]:.1f} -> {load1[0]:.1f}, "
+        f"{header(meta)}, "
         f"chunk {args.chunk_mb} MiB, pool {args.pool_mb} MiB, median of {args.reps}, driver {'spin' if args.spin else 'wait'}\n\n{md}\n")
     plot(rows, DOCS / f"benchmarks-transfer{tag}.png",
          f"{meta['command']} ({meta['when']}; chunk {args.chunk_mb} MiB, pool {args.pool_mb} MiB)")
