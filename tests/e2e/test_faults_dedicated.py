@@ -144,10 +144,11 @@ def test_decode_rejects_prompt_too_long_for_it(ded, tok):
 
 def test_client_abort_during_the_transfer(ded, tok):
     """The proxy closes D's stream while D is still pulling: D aborts the
-    request, keeps its blocks until the pull ends (vLLM never frees blocks a
-    transfer may still write), then frees them; P's lease ends."""
+    request and stops the pull at once (tcp never writes a block outside its
+    own recv calls), so vLLM frees D's blocks; P's lease ends."""
     wait_idle([ded.P.url, ded.D.url], 10, producers=(ded.P.url,))
     recv = _recv_count(ded.D)
+    cancelled = counter(ded.D.url, "vllm:ascend_pd_pulls_cancelled_total")
     ok_before = counter(ded.D.url, "vllm:request_success_total")
     client = HangUpClient(ded.proxy.url, "/v1/completions", _body(prompt_of(tok, LONG, seed=621), 8, stream=True))
     wait_for(lambda: metric(ded.P.url, "vllm:ascend_pd_leases_pending") == 1, timeout=30, interval=0.02)
@@ -158,6 +159,8 @@ def test_client_abort_during_the_transfer(ded, tok):
     took = wait_idle([ded.P.url, ded.D.url], 30, producers=(ded.P.url,))
     assert took < 20
     assert counter(ded.D.url, "vllm:request_success_total") == ok_before
+    assert counter(ded.D.url, "vllm:ascend_pd_pulls_cancelled_total") == cancelled + 1
+    assert _recv_count(ded.D) == recv, "the pull was stopped, not completed"
     # Nothing stuck: the next request is exact.
     prompt = prompt_of(tok, 200, seed=622)
     assert completion(ded.proxy.url, prompt, 8) == reference(ded.D, prompt, 8)

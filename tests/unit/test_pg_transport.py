@@ -358,3 +358,42 @@ def test_taken_group_port_fails_at_start(kv_port):
             create_transport("gloo", make_cache("tensor", 1), options(kv_port + GROUP_PORT_OFFSET, True))
     finally:
         prod.close()
+
+
+def test_a_cancelled_pull_writes_nothing_afterwards_and_the_next_is_exact(kv_port):
+    """Request aborted on the consumer mid-transfer (Puller.cancel): the
+    group's in-flight chunks land in forfeited staging buffers, never in the
+    cache, so vLLM may free the blocks at once."""
+    prod, cons = Producer("tensor", kv_port, timeout=2.0), Consumer("tensor", "D", timeout=2.0)
+    try:
+        remote, local = list(range(NB // 2)), list(range(NB // 2, NB))
+        prod.leases.register("p", tid(1), remote)
+        cons.puller.submit(RecvSpec("d", "127.0.0.1", kv_port, tid(1), "p", remote, local, len(remote) * BS))
+        deadline = time.monotonic() + 20
+        while not torch.count_nonzero(cons.cache.tensors[0][local]) and time.monotonic() < deadline:
+            prod.server.pump(0.0005)
+            cons.puller.pump(0.0005)
+        assert torch.count_nonzero(cons.cache.tensors[0][local]), "the transfer never started"
+        assert cons.stats.take() is None, "cancel must come before the pull ends"
+        cons.puller.cancel("d")
+        assert cons.puller.take_results() == ({"d"}, set())
+        snapshot = [t.clone() for t in cons.cache.tensors]
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            prod.server.pump(0.005)
+            cons.puller.pump(0.005)
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, cons.cache.tensors))
+        assert cons.puller.take_results() == (set(), set())
+        deadline = time.monotonic() + 10
+        while prod.leases.pending() and time.monotonic() < deadline:
+            prod.server.pump(0.01)
+            cons.puller.pump(0.01)
+        assert prod.leases.pending() == 0
+        prod.leases.register("p2", tid(2), [1, 2])
+        cons.puller.submit(RecvSpec("d2", "127.0.0.1", kv_port, tid(2), "p2", [1, 2], [3, 4], 2 * BS))
+        assert drive([prod.server.pump, cons.puller.pump], [cons], 1) == ({"d2"}, set())
+        for s, d in zip(prod.cache.tensors, cons.cache.tensors):
+            assert torch.equal(d[[3, 4]], s[[1, 2]])
+    finally:
+        prod.close()
+        cons.close()

@@ -122,3 +122,26 @@ def test_params_for_another_prompt_are_not_applied():
     c = side(consumer=True)
     req = FakeRequest("d", list(range(1, 11)), dict(params))
     assert c.get_num_new_matched_tokens(req, 0) == (0, False)
+
+
+@pytest.mark.parametrize("status,cancelled", [
+    (RequestStatus.FINISHED_ABORTED, True),
+    (RequestStatus.FINISHED_STOPPED, False),
+    (RequestStatus.FINISHED_LENGTH_CAPPED, False),
+])
+def test_consumer_aborted_while_loading_cancels_its_pull(status, cancelled):
+    prompt = list(range(10))
+    _, _, params = produce(prompt)
+    c = side(consumer=True)
+    req = FakeRequest("d-1", prompt, dict(params))
+    assert c.get_num_new_matched_tokens(req, 0) == (10, True)
+    c.update_state_after_alloc(req, FakeBlocks([100, 101, 102]), 10)
+    assert len(c.build_connector_meta().recvs) == 1
+    req.status = status
+    assert c.request_finished(req, [100, 101, 102]) == (False, None)
+    assert c.build_connector_meta().cancels == (["d-1"] if cancelled else [])
+    # Finished once: a second call (and any other request) cancels nothing.
+    req.status = RequestStatus.FINISHED_ABORTED
+    c.request_finished(req, [100, 101, 102])
+    c.request_finished(FakeRequest("other", [1], None, RequestStatus.FINISHED_ABORTED), [])
+    assert c.build_connector_meta().cancels == []

@@ -48,6 +48,8 @@ class AscendConnectorMetadata(KVConnectorMetadata):
     sends: list[SendSpec] = field(default_factory=list)
     recvs: list[RecvSpec] = field(default_factory=list)
     releases: list[ReleaseSpec] = field(default_factory=list)
+    # Consumer: requests aborted here whose pulls should stop.
+    cancels: list[str] = field(default_factory=list)
     # The engine runs no model this step (nothing scheduled): the worker may
     # wait for its peers instead of returning at once (config idle_wait_ms).
     no_forward: bool = False

@@ -42,6 +42,7 @@ logger = get_logger(__name__)
 class _Recv:
     """A request's pulls in flight (one per producer rank)."""
 
+    spec: RecvSpec
     remaining: int
     start: float
     nbytes: int = 0
@@ -109,7 +110,7 @@ class Puller:
             self.stats.record_recv_failure("incompatible")
             self._failed.add(spec.request_id)
             return
-        self._recvs[spec.request_id] = _Recv(len(pieces), time.perf_counter())
+        self._recvs[spec.request_id] = _Recv(spec, len(pieces), time.perf_counter())
         for piece in pieces:
             self._queue(spec, piece.producer_rank, piece)
         release = ReleaseSpec(
@@ -118,6 +119,30 @@ class Puller:
         )
         for p in unused:  # producer ranks nobody pulls from: free their blocks now
             self._queue(release, p, None)
+
+    def cancel(self, request_id: str) -> None:
+        """The request was aborted here while its KV was loading: stop its
+        pulls instead of finishing them, report it finished (vLLM frees its
+        blocks then) and tell the producer to free its lease. Nothing
+        happens if its pulls already ended: each request is reported once."""
+        if not self.transport.cancellable:
+            return  # a helper thread may be writing its blocks: let it end
+        recv = self._recvs.pop(request_id, None)
+        if recv is None:
+            return
+        for queue in self._queues.values():
+            for item in [i for i in queue if isinstance(i[1], RecvSpec) and i[1].request_id == request_id]:
+                queue.remove(item)
+        for task in self._pump.cancel(request_id):
+            self._drop(task.key)  # maybe mid-transfer: that link and stream are void
+        self.stats.record_cancelled()
+        self._done.add(request_id)
+        spec = recv.spec
+        self.submit(ReleaseSpec(
+            request_id, spec.remote_host, spec.remote_port, spec.transfer_id,
+            spec.remote_request_id, spec.remote_tp_size,
+        ))
+        logger.info("AscendSimpleConnector: request %s aborted; its KV pull stopped", request_id)
 
     def pump(self, budget_s: float) -> bool:
         """Start queued jobs and advance them; True if every running job waits
@@ -197,7 +222,7 @@ class Puller:
                 )
                 self._finish_piece(job, 0, cause)
 
-            self._pump.add(Task(endpoint, self._pull(endpoint, job, piece), done, failed))
+            self._pump.add(Task(endpoint, self._pull(endpoint, job, piece), done, failed, job.request_id))
         else:
 
             def released(ok: bool) -> None:

@@ -21,6 +21,7 @@ class Task:
     gen: Generator[bool, None, Any]
     on_done: Callable[[Any], None]
     on_error: Callable[[BaseException], None]
+    owner: Any = None  # whose work this is, for ``cancel``
 
 
 class Pump:
@@ -55,6 +56,15 @@ class Pump:
             if time.perf_counter() >= deadline:
                 return False
         return True
+
+    def cancel(self, owner: Any) -> list[Task]:
+        """Stop ``owner``'s tasks without calling back (closing a generator
+        runs its cleanup); returns them."""
+        gone = [t for t in self.tasks if t.owner == owner]
+        for task in gone:
+            self.tasks.remove(task)
+            task.gen.close()
+        return gone
 
     def busy(self, key: Any) -> bool:
         return any(t.key == key for t in self.tasks)

@@ -53,6 +53,8 @@ class SchedulerSide:
         self.kv_host = kv_host
         self.kv_port = kv_port
         self._plans: dict[str, _Plan] = {}
+        # Consumer: requests whose KV a worker was told to pull.
+        self._loading: set[str] = set()
         self._meta = AscendConnectorMetadata()
 
     # -- consumer ---------------------------------------------------------
@@ -129,6 +131,7 @@ class SchedulerSide:
                 "AscendSimpleConnector: request %s block plan mismatch (local %d, remote %d)",
                 request.request_id, len(local_ids), len(remote_ids),
             )
+        self._loading.add(request.request_id)
         self._meta.recvs.append(
             RecvSpec(
                 request.request_id, p.remote_host, p.remote_port, p.transfer_id,
@@ -156,6 +159,13 @@ class SchedulerSide:
 
         params = request.kv_transfer_params
         self._plans.pop(request.request_id, None)
+        if request.request_id in self._loading:
+            self._loading.discard(request.request_id)
+            if request.status == RequestStatus.FINISHED_ABORTED:
+                # Aborted with its pull possibly in flight: vLLM keeps the
+                # blocks until the worker reports the request, so stop the
+                # pull rather than finish it (a no-op if it already ended).
+                self._meta.cancels.append(request.request_id)
         if not params:
             return False, None
         if params.get("do_remote_prefill"):

@@ -22,6 +22,7 @@ _COUNTERS = (
     "send_blocks",
     "leases_expired",
     "releases",  # producer told to free without a pull
+    "cancelled_pulls",  # consumer: pulls stopped because the request was aborted
 )
 _BY_CAUSE = ("failures", "rejected")
 _SERIES = ("recv_seconds", "send_seconds")
@@ -78,6 +79,9 @@ class TransferStats:
 
     def record_release(self) -> None:
         self._bump("releases")
+
+    def record_cancelled(self) -> None:
+        self._bump("cancelled_pulls")
 
     def set_pending(self, n: int) -> None:
         self._data["leases_pending"] = n
@@ -180,6 +184,10 @@ class AscendPDPromMetrics(KVConnectorPromMetrics):
         self._releases = per_engine(counter(
             "vllm:ascend_pd_leases_released", "Producer leases freed by the consumer without a pull."
         ))
+        self._cancelled = per_engine(counter(
+            "vllm:ascend_pd_pulls_cancelled",
+            "Consumer pulls stopped because the request was aborted while its KV was loading.",
+        ))
         self._pending = per_engine(self._gauge_cls(
             name="vllm:ascend_pd_leases_pending",
             documentation="Producer leases waiting for a consumer to pull.",
@@ -214,5 +222,7 @@ class AscendPDPromMetrics(KVConnectorPromMetrics):
             self._expired[engine_idx].inc(data["leases_expired"])
         if data.get("releases"):
             self._releases[engine_idx].inc(data["releases"])
+        if data.get("cancelled_pulls"):
+            self._cancelled[engine_idx].inc(data["cancelled_pulls"])
         if data.get("leases_pending") is not None:
             self._pending[engine_idx].set(data["leases_pending"])

@@ -210,6 +210,8 @@ class WorkerSide:
             if self.puller is not None:
                 for spec in (*meta.recvs, *meta.releases):
                     self.puller.submit(spec)
+                for request_id in meta.cancels:
+                    self.puller.cancel(request_id)
             elif meta.recvs or meta.releases:
                 logger.error("AscendSimpleConnector: consumer work on a non-consumer instance")
             self._no_forward = meta.no_forward

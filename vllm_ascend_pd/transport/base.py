@@ -115,6 +115,10 @@ class Transport(ABC):
     name: ClassVar[str]
     # Whether send/recv_blocks take ``heads`` (heterogeneous TP, tp_map.py).
     head_slices: ClassVar[bool] = False
+    # Whether closing a recv_blocks generator mid-transfer guarantees that
+    # nothing writes into the destination blocks afterwards (so they may be
+    # freed at once); False while a helper thread may still be writing.
+    cancellable: ClassVar[bool] = False
 
     def __init__(self, cache: PagedKVCache, options: TransportOptions):
         self.cache = cache

@@ -71,6 +71,9 @@ _CLOSE_WAIT_S = 1.0
 class PgTransport(Transport):
     name: ClassVar[str] = "pg"
     backend: ClassVar[str] = ""
+    # Broadcasts land in staging buffers (forfeited on failure); only the
+    # generator scatters them into the cache.
+    cancellable: ClassVar[bool] = True
 
     def __init__(self, cache: PagedKVCache, options: TransportOptions):
         super().__init__(cache, options)

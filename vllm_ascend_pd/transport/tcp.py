@@ -40,6 +40,7 @@ logger = get_logger(__name__)
 class TcpTransport(Transport):
     name = "tcp"
     head_slices = True
+    cancellable = True  # bytes land only inside recv calls on the engine thread
 
     def __init__(self, cache: PagedKVCache, options: TransportOptions):
         super().__init__(cache, options)
