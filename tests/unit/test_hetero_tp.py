@@ -1,5 +1,5 @@
 """Heterogeneous tensor parallelism with the connector's real worker pieces
-(KV servers, pullers, tcp transport over loopback): every producer rank and
+(KV servers, pullers, tcp or gloo transport over loopback): every producer rank and
 every consumer rank is its own object, and the result is checked byte-exactly
 against heads split and concatenated by hand with torch."""
 
@@ -25,6 +25,7 @@ from vllm_ascend_pd.connector.tp_map import (
 )
 from vllm_ascend_pd.connector.transfers import LeaseTable
 from vllm_ascend_pd.kv_layout import VLLM_LOGICAL_AXES, PagedKVCache, axes_from_backend
+from vllm_ascend_pd.config import GROUP_PORT_OFFSET
 from vllm_ascend_pd.testing.servers import free_kv_port
 from vllm_ascend_pd.transport import TransportOptions, create_transport
 
@@ -33,6 +34,16 @@ TID = "h" * 24
 SRC = [3, 9, 4, 12, 0]
 DST = [10, 11, 1, 5, 14]
 OPT = TransportOptions(chunk_bytes=2048, pool_bytes=8192, idle_timeout_s=3)
+
+
+def _transport(name: str, cache: PagedKVCache, group_port: int = 0):
+    """tcp, or gloo (the pair process-group transport hccl shares), for one rank."""
+    if name == "tcp":
+        return create_transport("tcp", cache, OPT)
+    role = "producer" if group_port else "consumer"
+    opt = TransportOptions(chunk_bytes=2048, pool_bytes=8192, idle_timeout_s=5, host="127.0.0.1",
+                           group_port=group_port, role=role)
+    return create_transport(name, cache, opt)
 
 
 # -- the map itself -------------------------------------------------------------
@@ -128,9 +139,10 @@ def as_bhnc(raw, kind: str) -> list[torch.Tensor]:
 class Group:
     """tp_p producer ranks and tp_c consumer ranks wired like real instances."""
 
-    def __init__(self, tp_p, tp_c, heads, kind="vllm", is_mla=False, layers=2, producer_data=None):
+    def __init__(self, tp_p, tp_c, heads, kind="vllm", is_mla=False, layers=2, producer_data=None,
+                 transport="tcp"):
         self.kind = kind
-        self.kv_port = free_kv_port(span=max(tp_p, 1) + 1)
+        self.kv_port = free_kv_port(span=GROUP_PORT_OFFSET + max(tp_p, 1) + 1)
         g = torch.Generator().manual_seed(7)
         k_heads = 1 if is_mla else heads
         self.full = {f"layer.{i}": torch.randn(NB, k_heads, BS, HD, generator=g) for i in range(layers)}
@@ -142,7 +154,8 @@ class Group:
             leases = LeaseTable(60)
             server = KVServer(
                 bind_host="127.0.0.1", port=self.kv_port + p, engine_id="P", tp_rank=p,
-                layout=cache.describe(tp_p), leases=leases, transport=create_transport("tcp", cache, OPT),
+                layout=cache.describe(tp_p), leases=leases,
+                transport=_transport(transport, cache, self.kv_port + GROUP_PORT_OFFSET + p),
                 stats=TransferStats(), secret="", registration_grace_s=1.0,
             )
             self.producers.append((server, leases, raw))
@@ -153,7 +166,7 @@ class Group:
             stats = TransferStats()
             puller = Puller(
                 engine_id="D", tp_rank=c, tp_size=tp_c, layout=cache.describe(tp_c),
-                transport=create_transport("tcp", cache, OPT), stats=stats, secret="", connect_timeout_s=3,
+                transport=_transport(transport, cache), stats=stats, secret="", connect_timeout_s=3,
             )
             self.consumers.append((puller, raw, stats))
         self.tp_p = tp_p
@@ -208,9 +221,10 @@ def check_all_freed(g: Group):
         assert leases.take_finished() == {"req-p"}
 
 
+@pytest.mark.parametrize("transport", ["tcp", "gloo"])
 @pytest.mark.parametrize("kind", ["vllm", "ascend"])
-def test_tp2_to_tp1_merges_heads(group_factory, kind):
-    g = group_factory(2, 1, heads=4, kind=kind)
+def test_tp2_to_tp1_merges_heads(group_factory, kind, transport):
+    g = group_factory(2, 1, heads=4, kind=kind, transport=transport)
     g.lease()
     assert g.pull() == [({"req-d"}, set())]
     (_, d_raw, stats), = g.consumers
@@ -225,9 +239,10 @@ def test_tp2_to_tp1_merges_heads(group_factory, kind):
     assert data["recv_blocks"] == len(SRC) and data["loaded_tokens"] == len(SRC) * BS
 
 
+@pytest.mark.parametrize("transport", ["tcp", "gloo"])
 @pytest.mark.parametrize("kind", ["vllm", "ascend"])
-def test_tp1_to_tp2_splits_heads(group_factory, kind):
-    g = group_factory(1, 2, heads=4, kind=kind)
+def test_tp1_to_tp2_splits_heads(group_factory, kind, transport):
+    g = group_factory(1, 2, heads=4, kind=kind, transport=transport)
     g.lease()
     assert g.pull() == [({"req-d"}, set())] * 2
     (_, _, p_raw), = g.producers
@@ -257,9 +272,10 @@ def test_tp1_to_tp2_lease_waits_for_both_consumer_ranks(group_factory):
     assert leases.pending() == 1 and leases.take_finished() == set()  # rank 1 has not pulled yet
 
 
-def test_gqa_replicated_on_consumer(group_factory):
+@pytest.mark.parametrize("transport", ["tcp", "gloo"])
+def test_gqa_replicated_on_consumer(group_factory, transport):
     # 2 KV heads over 4 consumer ranks: ranks 0,1 hold head 0, ranks 2,3 head 1.
-    g = group_factory(1, 4, heads=2)
+    g = group_factory(1, 4, heads=2, transport=transport)
     g.lease()
     assert g.pull() == [({"req-d"}, set())] * 4
     (_, _, p_raw), = g.producers
@@ -363,7 +379,7 @@ def test_consumer_scheduler_accepts_another_tp_size_and_passes_it_on():
 def test_transport_without_head_slices_refuses_a_split_cleanly(group_factory):
     g = group_factory(1, 2, heads=4)
     g.lease()
-    g.producers[0][0].transport.head_slices = False  # as pg / llmdatadist declare
+    g.producers[0][0].transport.head_slices = False  # as llmdatadist declares
     assert g.pull(timeout=8) == [({"req-d"}, {"req-d"})] * 2
     for _, d_raw, _ in g.consumers:
         assert torch.count_nonzero(d_raw["layer.0"]) == 0

@@ -14,7 +14,8 @@ cached until a transfer on it fails, the transport closes, or more than
 
 Per transfer, group rank 0 (producer) broadcasts a header (magic, block
 count, byte count, transfer id fingerprint) and then each chunk of the same
-chunk plan the tcp transport uses; rank 1 (consumer) receives into a bounded
+chunk plan the tcp transport uses (a KV-head slice of each block when the
+two sides' TP sizes differ, see connector/tp_map.py); rank 1 (consumer) receives into a bounded
 pool of staging buffers and scatters. Broadcast rather than send/recv: in a
 2-rank group it is the same copy, but gloo's send/recv ``Work`` never reports
 ``is_completed()`` until ``wait()`` is called (torch 2.13), which would block
@@ -44,7 +45,7 @@ import torch
 
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.config import GROUP_PORT_OFFSET
-from vllm_ascend_pd.kv_layout import Chunk, PagedKVCache, plan_chunks
+from vllm_ascend_pd.kv_layout import Chunk, HeadRange, PagedKVCache, plan_chunks
 from vllm_ascend_pd.log import get_logger
 from vllm_ascend_pd.transport.base import (
     Link,
@@ -74,6 +75,7 @@ class PgTransport(Transport):
     # Broadcasts land in staging buffers (forfeited on failure); only the
     # generator scatters them into the cache.
     cancellable: ClassVar[bool] = True
+    head_slices: ClassVar[bool] = True
 
     def __init__(self, cache: PagedKVCache, options: TransportOptions):
         super().__init__(cache, options)
@@ -97,7 +99,9 @@ class PgTransport(Transport):
             self._store, self._store_host = _serve_store(options, self._timeout_s)
 
     # ------------------------------------------------------------ producer
-    def send_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> Step:
+    def send_blocks(
+        self, link: Link, transfer_id: str, block_ids: list[int], heads: HeadRange | None = None
+    ) -> Step:
         if self._store is None:
             raise TransferError("this instance hosts no group store (not a producer)", "protocol")
         pair_id = link.pair_id
@@ -105,7 +109,7 @@ class PgTransport(Transport):
         end = _EndWatch(link, transfer_id, "consumer")
         try:
             pair = yield from self._pair(pair_id, 0, self._store_host, self.options.group_port, where, end.poll)
-            total = yield from self._on_pair(pair, self._send(pair, transfer_id, block_ids, end))
+            total = yield from self._on_pair(pair, self._send(pair, transfer_id, block_ids, heads, end))
         except Exception as e:
             _tell_failed(link, transfer_id, e)
             raise
@@ -114,33 +118,34 @@ class PgTransport(Transport):
         )
         return total
 
-    def _send(self, pair: "_Pair", transfer_id: str, block_ids: list[int], end: "_EndWatch") -> Step:
+    def _send(
+        self, pair: "_Pair", transfer_id: str, block_ids: list[int], heads: HeadRange | None,
+        end: "_EndWatch",
+    ) -> Step:
         cache = self.cache
         idx_all = torch.tensor(block_ids, dtype=torch.long, device=cache.tensors[0].device)
-        plan = plan_chunks(cache, len(block_ids), self.chunk_bytes)
-        total = sum(self._chunk_nbytes(ch) for ch in plan)
+        plan = plan_chunks(cache, len(block_ids), self.chunk_bytes, heads)
+        total = sum(self._chunk_nbytes(ch, heads) for ch in plan)
         header = self._header(transfer_id, len(block_ids), total)
         yield from self._wait(pair, pair.post(header), end.poll)
 
         def fill(ch: Chunk, buf: torch.Tensor) -> None:
-            t = cache.tensors[ch.tensor]
-            out = _as_blocks(buf, t, ch)
+            # gloo from NPU caches stages through host memory (gather copies).
             idx = idx_all[ch.start : ch.stop]
-            if out.device == t.device:
-                torch.index_select(t, 0, idx, out=out)
-            else:  # gloo from NPU caches: stage through host memory
-                out.copy_(torch.index_select(t, 0, idx))
+            cache.gather(ch.tensor, idx, heads, out=buf[: self._chunk_nbytes(ch, heads)])
 
-        yield from self._stream(pair, plan, before=fill, after=None, poll=end.poll)
+        yield from self._stream(pair, plan, heads, before=fill, after=None, poll=end.poll)
         return total
 
     # ------------------------------------------------------------ consumer
-    def recv_blocks(self, link: Link, transfer_id: str, block_ids: list[int]) -> Step:
+    def recv_blocks(
+        self, link: Link, transfer_id: str, block_ids: list[int], heads: HeadRange | None = None
+    ) -> Step:
         host, port = _group_addr(getattr(link, "endpoint", ""))
         end = _EndWatch(link, transfer_id, "producer")
         try:
             pair = yield from self._pair(link.pair_id, 1, host, port, f"producer {host}:{port}", end.poll)
-            total = yield from self._on_pair(pair, self._recv(pair, transfer_id, block_ids, end))
+            total = yield from self._on_pair(pair, self._recv(pair, transfer_id, block_ids, heads, end))
         except TransferError as e:
             if e.cause != "producer_error":  # let the producer stop now, not at its timeout
                 _tell_failed(link, transfer_id, e)
@@ -150,12 +155,15 @@ class PgTransport(Transport):
             end.check(frames)
         return total
 
-    def _recv(self, pair: "_Pair", transfer_id: str, block_ids: list[int], end: "_EndWatch") -> Step:
+    def _recv(
+        self, pair: "_Pair", transfer_id: str, block_ids: list[int], heads: HeadRange | None,
+        end: "_EndWatch",
+    ) -> Step:
         cache = self.cache
         device = cache.tensors[0].device
         idx_all = torch.tensor(block_ids, dtype=torch.long, device=device)
-        plan = plan_chunks(cache, len(block_ids), self.chunk_bytes)
-        total = sum(self._chunk_nbytes(ch) for ch in plan)
+        plan = plan_chunks(cache, len(block_ids), self.chunk_bytes, heads)
+        total = sum(self._chunk_nbytes(ch, heads) for ch in plan)
         expected = self._header(transfer_id, len(block_ids), total)
         got = torch.zeros_like(expected)
         yield from self._wait(pair, pair.post(got), end.poll)
@@ -167,18 +175,15 @@ class PgTransport(Transport):
             )
 
         def scatter(ch: Chunk, buf: torch.Tensor) -> None:
-            t = cache.tensors[ch.tensor]
-            src = _as_blocks(buf, t, ch)
-            if src.device != t.device:
-                src = src.to(t.device)
-            t.index_copy_(0, idx_all[ch.start : ch.stop], src)
+            idx = idx_all[ch.start : ch.stop]
+            cache.scatter(ch.tensor, idx, buf[: self._chunk_nbytes(ch, heads)], heads)
 
-        yield from self._stream(pair, plan, before=None, after=scatter, poll=end.poll)
+        yield from self._stream(pair, plan, heads, before=None, after=scatter, poll=end.poll)
         return total
 
     # ------------------------------------------------------------ shared
-    def _chunk_nbytes(self, ch: Chunk) -> int:
-        return (ch.stop - ch.start) * self.cache.block_bytes(ch.tensor)
+    def _chunk_nbytes(self, ch: Chunk, heads: HeadRange | None = None) -> int:
+        return (ch.stop - ch.start) * self.cache.block_bytes(ch.tensor, heads)
 
     def _header(self, transfer_id: str, num_blocks: int, nbytes: int) -> torch.Tensor:
         fp = int.from_bytes(hashlib.blake2b(transfer_id.encode(), digest_size=7).digest(), "little")
@@ -188,6 +193,7 @@ class PgTransport(Transport):
         self,
         pair: "_Pair",
         plan: list[Chunk],
+        heads: HeadRange | None,
         before: Callable[[Chunk, torch.Tensor], None] | None,
         after: Callable[[Chunk, torch.Tensor], None] | None,
         poll: Callable[[], None] | None,
@@ -206,7 +212,7 @@ class PgTransport(Transport):
                     if buf is None:
                         break
                     ch = plan[nxt]
-                    view = buf[: self._chunk_nbytes(ch)]
+                    view = buf[: self._chunk_nbytes(ch, heads)]
                     try:
                         if before is not None:
                             before(ch, buf)
@@ -460,11 +466,6 @@ class _EndWatch:
                 cause=f"{self.peer}_error",
             )
         self.seen = True
-
-
-def _as_blocks(buf: torch.Tensor, t: torch.Tensor, ch: Chunk) -> torch.Tensor:
-    n = (ch.stop - ch.start) * t[0].numel() * t.element_size()
-    return buf[:n].view(t.dtype).view((ch.stop - ch.start, *t.shape[1:]))
 
 
 def _root0():
