@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import random
 import signal
+import socket
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -394,6 +397,42 @@ def test_a_cancelled_pull_writes_nothing_afterwards_and_the_next_is_exact(kv_por
         assert drive([prod.server.pump, cons.puller.pump], [cons], 1) == ({"d2"}, set())
         for s, d in zip(prod.cache.tensors, cons.cache.tensors):
             assert torch.equal(d[[3, 4]], s[[1, 2]])
+    finally:
+        prod.close()
+        cons.close()
+
+
+def test_hostile_bytes_on_the_group_port_and_gloo_listeners_do_not_hurt(kv_port):
+    """Both the producer's TCPStore (kv_port + 64 + r) and the ports gloo
+    itself listens on are reachable by anyone on the network: garbage sent to
+    them must not crash the process nor disturb the next pull."""
+    prod, cons = Producer("tensor", kv_port), Consumer("tensor", "D")
+    try:
+        def pull(i: int) -> None:
+            for t in cons.cache.tensors:
+                t.zero_()
+            prod.leases.register(f"p{i}", tid(i), [1, 2, 3])
+            cons.puller.submit(RecvSpec(f"d{i}", "127.0.0.1", kv_port, tid(i), f"p{i}", [1, 2, 3], [4, 5, 6], 3 * BS))
+            assert drive([prod.server.pump, cons.puller.pump], [cons], 1) == ({f"d{i}"}, set())
+            check_blocks(prod.cache, cons.cache, [1, 2, 3], [4, 5, 6], "tensor")
+
+        pull(1)  # forms a group, so gloo's own listeners exist
+        listening = {c.laddr.port for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        gloo_ports = listening - {kv_port, kv_port + GROUP_PORT_OFFSET}
+        assert gloo_ports, "gloo should listen for its pairs"
+        rng = random.Random(3)
+        for port in [kv_port + GROUP_PORT_OFFSET, *sorted(gloo_ports)]:
+            for i in range(40):
+                payload = bytes(rng.getrandbits(8) for _ in range(rng.choice([1, 4, 8, 64, 4096])))
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                    try:
+                        s.sendall((b"\xff" * 8 if i % 5 == 0 else b"") + payload)
+                    except OSError:
+                        pass  # the peer may close first: fine
+                prod.server.pump(0.001)
+                cons.puller.pump(0.001)
+        pull(2)
+        assert len(prod.transport._pairs) == 1  # the legitimate group survived
     finally:
         prod.close()
         cons.close()
