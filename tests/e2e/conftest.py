@@ -26,6 +26,13 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_24(tmp_path_factory) -> str:
+    """24 layers (same tokenizer): with small chunks a transfer lasts seconds,
+    long enough for fault tests to interrupt it."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama-24"), num_layers=24))
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 

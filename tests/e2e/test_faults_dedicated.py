@@ -20,7 +20,6 @@ from tests.e2e.faults import HangUpClient, ProxyProcess, counter, producer_idle,
 from tests.e2e.helpers import log_dir, metric, post, prompt_of, serve, wait_for
 from tests.e2e.test_pd_e2e import completion
 from vllm_ascend_pd.testing.servers import BASE_ARGS, PortPicker, VllmServer, kv_config, start_all, stop_all
-from vllm_ascend_pd.testing.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.e2e
 
@@ -67,16 +66,8 @@ class Dedicated:
 
 
 @pytest.fixture(scope="module")
-def ded(tmp_path_factory):
-    model = str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama-24"), num_layers=24))
-    yield from serve(Dedicated(model, log_dir(tmp_path_factory, "e2e-logs")))
-
-
-@pytest.fixture(scope="module")
-def tok(ded):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ded.P.model)
+def ded(tiny_model_24, tmp_path_factory):
+    yield from serve(Dedicated(tiny_model_24, log_dir(tmp_path_factory, "e2e-logs")))
 
 
 def _body(prompt, max_tokens: int, **extra) -> dict:
@@ -100,8 +91,8 @@ def _recv_count(server: VllmServer) -> float:
     return counter(server.url, "vllm:ascend_pd_transfers_total", direction="recv")
 
 
-def test_secret_deployment_is_exact_and_strangers_are_refused(ded, tok, cluster):
-    prompt = prompt_of(tok, 300, seed=601)
+def test_secret_deployment_is_exact_and_strangers_are_refused(ded, tokenizer, cluster):
+    prompt = prompt_of(tokenizer, 300, seed=601)
     expected = reference(ded.D, prompt, 8)
     recv = _recv_count(ded.D)
     assert completion(ded.proxy.url, prompt, 8) == expected
@@ -110,8 +101,8 @@ def test_secret_deployment_is_exact_and_strangers_are_refused(ded, tok, cluster)
     # A consumer without the secret (the shared cluster's D) is refused at the
     # handshake, recomputes, and P keeps serving and keeps the lease.
     refused = counter(ded.P.url, "vllm:ascend_pd_rejected_messages_total", kind="auth")
-    params = _prefill(ded.P, prompt_of(tok, 100, seed=602))
-    other = prompt_of(tok, 100, seed=602)
+    params = _prefill(ded.P, prompt_of(tokenizer, 100, seed=602))
+    other = prompt_of(tokenizer, 100, seed=602)
     out = post(cluster.D.url, "/v1/completions", _body(other, 6, kv_transfer_params=params))
     assert out["choices"][0]["token_ids"] == completion(cluster.S.url, other, 6)
     wait_for(lambda: counter(ded.P.url, "vllm:ascend_pd_rejected_messages_total", kind="auth") == refused + 1,
@@ -126,14 +117,14 @@ def test_secret_deployment_is_exact_and_strangers_are_refused(ded, tok, cluster)
     wait_idle([ded.P.url], 10, producers=(ded.P.url,))
 
 
-def test_decode_rejects_prompt_too_long_for_it(ded, tok):
+def test_decode_rejects_prompt_too_long_for_it(ded, tokenizer):
     """P (4096 tokens) accepts what D (2048) refuses: the client gets D's 400
     at once and the proxy frees P's lease."""
     wait_idle([ded.P.url, ded.D.url], 10, producers=(ded.P.url,))
     released = counter(ded.P.url, "vllm:ascend_pd_leases_released_total")
     t0 = time.monotonic()
     with pytest.raises(urllib.error.HTTPError) as err:
-        post(ded.proxy.url, "/v1/completions", _body(prompt_of(tok, 3000, seed=611), 8))
+        post(ded.proxy.url, "/v1/completions", _body(prompt_of(tokenizer, 3000, seed=611), 8))
     took = time.monotonic() - t0
     assert err.value.code == 400
     assert "maximum context length" in err.value.read().decode()
@@ -142,7 +133,7 @@ def test_decode_rejects_prompt_too_long_for_it(ded, tok):
     assert counter(ded.P.url, "vllm:ascend_pd_leases_released_total") == released + 1
 
 
-def test_client_abort_during_the_transfer(ded, tok):
+def test_client_abort_during_the_transfer(ded, tokenizer):
     """The proxy closes D's stream while D is still pulling: D aborts the
     request and stops the pull at once (tcp never writes a block outside its
     own recv calls), so vLLM frees D's blocks; P's lease ends."""
@@ -150,7 +141,7 @@ def test_client_abort_during_the_transfer(ded, tok):
     recv = _recv_count(ded.D)
     cancelled = counter(ded.D.url, "vllm:ascend_pd_pulls_cancelled_total")
     ok_before = counter(ded.D.url, "vllm:request_success_total")
-    client = HangUpClient(ded.proxy.url, "/v1/completions", _body(prompt_of(tok, LONG, seed=621), 8, stream=True))
+    client = HangUpClient(ded.proxy.url, "/v1/completions", _body(prompt_of(tokenizer, LONG, seed=621), 8, stream=True))
     wait_for(lambda: metric(ded.P.url, "vllm:ascend_pd_leases_pending") == 1, timeout=30, interval=0.02)
     time.sleep(0.5)
     assert _recv_count(ded.D) == recv, "the transfer already ended: make it longer"
@@ -162,7 +153,7 @@ def test_client_abort_during_the_transfer(ded, tok):
     assert counter(ded.D.url, "vllm:ascend_pd_pulls_cancelled_total") == cancelled + 1
     assert _recv_count(ded.D) == recv, "the pull was stopped, not completed"
     # Nothing stuck: the next request is exact.
-    prompt = prompt_of(tok, 200, seed=622)
+    prompt = prompt_of(tokenizer, 200, seed=622)
     assert completion(ded.proxy.url, prompt, 8) == reference(ded.D, prompt, 8)
     assert time.monotonic() - t0 < 60
 
@@ -183,11 +174,11 @@ def _decode_in_background(server: VllmServer, prompt, params, max_tokens: int):
     return t, result
 
 
-def test_consumer_killed_mid_transfer(ded, tok):
+def test_consumer_killed_mid_transfer(ded, tokenizer):
     """P's send fails (the consumer's connection is gone) or times out after
     transfer_timeout_s; either way the lease ends and P frees the blocks."""
     wait_idle([ded.P.url], 10, producers=(ded.P.url,))
-    prompt = prompt_of(tok, LONG, seed=641)
+    prompt = prompt_of(tokenizer, LONG, seed=641)
     params = _prefill(ded.P, prompt)
     t, result = _decode_in_background(ded.Dk, prompt, params, 8)
     time.sleep(0.7)
@@ -204,13 +195,13 @@ def test_consumer_killed_mid_transfer(ded, tok):
     assert took < 15
 
 
-def test_producer_killed_mid_transfer(ded, tok):
+def test_producer_killed_mid_transfer(ded, tokenizer):
     """Runs last: it kills this module's producer.
 
     D sees the connection close and fails the pull at once (well before
     transfer_timeout_s, 5 s here), then recomputes (policy `recompute`):
     exact output, D back to baseline."""
-    prompt = prompt_of(tok, LONG, seed=631)
+    prompt = prompt_of(tokenizer, LONG, seed=631)
     expected = reference(ded.D, prompt, 8)
     lost = counter(ded.D.url, "vllm:ascend_pd_failed_transfers_total", cause="peer_lost")
     recv = _recv_count(ded.D)

@@ -15,7 +15,6 @@ from tests.e2e.helpers import log_dir, metric, prompt_of, serve, wait_for
 from tests.e2e.test_faults_dedicated import LONG, _body, _decode_in_background, _prefill, _recv_count, reference
 from vllm_ascend_pd.config import GROUP_PORT_OFFSET
 from vllm_ascend_pd.testing.servers import BASE_ARGS, PortPicker, VllmServer, kv_config, start_all, stop_all
-from vllm_ascend_pd.testing.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.e2e
 
@@ -45,19 +44,11 @@ class GlooPair:
 
 
 @pytest.fixture(scope="module")
-def gpair(tmp_path_factory):
-    model = str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama-24g"), num_layers=24))
-    yield from serve(GlooPair(model, log_dir(tmp_path_factory, "e2e-logs")))
+def gpair(tiny_model_24, tmp_path_factory):
+    yield from serve(GlooPair(tiny_model_24, log_dir(tmp_path_factory, "e2e-logs")))
 
 
-@pytest.fixture(scope="module")
-def tok(gpair):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(gpair.P.model)
-
-
-def test_client_gone_mid_pull_stops_the_gloo_pull(gpair, tok):
+def test_client_gone_mid_pull_stops_the_gloo_pull(gpair, tokenizer):
     """D aborts the request while its KV arrives over the gloo group: the pull
     stops (chunks in flight land in forfeited staging buffers, never in the
     cache), vLLM frees D's blocks, P's lease ends, and the next pull over a
@@ -66,7 +57,7 @@ def test_client_gone_mid_pull_stops_the_gloo_pull(gpair, tok):
     wait_idle([P.url, D.url], 10, producers=(P.url,))
     recv = _recv_count(D)
     cancelled = counter(D.url, "vllm:ascend_pd_pulls_cancelled_total")
-    prompt = prompt_of(tok, LONG, seed=651)
+    prompt = prompt_of(tokenizer, LONG, seed=651)
     params = _prefill(P, prompt)
     client = HangUpClient(D.url, "/v1/completions", _body(prompt, 8, stream=True, kv_transfer_params=params))
     # Blocks allocated on D: the pull has been handed to the worker.
@@ -79,19 +70,19 @@ def test_client_gone_mid_pull_stops_the_gloo_pull(gpair, tok):
     assert counter(D.url, "vllm:ascend_pd_pulls_cancelled_total") == cancelled + 1
     assert _recv_count(D) == recv, "the pull was stopped, not completed"
 
-    again = prompt_of(tok, 200, seed=652)
+    again = prompt_of(tokenizer, 200, seed=652)
     out = _decode_in_background(D, again, _prefill(P, again), 8)
     out[0].join(60)
     assert out[1]["out"]["choices"][0]["token_ids"] == reference(D, again, 8)
     assert _recv_count(D) == recv + 1
 
 
-def test_producer_killed_mid_gloo_transfer(gpair, tok):
+def test_producer_killed_mid_gloo_transfer(gpair, tokenizer):
     """Runs last: it kills this module's producer. D's group fails (peer
     gone, or silent for transfer_timeout_s at most), D recomputes: exact
     output, D back to baseline."""
     P, D = gpair.P, gpair.D
-    prompt = prompt_of(tok, LONG, seed=661)
+    prompt = prompt_of(tokenizer, LONG, seed=661)
     expected = reference(D, prompt, 8)
     recv = _recv_count(D)
     failed = sum(counter(D.url, "vllm:ascend_pd_failed_transfers_total", cause=c)
