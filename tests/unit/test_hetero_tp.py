@@ -376,11 +376,14 @@ def test_consumer_scheduler_accepts_another_tp_size_and_passes_it_on():
     assert r.remote_tp_size == 2
 
 
-def test_transport_without_head_slices_refuses_a_split_cleanly(group_factory):
+def test_transport_without_head_slices_refuses_a_split_cleanly(group_factory, caplog):
     g = group_factory(1, 2, heads=4)
     g.lease()
     g.producers[0][0].transport.head_slices = False  # as llmdatadist declares
-    assert g.pull(timeout=8) == [({"req-d"}, {"req-d"})] * 2
+    with caplog.at_level("WARNING"):
+        assert g.pull(timeout=8) == [({"req-d"}, {"req-d"})] * 2
+    refusals = [r.getMessage() for r in caplog.records if "refused the pull" in r.getMessage()]
+    assert refusals and all("use transport hccl or tcp" in m for m in refusals)
     for _, d_raw, _ in g.consumers:
         assert torch.count_nonzero(d_raw["layer.0"]) == 0
     assert g.pending() == 1  # not pulled: the lease expires or is released

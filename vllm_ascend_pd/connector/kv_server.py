@@ -285,7 +285,7 @@ class KVServer:
         if piece.src is not None and not self.transport.head_slices:
             return (
                 f"transport {self.transport.name} cannot move KV-head slices, which TP "
-                f"{lay.tp_size} -> {req.consumer_tp} needs; use transport tcp"
+                f"{lay.tp_size} -> {req.consumer_tp} needs; use transport hccl or tcp (gloo on the CPU)"
             )
         return frozenset(by_rank), piece.src
 

@@ -303,7 +303,7 @@ class Puller:
         if piece.dst is not None and not self.transport.head_slices:
             raise TransferError(
                 f"transport {self.transport.name} cannot move KV-head slices, which a TP-"
-                f"{job.remote_tp_size} producer needs here; use transport tcp",
+                f"{job.remote_tp_size} producer needs here; use transport hccl or tcp (gloo on the CPU)",
                 "incompatible",
             )
         link = yield from self._link(endpoint)
