@@ -3,7 +3,8 @@ with the reason, wherever torch_npu, two NPUs or vllm-ascend are missing (as
 on the CPU CI). The Ascend CI job runs ``pytest -m npu tests/npu``.
 
 Environment knobs: NPU_TEST_MODEL (default Qwen/Qwen2.5-0.5B-Instruct),
-NPU_TEST_DEVICES (two physical device ids, default "0,1"), NPU_TEST_LOG_DIR.
+NPU_TEST_DEVICES (physical device ids, default "0,1"; three for the
+heterogeneous-TP test), NPU_TEST_LOG_DIR.
 """
 
 from __future__ import annotations

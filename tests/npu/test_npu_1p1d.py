@@ -158,3 +158,54 @@ def test_1p1d_token_exact_on_two_npus(transport, logs, request):
             proxy.wait(15)
         d.stop()
         p.stop()
+
+
+def test_tp2_prefill_to_tp1_decode_over_hccl(logs):
+    """Heterogeneous TP on NPUs: P with TP 2 (one KV head per rank for
+    Qwen2.5-0.5B's 2) and D with TP 1 pulling both halves over hccl and
+    merging them. float32 keeps TP 2's different reduction order below
+    greedy decoding's resolution, so the output must match a TP-1 instance
+    token for token, with every prompt token loaded from P."""
+    if len(DEVICES) < 3:
+        pytest.skip("needs three NPUs: set NPU_TEST_DEVICES to three device ids, e.g. 0,1,2")
+    args = [a if a != "bfloat16" else "float32" for a in NPU_ARGS]
+    s = NpuServer("S32", MODEL, free_port(), args, env={"ASCEND_RT_VISIBLE_DEVICES": DEVICES[2]},
+                  log_path=logs / "S32.log")
+    try:
+        s.start().wait_ready(1200)
+        expected = [completion(s.url, prompt, 16) for prompt in PROMPTS]
+    finally:
+        s.stop()
+    kv = free_kv_port(span=8)
+
+    def kv_config(role: str, port: int) -> str:
+        return json.dumps({"kv_connector": "AscendSimpleConnector", "kv_role": role, "kv_port": port,
+                           "kv_buffer_device": "npu",
+                           "kv_connector_extra_config": {"transport": "hccl", "kv_ip": "127.0.0.1"}})
+
+    p_args = [a if a != "uni" else "mp" for a in args] + ["--tensor-parallel-size", "2"]
+    p = NpuServer("P-tp2", MODEL, free_port(), [*p_args, "--kv-transfer-config", kv_config("kv_producer", kv)],
+                  env={"ASCEND_RT_VISIBLE_DEVICES": f"{DEVICES[0]},{DEVICES[1]}"}, log_path=logs / "P-tp2.log")
+    d = NpuServer("D-tp1", MODEL, free_port(), [*args, "--kv-transfer-config", kv_config("kv_consumer", kv + 4)],
+                  env={"ASCEND_RT_VISIBLE_DEVICES": DEVICES[2]}, log_path=logs / "D-tp1.log")
+    proxy = None
+    try:
+        p.start()
+        d.start()
+        p.wait_ready(1200)
+        d.wait_ready(1200)
+        proxy_port = free_port()
+        proxy = start_proxy(proxy_port, p.port, d.port, logs / "proxy-tp2.log")
+        url = f"http://127.0.0.1:{proxy_port}"
+        loaded_before = metric(d.url, "vllm:ascend_pd_loaded_tokens_total")
+        got = [completion(url, prompt, 16) for prompt in PROMPTS]
+        assert got == expected
+        loaded = wait_for(lambda: metric(d.url, "vllm:ascend_pd_loaded_tokens_total") - loaded_before)
+        assert loaded == sum(n for _, n in expected)
+        wait_for(lambda: metric(p.url, "vllm:ascend_pd_leases_pending") == 0)
+    finally:
+        if proxy is not None and proxy.poll() is None:
+            os.killpg(proxy.pid, 15)
+            proxy.wait(15)
+        d.stop()
+        p.stop()
