@@ -272,6 +272,34 @@ def test_tp1_to_tp2_lease_waits_for_both_consumer_ranks(group_factory):
     assert leases.pending() == 1 and leases.take_finished() == set()  # rank 1 has not pulled yet
 
 
+def test_abort_after_the_other_consumer_rank_pulled_still_frees_the_producer(group_factory):
+    # TP1 -> TP2: consumer rank 0 pulled its half, then the request is aborted
+    # before rank 1 pulled. Rank 0 reports nothing more; rank 1 must free the
+    # producer's lease although it is not the rank that releases rank 0.
+    g = group_factory(1, 2, heads=4)
+    g.lease()
+    server, leases, _ = g.producers[0]
+    (first, _, _), (second, _, _) = g.consumers
+    spec = RecvSpec("req-d", "127.0.0.1", g.kv_port, TID, "req-p", SRC, DST, 40, remote_tp_size=1)
+    first.submit(spec)
+    deadline = time.monotonic() + 10
+    done: set = set()
+    while not done and time.monotonic() < deadline:
+        first.pump(0.01)
+        server.pump(0.01)
+        done, _ = first.take_results()
+    assert done == {"req-d"} and leases.pending() == 1
+    second.submit(spec)
+    for puller in (first, second):
+        puller.cancel("req-d")
+    assert first.take_results() == (set(), set()) and second.take_results() == ({"req-d"}, set())
+    deadline = time.monotonic() + 5
+    while leases.pending() and time.monotonic() < deadline:
+        second.pump(0.01)
+        server.pump(0.01)
+    assert leases.pending() == 0 and leases.take_finished() == {"req-p"}
+
+
 @pytest.mark.parametrize("transport", ["tcp", "gloo"])
 def test_gqa_replicated_on_consumer(group_factory, transport):
     # 2 KV heads over 4 consumer ranks: ranks 0,1 hold head 0, ranks 2,3 head 1.

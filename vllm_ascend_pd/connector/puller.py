@@ -137,11 +137,17 @@ class Puller:
             self._drop(task.key)  # maybe mid-transfer: that link and stream are void
         self.stats.record_cancelled()
         self._done.add(request_id)
+        # Release every producer rank this rank pulls from, not only the ranks
+        # it is the designated releaser of: another consumer rank may have
+        # finished its own pull before the abort and will release nothing.
         spec = recv.spec
-        self.submit(ReleaseSpec(
+        release = ReleaseSpec(
             request_id, spec.remote_host, spec.remote_port, spec.transfer_id,
             spec.remote_request_id, spec.remote_tp_size,
-        ))
+        )
+        pieces, _ = self._plan(spec.remote_tp_size or self.tp_size)
+        for rank in sorted({p.producer_rank for p in pieces}):
+            self._queue(release, rank, None)
         logger.info("AscendSimpleConnector: request %s aborted; its KV pull stopped", request_id)
 
     def pump(self, budget_s: float) -> bool:
