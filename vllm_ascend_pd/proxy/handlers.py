@@ -120,15 +120,56 @@ class Handlers:
         req = PDRequest(path=request.path, body=body, chat=chat,
                         stream=bool(body.get("stream")), request_id=rid, headers=headers,
                         tokens=estimate_prompt_tokens(body))
+        # Both legs run in one task of their own, which the handler awaits
+        # through a shield: a client that leaves during the prefill leg must
+        # not cancel it (see _serve). Shielding the whole request instead of
+        # the prefill leg alone keeps the prefill -> decode step inside one
+        # task: under load every task hand-off waits a loop iteration, and the
+        # hand-offs of a shielded prefill task (three per request, before the
+        # decode leg could start) were part of the added TTFT
+        # (docs/proxy-benchmark.md).
+        work = asyncio.ensure_future(self._serve(req, request))
         try:
-            req.kv_params = await self._prefill_outliving_client(req)
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if work.done():
+                raise
+            if req.kv_params is None:
+                # Prefill in flight: _serve lets it finish, releases its KV
+                # and does not start the decode leg.
+                req.abandoned = True
+                s.metrics.errors.labels("client_disconnect").inc()
+                logger.info("request %s: client left during prefill; letting it finish "
+                            "to release its KV", rid)
+                s.adopt(work)
+            else:
+                work.cancel()  # the decode leg: _serve counts and logs it
+            raise
+
+    async def _serve(self, req: PDRequest, request: web.Request) -> web.StreamResponse:
+        """Prefill then decode, with the error mapping; the body of :meth:`_run`.
+
+        If the client leaves during the prefill leg (``req.abandoned``), the
+        leg is not cancelled: P may have finished it already, and then only
+        its answer names the lease to free. Cancelling would orphan those
+        blocks until the lease expires (``lease_s``, 120 s by default). A
+        prefill is one forward pass, so finishing it costs little; a leaked
+        lease holds KV memory."""
+        s, rid = self.s, req.request_id
+        try:
+            req.kv_params = await self.pd.prefill(req)
+            if req.abandoned:
+                return web.Response(status=499)  # nobody reads it
             return await self.pd.decode(req, request)
         except UpstreamClientError as err:
             return web.Response(status=err.status, body=err.body or None,
                                 content_type=err.content_type or "application/json",
                                 headers={"X-Request-Id": rid})
         except UpstreamError as err:
-            logger.error("request %s failed: %s", rid, err.message)
+            if req.abandoned:
+                logger.info("request %s (client gone) failed: %s", rid, err.message)
+            else:
+                logger.error("request %s failed: %s", rid, err.message)
             return error_response(err.status, err.message, headers={"X-Request-Id": rid})
         except ClientGone as gone:
             s.metrics.errors.labels("client_disconnect").inc()
@@ -141,31 +182,8 @@ class Handlers:
         finally:
             if req.kv_params is not None and not req.client_started:
                 # Nobody will pull these blocks: free them on the producer now.
-                s.release_kv(req.kv_params, "request ended before decode output")
-
-    async def _prefill_outliving_client(self, req: PDRequest) -> dict:
-        """Run the prefill leg; if the client leaves meanwhile, let the leg
-        finish anyway and release what it leased.
-
-        Cancelling the leg would abort the request on P, but P may have
-        finished it already, and then only its answer names the lease to
-        free: cancelling would orphan those blocks until the lease expires
-        (``lease_s``, 120 s by default). A prefill is one forward pass, so
-        finishing it costs little; a leaked lease holds KV memory."""
-        task = asyncio.ensure_future(self.pd.prefill(req))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            self.s.spawn(self._release_when_prefilled(task, req.request_id))
-            raise
-
-    async def _release_when_prefilled(self, task: asyncio.Future, rid: str) -> None:
-        try:
-            params = await task
-        except Exception:  # noqa: BLE001 - the leg failed: nothing was leased
-            return
-        logger.info("request %s: client left during prefill; releasing its KV", rid)
-        self.s.release_kv(params, "client left during prefill")
+                s.release_kv(req.kv_params, "client left during prefill" if req.abandoned
+                             else "request ended before decode output")
 
     # ------------------------------------------------------------ models
     async def models(self, request: web.Request) -> web.Response:

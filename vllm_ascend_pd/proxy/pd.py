@@ -54,6 +54,9 @@ class PDRequest:
     # Decode output reached (or is being streamed to) the client: from here
     # on there is no failover, and the producer's KV has been consumed.
     client_started: bool = False
+    # The client left during the prefill leg: finish the leg, release its
+    # KV, do not start the decode leg.
+    abandoned: bool = False
 
 
 def _classify(exc: BaseException, leg: str, addr: str, phase: str) -> UpstreamError:

@@ -100,6 +100,12 @@ class ProxyState:
         task.add_done_callback(self._background.discard)
         return task
 
+    def adopt(self, task: asyncio.Task) -> None:
+        """Keep a running task (one whose client left) until it ends, and
+        let shutdown wait for it like spawned work."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def release_kv(self, kv_transfer_params: dict, reason: str) -> asyncio.Task:
         """Tell the producer to free blocks nobody will pull (not awaited)."""
         return self.spawn(self._release(kv_transfer_params, reason))

@@ -57,6 +57,8 @@ async def test_disconnect_during_prefill_finishes_prefill_and_releases_kv(backen
     await wait_for(lambda: state_of(client).inflight == 0)
     assert d.requests == []
     assert state_of(client).registry.instances("prefill")[0].inflight_requests == 0
+    assert state_of(client).metrics.errors.labels("client_disconnect")._value.get() == 1
+    await wait_for(lambda: not state_of(client)._background)  # the leg's task ended
 
 
 async def test_disconnect_during_failing_prefill_releases_nothing(backend, proxy, release):

@@ -155,3 +155,33 @@ async def test_prefill_client_error_is_relayed_not_retried(backend, proxy):
     assert body["error"]["code"] == 400
     assert len(p1.requests) + len(p2.requests) == 1
     assert d.requests == []
+
+
+async def test_decode_leg_starts_in_the_prefill_legs_task(backend, proxy, monkeypatch):
+    """No task hand-off between the legs: under load each hand-off waits a
+    loop iteration, and that wait is added to every request's TTFT
+    (docs/proxy-benchmark.md, "Loop hand-offs")."""
+    import asyncio
+
+    from vllm_ascend_pd.proxy.pd import PDForwarder
+
+    tasks = {}
+    prefill, decode = PDForwarder.prefill, PDForwarder.decode
+
+    async def spy_prefill(self, req):
+        tasks["prefill"] = asyncio.current_task()
+        return await prefill(self, req)
+
+    async def spy_decode(self, req, request):
+        tasks["decode"] = asyncio.current_task()
+        return await decode(self, req, request)
+
+    monkeypatch.setattr(PDForwarder, "prefill", spy_prefill)
+    monkeypatch.setattr(PDForwarder, "decode", spy_decode)
+    p, d = await backend("p"), await backend("d")
+    d.events = sse_events(3)
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+    assert resp.status == 200
+    assert await resp.read() == b"".join(d.events)
+    assert tasks["prefill"] is not None and tasks["prefill"] is tasks["decode"]
