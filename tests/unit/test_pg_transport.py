@@ -145,7 +145,7 @@ def test_random_block_lists_arrive_byte_exact(kind, kv_port):
             for t in cons.cache.tensors:
                 t.zero_()
         assert prod.leases.take_finished() == {"p0", "p1", "p2"}
-        assert len(prod.transport._pairs) == 1 and len(cons.transport._pairs) == 1
+        assert len(prod.transport._groups.pairs) == 1 and len(cons.transport._groups.pairs) == 1
         # Memory stayed within the configured pool on both sides.
         for tr in (prod.transport, cons.transport):
             assert 2 <= tr._bufs.live <= tr.depth == 24576 // tr.chunk_bytes
@@ -169,7 +169,7 @@ def test_two_consumers_pull_from_one_producer_concurrently(kv_port):
         for c, (remote, local) in jobs.items():
             check_blocks(prod.cache, c.cache, remote, local, "kv_tuple")
         # One group per consumer connection, both hosted by the producer's store.
-        assert len(prod.transport._pairs) == 2
+        assert len(prod.transport._groups.pairs) == 2
     finally:
         for x in (c1, c2, prod):
             x.close()
@@ -184,7 +184,7 @@ def test_mismatched_block_count_is_a_protocol_error_and_drops_the_group(kv_port)
         assert drive([prod.server.pump, cons.puller.pump], [cons], 1) == ({"d"}, {"d"})
         assert cons.stats.take()["failures"] == {"protocol": 1}
         assert torch.count_nonzero(cons.cache.tensors[0][[5, 6]]) == 0
-        assert cons.transport._pairs == {}
+        assert cons.transport._groups.pairs == {}
         # The consumer tells the producer, which stops at once (not after its
         # 5 s timeout), ends the lease and drops its side of the group.
         deadline = time.monotonic() + 2
@@ -192,7 +192,7 @@ def test_mismatched_block_count_is_a_protocol_error_and_drops_the_group(kv_port)
             prod.server.pump(0.01)
         assert prod.leases.pending() == 0
         assert prod.stats.take()["failures"] == {"send_consumer_error": 1}
-        assert prod.transport._pairs == {}
+        assert prod.transport._groups.pairs == {}
     finally:
         prod.close()
         cons.close()
@@ -204,12 +204,12 @@ def test_mismatched_block_count_is_a_protocol_error_and_drops_the_group(kv_port)
 def _producer_process(kind: str, kv_port: int, blocks: list[int], die_after_chunks: int, ready) -> None:
     """A producer in its own process that serves one lease and dies (SIGKILL,
     no clean-up) after posting ``die_after_chunks`` chunks."""
-    from vllm_ascend_pd.transport import pg
+    from vllm_ascend_pd.transport import pg_group
 
     prod = Producer(kind, kv_port)
     prod.leases.register("p", tid(1), blocks)
     posted = [0]
-    real_post = pg._Pair.post
+    real_post = pg_group.Pair.post
 
     def post(self, tensor):
         if tensor.numel() > 32:  # a chunk, not the header or the probe
@@ -218,7 +218,7 @@ def _producer_process(kind: str, kv_port: int, blocks: list[int], die_after_chun
                 os.kill(os.getpid(), signal.SIGKILL)
         return real_post(self, tensor)
 
-    pg._Pair.post = post
+    pg_group.Pair.post = post
     ready.set()
     while True:
         prod.server.pump(0.01)
@@ -239,7 +239,7 @@ def test_producer_killed_mid_transfer_fails_fast(kv_port):
         # Far below the 20 s idle timeout: the closed connection is the signal.
         assert time.monotonic() - start < 10
         assert cons.stats.take()["failures"] == {"peer_lost": 1}
-        assert cons.transport._pairs == {}
+        assert cons.transport._groups.pairs == {}
     finally:
         cons.close()
         proc.join(10)
@@ -294,7 +294,7 @@ def test_consumer_killed_mid_transfer_ends_the_send_and_frees_the_lease(kv_port)
         # Not the 20 s idle timeout: the closed connection is the signal.
         assert killed_at is None or ended_at - killed_at < 10
         assert prod.stats.take()["failures"] == {"send_peer_lost": 1}
-        assert prod.transport._pairs == {}
+        assert prod.transport._groups.pairs == {}
     finally:
         prod.close()
         if proc.is_alive():
@@ -432,7 +432,7 @@ def test_hostile_bytes_on_the_group_port_and_gloo_listeners_do_not_hurt(kv_port)
                 prod.server.pump(0.001)
                 cons.puller.pump(0.001)
         pull(2)
-        assert len(prod.transport._pairs) == 1  # the legitimate group survived
+        assert len(prod.transport._groups.pairs) == 1  # the legitimate group survived
     finally:
         prod.close()
         cons.close()
