@@ -285,6 +285,7 @@ class Result:
     two_cpu_s: list[float] = field(default_factory=list)  # P0 + P1 + D
     two_d_cpu_s: list[float] = field(default_factory=list)
     one_d_cpu_s: list[float] = field(default_factory=list)
+    one_scatter_s: list[float] = field(default_factory=list)  # the consumer's staged copies
     two_scatter_s: list[float] = field(default_factory=list)
     ok: bool = True
 
@@ -306,7 +307,7 @@ class Result:
             "socket 1 GB/s": r1, "socket 2 GB/s": r2, "x socket 2/1": r2 / r1,
             "TP1 cpu ms": med(self.one_cpu_s) * 1e3, "TP2 cpu ms": med(self.two_cpu_s) * 1e3,
             "TP1 D cpu ms": med(self.one_d_cpu_s) * 1e3, "TP2 D cpu ms": med(self.two_d_cpu_s) * 1e3,
-            "TP2 scatter ms": med(self.two_scatter_s) * 1e3,
+            "TP1 scatter ms": med(self.one_scatter_s) * 1e3, "TP2 scatter ms": med(self.two_scatter_s) * 1e3,
             "ok": self.ok,
         }
 
@@ -365,6 +366,7 @@ def _pull_one(pr: Procs, res: Result, rnd, nb: int, port: int, rep: int) -> bool
     res.one_s.append(sd["wall_s"])
     res.one_cpu_s.append(sp["cpu_s"] + sd["cpu_s"])
     res.one_d_cpu_s.append(sd["cpu_s"])
+    res.one_scatter_s.append(sd["scatter_s"])
     return True
 
 
@@ -426,7 +428,8 @@ def run_case(pr: Procs, layout: FanLayout, tokens: int, transport: str, chunk_mb
 
 COLS = ["layout", "tokens", "transport", "MiB", "TP1 ms", "TP2 ms", "TP1 GB/s", "TP2 GB/s", "x TP2/TP1",
         "x TP2/TP1 paired", "x TP2/TP1 min", "x TP2/TP1 max", "socket 1 GB/s", "socket 2 GB/s", "x socket 2/1",
-        "TP1 cpu ms", "TP2 cpu ms", "TP1 D cpu ms", "TP2 D cpu ms", "TP2 scatter ms", "ok"]
+        "TP1 cpu ms", "TP2 cpu ms", "TP1 D cpu ms", "TP2 D cpu ms", "TP1 scatter ms",
+        "TP2 scatter ms", "ok"]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -444,7 +447,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--chunk-mb", type=float, default=defaults.chunk_mb)
     ap.add_argument("--pool-mb", type=float, default=defaults.buffer_pool_mb)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=OUT_DIR, help="directory for results-fanin.{md,json}")
+    ap.add_argument("--out", type=Path, default=OUT_DIR, help="directory for results-fanin[-TAG].{md,json}")
+    ap.add_argument("--tag", default="", help="suffix for the output files (repeat runs)")
     args = ap.parse_args(argv)
     if args.quick:
         args.tokens, args.reps = [t for t in args.tokens if t <= 4096] or [4096], 2
@@ -472,10 +476,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "chunk_mb": args.chunk_mb, "pool_mb": args.pool_mb, "reps": args.reps,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results-fanin.json").write_text(json.dumps(
+    stem = "results-fanin" + (f"-{args.tag}" if args.tag else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "rows": rows, "raw": [asdict(r) for r in results]}, indent=1))
     md = markdown(rows)
-    (args.out / "results-fanin.md").write_text(
+    (args.out / f"{stem}.md").write_text(
         f"{header(meta)}, {cores} cores for 4 processes (TP1: 2 busy, TP2: 3 busy), "
         f"chunk {args.chunk_mb} MiB, pool {args.pool_mb} MiB, median of {args.reps}\n\n{md}\n")
     print(md)
