@@ -253,6 +253,7 @@ class Result:
     ttft: list = field(default_factory=list)
     tokens: int = 0
     errors: int = 0
+    error_kinds: dict = field(default_factory=dict)  # "Type: message" -> count
     # CPU seconds in the measured window, by process: client (this one),
     # decode, prefill, relay (proxy/passthrough).
     cpu: dict = field(default_factory=dict)
@@ -338,9 +339,11 @@ async def drive(url: str, target: str, concurrency: int, duration: float,
                                 res.tokens += k
                     if events is not None and n != events:
                         raise RuntimeError(f"{n} events, expected {events}")
-                except Exception:
+                except Exception as e:  # noqa: BLE001 - counted and named
                     if measuring:
                         res.errors += 1
+                        kind = f"{type(e).__name__}: {str(e)[:80]}"
+                        res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
                     await asyncio.sleep(0.01)
                     continue
                 t1 = time.perf_counter()
@@ -583,6 +586,8 @@ def _merge(merged: dict, r: Result, hist: tuple[float, int]) -> Result:
     m.ttft += r.ttft
     m.tokens += r.tokens
     m.errors += r.errors
+    for kind, n in r.error_kinds.items():
+        m.error_kinds[kind] = m.error_kinds.get(kind, 0) + n
     for proc, secs in r.cpu.items():
         m.cpu[proc] = m.cpu.get(proc, 0.0) + secs
     return m

@@ -95,7 +95,7 @@ async def test_tiny_run_covers_both_scenarios_and_floor(bench, tmp_path):
     targets = ("direct", "proxy", "passthrough", "floor")
     assert set(by) == {(ms, t, c) for ms in (1.0, 4.0) for t in targets for c in (1, 3)}
     for key, r in by.items():
-        assert r.errors == 0, key
+        assert r.errors == 0, (key, r.error_kinds)
         assert r.e2e, key
         # errors == 0 also says every request got its 3 token events and
         # [DONE] through every relay; the window saw at least those requests'.
