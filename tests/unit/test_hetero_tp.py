@@ -272,34 +272,6 @@ def test_tp1_to_tp2_lease_waits_for_both_consumer_ranks(group_factory):
     assert leases.pending() == 1 and leases.take_finished() == set()  # rank 1 has not pulled yet
 
 
-@pytest.mark.parametrize("tp_p,tp_c", [(2, 1), (1, 2)])
-def test_tcp_moves_tokens_first_head_slices_without_staging(group_factory, monkeypatch, tp_p, tp_c):
-    # vllm-ascend's (blocks, tokens, heads, dim) layout: a head slice is one
-    # contiguous run per token, sent and received in place, never gathered.
-    from vllm_ascend_pd.transport import tcp
-
-    monkeypatch.setattr(tcp, "MIN_SEGMENT_BYTES", 64)  # this test's runs are 128 bytes
-
-    def forbidden(*a, **k):
-        raise AssertionError("a head slice with contiguous token runs must not be staged")
-
-    monkeypatch.setattr(PagedKVCache, "gather", forbidden)
-    monkeypatch.setattr(PagedKVCache, "scatter", forbidden)
-    g = group_factory(tp_p, tp_c, heads=4, kind="ascend")
-    g.lease()
-    assert g.pull() == [({"req-d"}, set())] * tp_c
-    for c, (_, d_raw, _) in enumerate(g.consumers):
-        for name in g.full:
-            got = as_bhnc(d_raw[name], "ascend")
-            if tp_p == 2:
-                want = [torch.cat(parts, dim=1) for parts in zip(*(as_bhnc(r[name], "ascend") for _, _, r in g.producers))]
-            else:
-                want = [torch.chunk(w, 2, dim=1)[c] for w in as_bhnc(g.producers[0][2][name], "ascend")]
-            for a, b in zip(got, want):
-                assert torch.equal(a[DST], b[SRC])
-    check_all_freed(g)
-
-
 def test_abort_after_the_other_consumer_rank_pulled_still_frees_the_producer(group_factory):
     # TP1 -> TP2: consumer rank 0 pulled its half, then the request is aborted
     # before rank 1 pulled. Rank 0 reports nothing more; rank 1 must free the

@@ -1,12 +1,11 @@
 """``tcp``: KV blocks over a raw TCP stream per consumer connection.
 
 Blocks whose bytes are contiguous in the cache (every CPU layout vLLM and
-vllm-ascend use, head slices of ``[B, H, N, C]`` included), or made of
-strided runs of at least ``MIN_SEGMENT_BYTES`` (a head slice of a
-tokens-first layout), go from the producer's cache to the consumer's with
-no copy in user space: ``sendmsg`` reads them where they lie and
-``recvmsg_into`` writes them where they belong. Anything else (caches on a
-device, smaller runs) is staged through a fixed pool: gathered into a buffer, sent, and
+vllm-ascend use, head slices of ``[B, H, N, C]`` included) go from the
+producer's cache to the consumer's with no copy in user space: ``sendmsg``
+reads them where they lie and ``recvmsg_into`` writes them where they
+belong. Anything else (caches on a device, layouts whose blocks are
+strided) is staged through a fixed pool: gathered into a buffer, sent, and
 scattered on arrival. Both sides stream the same bytes in the same order,
 whichever way each side reads or writes them.
 
@@ -16,7 +15,6 @@ plane, plus ``TransferDone`` when a producer has to give up mid-transfer.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -108,14 +106,16 @@ class TcpTransport(Transport):
 
     # -- layout ------------------------------------------------------------
     def _block_rows(self, i: int, heads: HeadRange | None) -> np.ndarray | None:
-        """Tensor ``i`` (head slice) as bytes ``[block, segment, byte]``
-        sharing the cache's memory, each segment contiguous (one per block
-        when blocks are contiguous; one per token for a head slice of a
-        tokens-first layout); None if that needs segments too small to
-        send one by one, or the cache is on a device."""
+        """Tensor ``i`` (head slice) as a byte matrix, one row per block,
+        sharing the cache's memory; None if a block is not contiguous."""
         key = (i, None if heads is None else (heads.start, heads.stop))
         if key not in self._rows:
-            self._rows[key] = _segments(self.cache.part(i, heads))
+            t = self.cache.part(i, heads)
+            rows = None
+            if t.device.type == "cpu" and t.shape[0] and t[0].numel() and t[0].is_contiguous():
+                flat = t.as_strided((t.shape[0], t[0].numel()), (t.stride(0), 1))
+                rows = flat.view(torch.uint8).numpy()
+            self._rows[key] = rows
         return self._rows[key]
 
     def _staged(self, heads: HeadRange | None) -> bool:
@@ -149,17 +149,13 @@ class TcpTransport(Transport):
         for i in range(len(cache.tensors)):
             rows = self._block_rows(i, heads)
             if rows is not None:
-                whole = rows.shape[1] == 1
-                tight = whole and rows.strides[0] == rows.shape[2]
+                tight = rows.strides[0] == rows.shape[1]
                 for _, block, n in runs:
                     if tight:
                         yield memoryview(rows[block : block + n].reshape(-1))
-                    elif whole:
-                        for b in range(block, block + n):
-                            yield memoryview(rows[b, 0])
                     else:
                         for b in range(block, block + n):
-                            yield from map(memoryview, rows[b])
+                            yield memoryview(rows[b])
                 continue
             assert buf is not None
             idx_all = torch.tensor(block_ids, dtype=torch.long, device=cache.tensors[i].device)
@@ -267,28 +263,6 @@ class TcpTransport(Transport):
             if not ok:
                 self.drop_pair(pair)  # unknown stream position: never reuse it
         return got
-
-
-# Below this, per-buffer syscall overhead costs more than staging's copy.
-MIN_SEGMENT_BYTES = 512
-
-
-def _segments(t: torch.Tensor) -> np.ndarray | None:
-    """``t`` (dim 0 = block) as uint8 ``[block, segment, byte]`` over the
-    same memory, with the fewest segments per block; None if impossible."""
-    if t.device.type != "cpu" or not t.shape[0] or not t[0].numel():
-        return None
-    for d in range(1, t.dim() + 1):
-        outer, inner = math.prod(t.shape[1:d]), math.prod(t.shape[d:])
-        if inner * t.element_size() < MIN_SEGMENT_BYTES:
-            return None
-        try:
-            v = t.view(t.shape[0], outer, inner)
-        except RuntimeError:
-            continue  # these dims do not merge into uniform strides
-        if v.stride(2) == 1:
-            return v.view(torch.uint8).numpy()
-    return None
 
 
 def _chain(first: memoryview, rest: Iterator[Any]) -> Iterator[Any]:
