@@ -46,7 +46,9 @@ def test_ready_progress_and_clean_stop(tmp_path, capsys):
         assert _wait_ready([web], _Stop(), time.monotonic(), timeout_s=60, interval=0.2)
         out = capsys.readouterr().out
         assert "decode-0 ready on http://127.0.0.1:%d after" % port in out and "(1/1 ready)" in out
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10  # the shell forks its grandchild when it gets a CPU
+        while len(group_members(stubborn.pgid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(group_members(stubborn.pgid)) >= 2
     finally:
         killed = stop_all([web, stubborn], timeout_s=2)
