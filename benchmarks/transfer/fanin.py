@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import zmq
 
 from benchmarks.report import header, run_id, table
-from benchmarks.transfer.run import MB, NPU_ONLY, OUT_DIR, Hooks, Pair, _connect, _options, raw_send
+from benchmarks.transfer.run import (
+    MB, NPU_ONLY, OUT_DIR, Hooks, Pair, _connect, _options, pull_until_done, raw_send, serve_until_pulled,
+)
 from vllm_ascend_pd.config import GROUP_PORT_OFFSET, ConnectorConfig
-from vllm_ascend_pd.connector.zmq_links import wait_ready
 from vllm_ascend_pd.transport import TRANSPORTS
 
 
@@ -157,13 +157,7 @@ def producer_main(conn) -> None:
             tid, rid, blocks = arg
             leases.register(rid, tid, blocks)
             c0 = time.process_time()
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                blocked = server.pump(0.02)
-                if rid in leases.take_finished():
-                    break
-                if blocked:
-                    wait_ready([(server.socket, zmq.POLLIN), *server.transport.poll_items()], 0.02)
+            serve_until_pulled(server, leases, rid, spin=False)
             conn.send(("ok", {"cpu_s": time.process_time() - c0}))
         elif cmd == "marks":
             conn.send(("ok", head_marks(cache, arg)))
@@ -205,15 +199,7 @@ def consumer_main(conn) -> None:
             t0 = time.perf_counter()
             puller.submit(RecvSpec("d-" + rid, "127.0.0.1", kv_port, tid, rid, remote, local,
                                    len(local) * cache.block_size, remote_tp_size=remote_tp))
-            failed: set = set()
-            while True:
-                blocked = puller.pump(0.02)
-                done, failed = puller.take_results()
-                if done:
-                    break
-                if blocked:
-                    items = [(s, zmq.POLLIN) for s in puller.sockets()] + puller.transport.poll_items()
-                    wait_ready(items, 0.02)
+            failed = pull_until_done(puller, spin=False)
             wall = time.perf_counter() - t0
             conn.send(("ok", {**Hooks.stop(), "wall_s": wall, "cpu_s": time.process_time() - c0,
                               "failed": bool(failed)}))

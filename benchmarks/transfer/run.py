@@ -175,6 +175,30 @@ def _options(chunk_mb: float, pool_mb: float, group_port: int):
     )
 
 
+def serve_until_pulled(server, leases, rid: str, spin: bool) -> None:
+    """Pump a producer until the lease of ``rid`` ended (at most 300 s);
+    between pumps wait on its sockets unless ``spin``."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        blocked = server.pump(0.02)
+        if rid in leases.take_finished():
+            return
+        if blocked and not spin:
+            wait_ready([(server.socket, zmq.POLLIN), *server.transport.poll_items()], 0.02)
+
+
+def pull_until_done(puller, spin: bool) -> set[str]:
+    """Pump a consumer until its submitted pull reports; returns the failed ids."""
+    while True:
+        blocked = puller.pump(0.02)
+        done, failed = puller.take_results()
+        if done:
+            return failed
+        if blocked and not spin:
+            items = [(s, zmq.POLLIN) for s in puller.sockets()] + puller.transport.poll_items()
+            wait_ready(items, 0.02)
+
+
 def producer_main(conn) -> None:
     from vllm_ascend_pd.connector.kv_server import KVServer
     from vllm_ascend_pd.connector.stats import TransferStats
@@ -211,13 +235,7 @@ def producer_main(conn) -> None:
             leases.register(rid, tid, blocks)
             Hooks.start()
             c0 = time.process_time()
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                blocked = server.pump(0.02)
-                if rid in leases.take_finished():
-                    break
-                if blocked and not SPIN:
-                    wait_ready([(server.socket, zmq.POLLIN), *server.transport.poll_items()], 0.02)
+            serve_until_pulled(server, leases, rid, SPIN)
             conn.send(("ok", {**Hooks.stop(), "cpu_s": time.process_time() - c0, "hwm": _status("VmHWM")}))
         elif cmd == "checksum":
             sums = checksum(cache, arg)
@@ -278,14 +296,7 @@ def consumer_main(conn, rcvhwm: int = 0) -> None:
             c0 = time.process_time()
             t0 = time.perf_counter()
             puller.submit(RecvSpec("d-" + rid, "127.0.0.1", port, tid, rid, remote, local, 0))
-            while True:
-                blocked = puller.pump(0.02)
-                done, failed = puller.take_results()
-                if done:
-                    break
-                if blocked and not SPIN:
-                    items = [(s, zmq.POLLIN) for s in puller.sockets()] + puller.transport.poll_items()
-                    wait_ready(items, 0.02)
+            failed = pull_until_done(puller, SPIN)
             wall = time.perf_counter() - t0
             conn.send(("ok", {**Hooks.stop(), "wall_s": wall, "cpu_s": time.process_time() - c0,
                               "failed": bool(failed), "hwm": _status("VmHWM")}))
