@@ -5,6 +5,7 @@ transport (hccl, llmdatadist)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -111,6 +112,32 @@ def start_proxy(port: int, p_port: int, d_port: int, log: Path) -> subprocess.Po
     raise RuntimeError(f"proxy did not start; see {log}")
 
 
+def npu_kv_config(role: str, kv_port: int, extra: dict) -> str:
+    return json.dumps({"kv_connector": "AscendSimpleConnector", "kv_role": role, "kv_port": kv_port,
+                       "kv_buffer_device": "npu", "kv_connector_extra_config": extra})
+
+
+@contextlib.contextmanager
+def proxied(p: NpuServer, d: NpuServer, proxy_log: Path):
+    """Start P and D together, then a proxy in front of them; yields the
+    proxy's URL and always stops all three."""
+    proxy = None
+    try:
+        p.start()
+        d.start()
+        p.wait_ready(1200)
+        d.wait_ready(1200)
+        proxy_port = free_port()
+        proxy = start_proxy(proxy_port, p.port, d.port, proxy_log)
+        yield f"http://127.0.0.1:{proxy_port}"
+    finally:
+        if proxy is not None and proxy.poll() is None:
+            os.killpg(proxy.pid, 15)
+            proxy.wait(15)
+        d.stop()
+        p.stop()
+
+
 @pytest.mark.parametrize("transport", ["hccl", "llmdatadist"])
 def test_1p1d_token_exact_on_two_npus(transport, logs, request):
     reason = transport_skip_reason(transport)
@@ -123,23 +150,11 @@ def test_1p1d_token_exact_on_two_npus(transport, logs, request):
         extra["prefill_device_ips"] = [device_ip(DEVICES[0])]
         extra["decode_device_ips"] = [device_ip(DEVICES[1])]
 
-    def kv_config(role: str) -> str:
-        return json.dumps({"kv_connector": "AscendSimpleConnector", "kv_role": role, "kv_port": kv,
-                           "kv_buffer_device": "npu", "kv_connector_extra_config": extra})
-
-    p = NpuServer("P", MODEL, free_port(), [*NPU_ARGS, "--kv-transfer-config", kv_config("kv_producer")],
+    p = NpuServer("P", MODEL, free_port(), [*NPU_ARGS, "--kv-transfer-config", npu_kv_config("kv_producer", kv, extra)],
                   env={"ASCEND_RT_VISIBLE_DEVICES": DEVICES[0]}, log_path=logs / f"P-{transport}.log")
-    d = NpuServer("D", MODEL, free_port(), [*NPU_ARGS, "--kv-transfer-config", kv_config("kv_consumer")],
+    d = NpuServer("D", MODEL, free_port(), [*NPU_ARGS, "--kv-transfer-config", npu_kv_config("kv_consumer", kv, extra)],
                   env={"ASCEND_RT_VISIBLE_DEVICES": DEVICES[1]}, log_path=logs / f"D-{transport}.log")
-    proxy = None
-    try:
-        p.start()
-        d.start()
-        p.wait_ready(1200)
-        d.wait_ready(1200)
-        proxy_port = free_port()
-        proxy = start_proxy(proxy_port, p.port, d.port, logs / f"proxy-{transport}.log")
-        url = f"http://127.0.0.1:{proxy_port}"
+    with proxied(p, d, logs / f"proxy-{transport}.log") as url:
         loaded_before = metric(d.url, "vllm:ascend_pd_loaded_tokens_total")
         local_before = local_compute(d.url)
         # One request at a time: the same batch shapes as the reference run.
@@ -152,12 +167,6 @@ def test_1p1d_token_exact_on_two_npus(transport, logs, request):
         if local_before is not None:
             assert local_compute(d.url) - local_before == 0
         wait_for(lambda: metric(p.url, "vllm:ascend_pd_leases_pending") == 0)
-    finally:
-        if proxy is not None and proxy.poll() is None:
-            os.killpg(proxy.pid, 15)
-            proxy.wait(15)
-        d.stop()
-        p.stop()
 
 
 def test_tp2_prefill_to_tp1_decode_over_hccl(logs):
@@ -177,35 +186,16 @@ def test_tp2_prefill_to_tp1_decode_over_hccl(logs):
     finally:
         s.stop()
     kv = free_kv_port(span=8)
-
-    def kv_config(role: str, port: int) -> str:
-        return json.dumps({"kv_connector": "AscendSimpleConnector", "kv_role": role, "kv_port": port,
-                           "kv_buffer_device": "npu",
-                           "kv_connector_extra_config": {"transport": "hccl", "kv_ip": "127.0.0.1"}})
-
+    extra = {"transport": "hccl", "kv_ip": "127.0.0.1"}
     p_args = [a if a != "uni" else "mp" for a in args] + ["--tensor-parallel-size", "2"]
-    p = NpuServer("P-tp2", MODEL, free_port(), [*p_args, "--kv-transfer-config", kv_config("kv_producer", kv)],
+    p = NpuServer("P-tp2", MODEL, free_port(), [*p_args, "--kv-transfer-config", npu_kv_config("kv_producer", kv, extra)],
                   env={"ASCEND_RT_VISIBLE_DEVICES": f"{DEVICES[0]},{DEVICES[1]}"}, log_path=logs / "P-tp2.log")
-    d = NpuServer("D-tp1", MODEL, free_port(), [*args, "--kv-transfer-config", kv_config("kv_consumer", kv + 4)],
+    d = NpuServer("D-tp1", MODEL, free_port(), [*args, "--kv-transfer-config", npu_kv_config("kv_consumer", kv + 4, extra)],
                   env={"ASCEND_RT_VISIBLE_DEVICES": DEVICES[2]}, log_path=logs / "D-tp1.log")
-    proxy = None
-    try:
-        p.start()
-        d.start()
-        p.wait_ready(1200)
-        d.wait_ready(1200)
-        proxy_port = free_port()
-        proxy = start_proxy(proxy_port, p.port, d.port, logs / "proxy-tp2.log")
-        url = f"http://127.0.0.1:{proxy_port}"
+    with proxied(p, d, logs / "proxy-tp2.log") as url:
         loaded_before = metric(d.url, "vllm:ascend_pd_loaded_tokens_total")
         got = [completion(url, prompt, 16) for prompt in PROMPTS]
         assert got == expected
         loaded = wait_for(lambda: metric(d.url, "vllm:ascend_pd_loaded_tokens_total") - loaded_before)
         assert loaded == sum(n for _, n in expected)
         wait_for(lambda: metric(p.url, "vllm:ascend_pd_leases_pending") == 0)
-    finally:
-        if proxy is not None and proxy.poll() is None:
-            os.killpg(proxy.pid, 15)
-            proxy.wait(15)
-        d.stop()
-        p.stop()
