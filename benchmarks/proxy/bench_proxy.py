@@ -11,7 +11,8 @@ Starts, as separate processes on 127.0.0.1:
     relay can go below.
 Then drives each target with 1, 64 and 256 concurrent streaming clients
 (closed loop) in the same run and reports added latency (p50/p99 of
-end-to-end and time-to-first-token) and the throughput ratio. It does so in
+end-to-end, time-to-first-token, and each event's delivery: the fake decode
+stamps every event with its send time) and the throughput ratio. It does so in
 two scenarios, each with its own set of processes: *saturation* (decode
 events ``--token-ms`` apart, 2 ms: the direct path alone fills the cores)
 and *paced* (``--paced-token-ms``, 20 ms: a realistic decode pace).
@@ -25,10 +26,12 @@ Runs in about 9 minutes with the defaults.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import json
 import os
 import platform
+import re
 import resource
 import socket
 import statistics
@@ -59,15 +62,25 @@ def _new_loop_factory():
 
 
 # ---------------------------------------------------------------- backends
-def _event(i: int) -> bytes:
+_SENT = b'"sent":'
+# Every event carries the decode's CLOCK_MONOTONIC send time (one clock for
+# all processes on the machine), so the client can time each event's delivery.
+_SENT_RE = re.compile(rb'"sent":([0-9.]+)')
+
+
+def _event(i: int) -> tuple[bytes, bytes]:
+    """(before, after) the send time of event ``i``."""
     chunk = {"id": "cmpl-bench", "object": "text_completion", "created": 1700000000,
              "model": "bench", "choices": [{"index": 0, "text": f" tok{i}",
-                                            "logprobs": None, "finish_reason": None}]}
-    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+                                            "logprobs": None, "finish_reason": None}],
+             "sent": 0}
+    text = b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+    before, _, after = text.partition(_SENT + b"0")
+    return before + _SENT, after
 
 
 def serve_backend(role: str, port: int, tokens: int, token_ms: float) -> None:
-    events = [_event(i) for i in range(tokens)] + [b"data: [DONE]\n\n"]
+    events = [_event(i) for i in range(tokens)]
     delay = token_ms / 1000.0
     prefill_answer = json.dumps({
         "id": "cmpl-p", "object": "text_completion", "choices": [
@@ -85,9 +98,11 @@ def serve_backend(role: str, port: int, tokens: int, token_ms: float) -> None:
         await request.read()
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for ev in events:
+        for before, after in events:
             await asyncio.sleep(delay)
-            await resp.write(ev)
+            await resp.write(before + b"%.6f" % time.monotonic() + after)
+        await asyncio.sleep(delay)
+        await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
 
@@ -251,6 +266,8 @@ class Result:
     token_ms: float = 0.0  # the scenario: the fake decode's event spacing
     e2e: list = field(default_factory=list)
     ttft: list = field(default_factory=list)
+    # Delivery latency of each event (decode's send to the client's read).
+    event: array.array = field(default_factory=lambda: array.array("d"))
     tokens: int = 0
     errors: int = 0
     error_kinds: dict = field(default_factory=dict)  # "Type: message" -> count
@@ -328,6 +345,7 @@ async def drive(url: str, target: str, concurrency: int, duration: float,
                         if resp.status != 200:
                             raise RuntimeError(f"status {resp.status}")
                         async for chunk in resp.content.iter_any():
+                            now = time.monotonic()
                             if first is None:
                                 first = time.perf_counter()
                             k = chunk.count(b"\n\n")
@@ -337,6 +355,8 @@ async def drive(url: str, target: str, concurrency: int, duration: float,
                             # would lose more of a slower target's events.
                             if t_measure <= loop.time() <= t_end:
                                 res.tokens += k
+                                res.event.extend(now - float(t)
+                                                 for t in _SENT_RE.findall(chunk))
                     if events is not None and n != events:
                         raise RuntimeError(f"{n} events, expected {events}")
                 except Exception as e:  # noqa: BLE001 - counted and named
@@ -449,6 +469,24 @@ def _scenario_section(name: str, token_ms: float, results_by: dict, args) -> lis
             f"{r.pct('ttft', .99):.2f} | " + " | ".join(added) +
             f" | {'' if r.prefill_leg[1] == 0 else f'{r.prefill_leg_ms:.2f}'}"
             f" | {r.errors} |")
+    lines += [
+        "",
+        "### Per-event delivery latency (ms)",
+        "",
+        "Decode's send of each event (its time is in the event) to the client's read "
+        "of it: for a relay, the delay it adds to every token after the first.",
+        "",
+        "| streams | target | events | p50 | p90 | p99 | added p50 | added p90 | "
+        "added p99 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c, target, r, d in _cells(args.concurrency, by, token_ms):
+        qs = (.5, .9, .99)
+        added = ([""] * 3 if d is None else
+                 [f"{r.pct('event', q) - d.pct('event', q):+.2f}" for q in qs])
+        lines.append(f"| {c} | {target} | {len(r.event)} | " +
+                     " | ".join(f"{r.pct('event', q):.2f}" for q in qs) + " | " +
+                     " | ".join(added) + " |")
     lines += [
         "",
         "### Throughput and CPU per streamed event",
@@ -584,6 +622,7 @@ def _merge(merged: dict, r: Result, hist: tuple[float, int]) -> Result:
     m.duration += r.duration
     m.e2e += r.e2e
     m.ttft += r.ttft
+    m.event += r.event
     m.tokens += r.tokens
     m.errors += r.errors
     for kind, n in r.error_kinds.items():
@@ -654,7 +693,8 @@ async def run_scenario(args, token_ms: float) -> list[Result]:
                 lo, hi = r.ratio_spread()
                 print(f"[{token_ms:g} ms] {c:4d} streams {name:11s} e2e p50 "
                       f"{r.pct('e2e', .5):7.2f} ms p99 {r.pct('e2e', .99):7.2f} ms  TTFT p50 "
-                      f"{r.pct('ttft', .5):6.2f} p99 {r.pct('ttft', .99):6.2f} ms  "
+                      f"{r.pct('ttft', .5):6.2f} p99 {r.pct('ttft', .99):6.2f} ms  event p50 "
+                      f"{r.pct('event', .5):5.2f} p99 {r.pct('event', .99):6.2f} ms  "
                       f"{r.throughput:8.0f} events/s (x{lo:.2f}-{hi:.2f})  CPU us/event: "
                       f"relay {r.cpu_us_per_event('relay'):5.1f} total "
                       f"{r.cpu_us_per_event():5.1f}  errors {r.errors}", flush=True)

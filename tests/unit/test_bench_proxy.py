@@ -102,6 +102,11 @@ async def test_tiny_run_covers_both_scenarios_and_floor(bench, tmp_path):
         assert r.tokens >= 4 * len(r.e2e), key
         assert len(r.rounds) == 2, key
         assert "relay" in r.cpu or r.target == "direct", key
+        # Every token event (not [DONE]) carried its send time through the
+        # relay, and was read after it was sent (one machine clock).
+        assert len(r.event) >= 3 * len(r.e2e), key
+        assert len(r.event) < r.tokens, key
+        assert 0 <= min(r.event) < max(r.event) < 5, key
     # The paced decode really is paced: 4 events 4 ms apart take >= 16 ms.
     assert min(by[(4.0, "direct", 1)].e2e) >= 0.016
     args.load_before = args.load_after = "n/a"
@@ -111,4 +116,5 @@ async def test_tiny_run_covers_both_scenarios_and_floor(bench, tmp_path):
     assert sat < paced
     for part in (text[sat:paced], text[paced:]):
         assert part.count("### Relay CPU against the floor") == 1
+        assert part.count("### Per-event delivery latency (ms)") == 1
         assert "| 3 | floor |" in part and "| 3 | proxy |" in part
