@@ -3,52 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import gc
-import logging
-import signal
 import sys
 from typing import Optional, Sequence
 
 from vllm_ascend_pd.proxy.config import ConfigError, build_parser, config_from_args
 from vllm_ascend_pd.proxy.log import init_logger
+from vllm_ascend_pd.proxy.run import configure_logging, loop_factory, serve
 
 logger = init_logger("vllm_ascend_pd.proxy")
-
-
-async def serve(cfg) -> None:
-    from vllm_ascend_pd.proxy.server import ProxyServer
-
-    server = ProxyServer(cfg)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
-    await server.start()
-    # The relay allocates fast and nearly everything dies with its request,
-    # so the default collector thresholds run it thousands of times a second
-    # (4.5% of the proxy's CPU at 64 streams, 1.2% with these settings;
-    # docs/proxy-benchmark.md). What exists now lives as long as the process
-    # (with vLLM's logger, torch's objects too): keep it out of every scan.
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
-    try:
-        await stop.wait()
-        logger.info("shutdown requested")
-    finally:
-        await server.shutdown()
-
-
-def _loop_factory(use_uvloop: bool):
-    if use_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            return None
-        return uvloop.new_event_loop
-    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -57,20 +19,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg.validate()
     except ConfigError as exc:
         build_parser().error(str(exc))  # exits with status 2
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(
-            level=cfg.log_level.upper(),
-            format="%(levelname)s %(asctime)s [%(name)s] %(message)s")
-    logging.getLogger("vllm_ascend_pd").setLevel(cfg.log_level.upper())
-    with asyncio.Runner(loop_factory=_loop_factory(cfg.uvloop)) as runner:
+    configure_logging(cfg.log_level, "supervisor " if cfg.workers > 1 else "")
+    if cfg.workers > 1:
+        from vllm_ascend_pd.proxy.supervisor import Supervisor
+
+        return Supervisor(cfg).run()
+    with asyncio.Runner(loop_factory=loop_factory(cfg.uvloop)) as runner:
         try:
             runner.run(serve(cfg))
         except ConfigError as exc:
             logger.error("%s", exc)
             return 2
         except OSError as exc:
-            logger.error("cannot start the proxy: %s", exc)
+            logger.error("cannot start the proxy: %s (is --port %d free?)", exc, cfg.port)
             return 1
     return 0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from aiohttp import web
 
@@ -14,22 +14,28 @@ from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.registration import RegistrationListener
 from vllm_ascend_pd.proxy.state import ProxyState, ReleaseFn
 
+if TYPE_CHECKING:
+    from vllm_ascend_pd.proxy.worker import WorkerContext
+
 logger = init_logger(__name__)
 
 STATE_KEY = web.AppKey("pd_proxy_state", ProxyState)
 
 
 def create_app(cfg: ProxyConfig, *, release_transfer: Optional[ReleaseFn] = None,
-               rng: Optional[random.Random] = None) -> web.Application:
+               rng: Optional[random.Random] = None,
+               worker: Optional["WorkerContext"] = None) -> web.Application:
     """Build the proxy application.
 
     ``release_transfer`` replaces ``vllm_ascend_pd.kvclient.release_transfer``
     (tests inject a fake); ``rng`` seeds the tie-breaking of the balancer.
     Background work (health checks, registration) starts in ``on_startup``
-    and stops in ``on_cleanup``.
+    and stops in ``on_cleanup``.  ``worker``: this app is one worker of a
+    multi-worker proxy (proxy/worker.py); membership then comes from the
+    supervisor instead of a registration socket of its own.
     """
     cfg.validate()
-    state = ProxyState(cfg, release_transfer=release_transfer, rng=rng)
+    state = ProxyState(cfg, release_transfer=release_transfer, rng=rng, worker=worker)
     handlers = Handlers(state)
     # Body limit enforced by the handler with a JSON 413; aiohttp's own limit
     # sits just above it so that chunked bodies cannot grow without bound.
@@ -57,7 +63,14 @@ async def _on_startup(app: web.Application) -> None:
     state.health = HealthChecker(state.registry, state.clients,
                                  interval=cfg.health_interval, timeout=cfg.health_timeout)
     state.health.start()
-    if cfg.register_port is not None:
+    if state.worker is not None:
+        from vllm_ascend_pd.proxy.link import SupervisorLink
+
+        state.link = SupervisorLink(
+            state.registry, control=state.worker.control, updates=state.worker.updates,
+            on_added=state.on_instance_added, on_removed=state.on_instance_removed)
+        await state.link.start()
+    elif cfg.register_port is not None:
         state.registration = RegistrationListener(
             state.registry, host=cfg.register_host, port=cfg.register_port,
             ttl=cfg.heartbeat_ttl, on_added=state.on_instance_added,
@@ -69,6 +82,8 @@ async def _on_startup(app: web.Application) -> None:
 
 async def _on_cleanup(app: web.Application) -> None:
     state = app[STATE_KEY]
+    if state.link is not None:
+        await state.link.stop()
     if state.registration is not None:
         await state.registration.stop()
     if state.health is not None:

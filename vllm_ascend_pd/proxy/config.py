@@ -117,6 +117,9 @@ class ProxyConfig:
     access_log: bool = False
     log_level: str = "INFO"
     uvloop: bool = True
+    # Serving processes sharing the listening socket (proxy/supervisor.py).
+    # 1: one process, no supervisor.
+    workers: int = 1
 
     def validate(self) -> "ProxyConfig":
         """Check every field; normalise addresses.  Returns self."""
@@ -167,6 +170,11 @@ class ProxyConfig:
         check(self.prefill_attempts >= 1, "--prefill-attempts must be >= 1")
         check(self.decode_attempts >= 1, "--decode-attempts must be >= 1")
         check(self.max_inflight >= 1, "--max-inflight must be >= 1")
+        check(self.workers >= 1, "--workers must be >= 1 (1 runs a single process)")
+        check(self.workers <= 1 or self.max_inflight >= self.workers,
+              f"--max-inflight ({self.max_inflight}) is split between the workers, so it "
+              f"must be >= --workers ({self.workers}): raise --max-inflight or lower "
+              "--workers")
         check(self.retry_after >= 0, "--retry-after must be >= 0")
         check(self.max_body_bytes >= 1024, "--max-body-bytes must be >= 1024")
         check(self.drain_timeout >= 0, "--drain-timeout must be >= 0")
@@ -183,6 +191,13 @@ class ProxyConfig:
 
     def replace(self, **changes) -> "ProxyConfig":
         return dataclasses.replace(self, **changes)
+
+    def inflight_share(self, index: int) -> int:
+        """Worker ``index``'s part of ``max_inflight``: the quotient, one more
+        for the first ``max_inflight % workers`` workers, so the shares add
+        up to exactly ``max_inflight``."""
+        base, extra = divmod(self.max_inflight, self.workers)
+        return base + (1 if index < extra else 0)
 
 
 class _Extend(argparse.Action):
@@ -210,7 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=d.model,
                    help="served model name; other names get 404")
     g.add_argument("--max-inflight", type=int, default=d.max_inflight,
-                   help="concurrent requests before answering 503")
+                   help="concurrent requests before answering 503 (in total: with "
+                        "--workers N each worker admits its share)")
+    g.add_argument("--workers", type=int, default=d.workers,
+                   help="serving processes sharing the port, for more than one core "
+                        "of relaying; 1 runs a single process")
     g.add_argument("--retry-after", type=int, default=d.retry_after,
                    help="Retry-After seconds sent with 503")
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,

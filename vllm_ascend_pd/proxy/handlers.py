@@ -16,6 +16,7 @@ from vllm_ascend_pd.proxy.codec import BodyError, RequestBody
 from vllm_ascend_pd.proxy.balancer import estimate_prompt_tokens
 from vllm_ascend_pd.proxy.config import ConfigError, normalize_address
 from vllm_ascend_pd.proxy.errors import UpstreamClientError, UpstreamError, error_response
+from vllm_ascend_pd.proxy.link import SupervisorUnavailable
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.pd import ClientGone, PDForwarder, PDRequest
 from vllm_ascend_pd.proxy.registry import DECODE, PREFILL, ROLES, Health, Source
@@ -68,10 +69,10 @@ class Handlers:
             return error_response(503, "the proxy is shutting down; retry on another "
                                   "replica", headers={"Retry-After": str(cfg.retry_after),
                                                       **rid_hdr})
-        if s.inflight >= cfg.max_inflight:
+        if s.inflight >= s.max_inflight:
             s.metrics.errors.labels("overloaded").inc()
             return error_response(
-                503, f"too many requests in flight ({cfg.max_inflight}); retry later",
+                503, f"too many requests in flight ({s.max_inflight}); retry later",
                 headers={"Retry-After": str(cfg.retry_after), **rid_hdr})
         s.enter()
         try:
@@ -229,13 +230,16 @@ class Handlers:
         body = {
             "policy": self.cfg.policy,
             "model": self.cfg.model,
-            "inflight": s.inflight,
-            "max_inflight": self.cfg.max_inflight,
+            "inflight": s.inflight,  # of this worker
+            "max_inflight": s.max_inflight,  # this worker's share
             "draining": s.draining,
             "uptime": round(time.time() - self._started, 3),
             "healthy": self._healthy_counts(),
             "instances": s.registry.snapshot(),
-            "registration": (s.registration.endpoint if s.registration else None),
+            "registration": (s.registration.endpoint if s.registration
+                             else s.worker.registration if s.worker else None),
+            "worker": {"index": s.worker.index if s.worker else 0, "pid": s.pid,
+                       "count": s.worker.count if s.worker else 1},
         }
         return web.Response(body=codec.dumps(body), content_type="application/json")
 
@@ -288,20 +292,51 @@ class Handlers:
             return target
         role, address = target
         s = self.s
-        inst, created = s.registry.add(role, address, Source.ADMIN)
-        if created:
-            logger.info("admin: added %s instance %s", role, address)
-            if s.health is not None and s.registry.health_checks:
-                await s.health.probe(inst)
+        if s.link is not None:  # a worker: the supervisor owns membership
+            reply = await self._forward("add", role, address)
+            if isinstance(reply, web.Response):
+                return reply
+            created = reply.changed
+            inst = s.registry.get(role, address)
+            if inst is None:  # removed again before this worker caught up
+                return error_response(409, f"{role} instance {address} was removed "
+                                      "concurrently; retry")
+        else:
+            inst, created = s.registry.add(role, address, Source.ADMIN)
+            if created:
+                logger.info("admin: added %s instance %s", role, address)
+        if created and s.health is not None and s.registry.health_checks:
+            await s.health.probe(inst)
         return web.Response(status=201 if created else 200, content_type="application/json",
                             body=codec.dumps({"added": created,
                                               "instance": inst.to_status(time.monotonic())}))
+
+    async def _forward(self, op: str, role: str, address: str):
+        """Have the supervisor apply an admin change; returns its reply once
+        this worker applied the resulting membership, or an error response."""
+        try:
+            reply = await self.s.link.request(op, role, address)
+        except SupervisorUnavailable as exc:
+            return error_response(503, f"{exc}; retry", headers={"Retry-After": "1"})
+        self.s.link.apply(reply.snapshot)
+        return reply
 
     async def admin_remove(self, request: web.Request) -> web.Response:
         target = await self._admin_target(request)
         if isinstance(target, web.Response):
             return target
         role, address = target
+        if self.s.link is not None:  # a worker: the supervisor owns membership
+            inst = self.s.registry.get(role, address)  # its load in this worker
+            reply = await self._forward("remove", role, address)
+            if isinstance(reply, web.Response):
+                return reply
+            if not reply.changed:
+                return error_response(404, f"no {role} instance {address}")
+            # Applying the membership ran on_instance_removed already.
+            return web.Response(content_type="application/json", body=codec.dumps(
+                {"removed": True,
+                 "inflight_requests": inst.inflight_requests if inst is not None else 0}))
         inst = self.s.registry.remove(role, address)
         if inst is None:
             return error_response(404, f"no {role} instance {address}")

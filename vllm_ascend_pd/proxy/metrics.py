@@ -4,6 +4,14 @@ Each application gets its own ``CollectorRegistry`` (no process-global
 state, several proxies can live in one test process).  When
 ``prometheus_client`` is not importable the metrics are no-ops and
 ``/metrics`` says so with a 503.
+
+A worker of a multi-worker proxy (``--workers N``) passes
+``multiprocess_dir`` instead: prometheus_client's multiprocess mode, whose
+files the supervisor created (it set ``PROMETHEUS_MULTIPROC_DIR`` before the
+worker imported prometheus_client).  Any worker's ``/metrics`` then reports
+every worker: counters and histograms summed (also those of workers that
+exited), in-flight gauges summed over live workers, and an instance counts
+as healthy only if every live worker routes to it.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from typing import Callable, Optional
 
 try:
     import prometheus_client as _prom
+    from prometheus_client import multiprocess as _prom_mp
     from prometheus_client.core import GaugeMetricFamily
 except ImportError:  # pragma: no cover - exercised only without the package
     _prom = None
@@ -52,7 +61,9 @@ class ProxyMetrics:
 
     available = _prom is not None
 
-    def __init__(self, instances_fn: Optional[Callable[[], list]] = None):
+    def __init__(self, instances_fn: Optional[Callable[[], list]] = None, *,
+                 multiprocess_dir: Optional[str] = None):
+        self.instance_healthy = self.instance_inflight = None
         if _prom is None:
             noop = _Noop()
             self.registry = None
@@ -60,7 +71,10 @@ class ProxyMetrics:
             self.prefill_latency = self.decode_latency = self.ttft = noop
             self.inflight = noop
             return
-        reg = self.registry = _prom.CollectorRegistry(auto_describe=True)
+        # In multiprocess mode the values live in files; the metric objects
+        # are registered nowhere and a collector reads every worker's files.
+        self.registry = _prom.CollectorRegistry(auto_describe=True)
+        reg = None if multiprocess_dir else self.registry
         self.requests = _prom.Counter(
             PREFIX + "requests", "Client requests by endpoint and final status.",
             ["endpoint", "status"], registry=reg)
@@ -84,18 +98,64 @@ class ProxyMetrics:
             buckets=_LATENCY_BUCKETS, registry=reg)
         self.inflight = _prom.Gauge(
             PREFIX + "inflight_requests", "Client requests being served.",
-            registry=reg)
+            registry=reg, multiprocess_mode="livesum")
         for kind in ERROR_KINDS:  # export zeros so rate() works from the start
             self.errors.labels(kind)
         for leg in ("prefill", "decode"):
             self.failovers.labels(leg)
-        if instances_fn is not None:
+        if multiprocess_dir:
+            # Written on every change (Registry.observer -> observe()).
+            self.instance_healthy = _prom.Gauge(
+                PREFIX + "instance_healthy", _HEALTHY_HELP, ["role", "address"],
+                registry=None, multiprocess_mode="livemin")
+            self.instance_inflight = _prom.Gauge(
+                PREFIX + "instance_inflight_requests", _INFLIGHT_HELP,
+                ["role", "address"], registry=None, multiprocess_mode="livesum")
+            self.registry.register(_MultiprocessCollector(multiprocess_dir, instances_fn))
+        elif instances_fn is not None:
             reg.register(_InstanceCollector(instances_fn))
+
+    def observe(self, inst) -> None:
+        """Write one instance's health and load (multiprocess mode only)."""
+        labels = (inst.role, inst.address)
+        self.instance_healthy.labels(*labels).set(
+            1.0 if inst.health.value == "healthy" else 0.0)
+        self.instance_inflight.labels(*labels).set(inst.inflight_requests)
 
     def exposition(self) -> tuple[bytes, str]:
         if _prom is None:
             raise RuntimeError("prometheus_client is not installed")
         return _prom.generate_latest(self.registry), _prom.CONTENT_TYPE_LATEST
+
+
+_HEALTHY_HELP = "1 if the instance is routable (by every worker)."
+_INFLIGHT_HELP = "Requests outstanding on the instance (all workers)."
+_INSTANCE_FAMILIES = (PREFIX + "instance_healthy", PREFIX + "instance_inflight_requests")
+
+
+class _MultiprocessCollector:
+    """Every worker's metrics from the multiprocess files.
+
+    The files keep every label set a worker ever wrote, so the per-instance
+    families are cut down to the instances this worker knows now (membership
+    is the same in every worker, see proxy/membership.py).
+    """
+
+    def __init__(self, path: str, instances_fn: Optional[Callable[[], list]]):
+        self._files = _prom_mp.MultiProcessCollector(None, path)
+        self._fn = instances_fn or (lambda: [])
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        known = {(i.role, i.address) for i in self._fn()}
+        for family in self._files.collect():
+            if family.name in _INSTANCE_FAMILIES:
+                family.samples = [
+                    smp for smp in family.samples
+                    if (smp.labels.get("role"), smp.labels.get("address")) in known]
+            yield family
 
 
 class _InstanceCollector:

@@ -87,6 +87,9 @@ class Registry:
         # Without active checks, new dynamic instances are trusted at once.
         self.health_checks = health_checks
         self.version = 0  # bumped on membership change
+        # Called with an instance whose health or load changed; set only by
+        # multi-worker proxies, which export these numbers across processes.
+        self.observer: Optional[Callable[[Instance], None]] = None
 
     # -- membership -------------------------------------------------------
     def add(self, role: str, address: str, source: Source, *,
@@ -112,6 +115,8 @@ class Registry:
             inst.ttl = ttl
         if meta:
             inst.meta.update(meta)
+        if created and self.observer is not None:
+            self.observer(inst)
         return inst, created
 
     def remove(self, role: str, address: str) -> Optional[Instance]:
@@ -172,10 +177,14 @@ class Registry:
         inst.inflight_requests += 1
         inst.inflight_tokens += tokens
         inst.requests_total += 1
+        if self.observer is not None:
+            self.observer(inst)
 
     def release(self, inst: Instance, tokens: int) -> None:
         inst.inflight_requests -= 1
         inst.inflight_tokens -= tokens
+        if self.observer is not None:
+            self.observer(inst)
 
     def mark_failure(self, inst: Instance) -> None:
         inst.failures_total += 1
@@ -195,7 +204,11 @@ class Registry:
             inst.health_failures += 1
             if inst.health is Health.UNKNOWN or inst.health_failures >= self.health_failures:
                 inst.health = Health.UNHEALTHY
-        return inst.health if inst.health is not before else None
+        if inst.health is before:
+            return None
+        if self.observer is not None:
+            self.observer(inst)
+        return inst.health
 
     def snapshot(self) -> dict:
         now = self._clock()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+import socket
+from typing import TYPE_CHECKING, Optional
 
 from aiohttp import web
 
@@ -11,6 +12,9 @@ from vllm_ascend_pd.proxy.app import STATE_KEY, create_app
 from vllm_ascend_pd.proxy.config import ProxyConfig
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.state import ReleaseFn
+
+if TYPE_CHECKING:
+    from vllm_ascend_pd.proxy.worker import WorkerContext
 
 logger = init_logger(__name__)
 
@@ -21,14 +25,20 @@ class ProxyServer:
     ``shutdown()`` is what SIGTERM triggers: stop accepting connections,
     answer 503 to anything still arriving, let in-flight requests finish for
     up to ``cfg.drain_timeout`` seconds, then cancel the rest and clean up.
+
+    A worker of a multi-worker proxy passes ``sock``, the listening socket
+    its supervisor bound (shared by all workers), and its ``worker`` context.
     """
 
-    def __init__(self, cfg: ProxyConfig, *, release_transfer: Optional[ReleaseFn] = None):
+    def __init__(self, cfg: ProxyConfig, *, release_transfer: Optional[ReleaseFn] = None,
+                 sock: Optional[socket.socket] = None,
+                 worker: Optional["WorkerContext"] = None):
         self.cfg = cfg
-        self.app = create_app(cfg, release_transfer=release_transfer)
+        self.app = create_app(cfg, release_transfer=release_transfer, worker=worker)
         self.state = self.app[STATE_KEY]
+        self._sock = sock
         self._runner: Optional[web.AppRunner] = None
-        self._site: Optional[web.TCPSite] = None
+        self._site: Optional[web.BaseSite] = None
         self.port: Optional[int] = None
 
     async def start(self) -> None:
@@ -39,8 +49,11 @@ class ProxyServer:
             shutdown_timeout=1.0,
         )
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port,
-                                 backlog=4096, reuse_address=True)
+        if self._sock is not None:
+            self._site = web.SockSite(self._runner, self._sock, backlog=4096)
+        else:
+            self._site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port,
+                                     backlog=4096, reuse_address=True)
         await self._site.start()
         addresses = self._runner.addresses
         self.port = addresses[0][1] if addresses else self.cfg.port

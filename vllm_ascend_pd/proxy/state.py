@@ -6,14 +6,19 @@ import asyncio
 import functools
 import os
 import random
-from typing import Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Awaitable, Callable, Optional
 
 from vllm_ascend_pd.proxy.balancer import Policy, make_policy
 from vllm_ascend_pd.proxy.clients import BackendClients
 from vllm_ascend_pd.proxy.config import ProxyConfig
 from vllm_ascend_pd.proxy.log import init_logger
+from vllm_ascend_pd.proxy.membership import add_static
 from vllm_ascend_pd.proxy.metrics import ProxyMetrics
-from vllm_ascend_pd.proxy.registry import BOTH, DECODE, PREFILL, Instance, Registry, Source
+from vllm_ascend_pd.proxy.registry import DECODE, PREFILL, Instance, Registry
+
+if TYPE_CHECKING:
+    from vllm_ascend_pd.proxy.link import SupervisorLink
+    from vllm_ascend_pd.proxy.worker import WorkerContext
 
 logger = init_logger(__name__)
 
@@ -34,8 +39,15 @@ async def default_release_transfer(kv_transfer_params: dict, *, timeout: float =
 
 class ProxyState:
     def __init__(self, cfg: ProxyConfig, *, release_transfer: Optional[ReleaseFn] = None,
-                 rng: Optional[random.Random] = None):
+                 rng: Optional[random.Random] = None,
+                 worker: Optional["WorkerContext"] = None):
         self.cfg = cfg
+        # One worker of several (proxy/worker.py), or None: the only process.
+        self.worker = worker
+        self.pid = os.getpid()
+        # Admission limit of this process: its share of --max-inflight.
+        self.max_inflight = (cfg.inflight_share(worker.index) if worker is not None
+                             else cfg.max_inflight)
         self.registry = Registry(suspect_cooldown=cfg.suspect_cooldown,
                                  health_failures=cfg.health_failures,
                                  health_checks=cfg.health_interval > 0)
@@ -45,7 +57,11 @@ class ProxyState:
             DECODE: make_policy(cfg.policy, random.Random(rng.random())),
         }
         self.clients = BackendClients(cfg)
-        self.metrics = ProxyMetrics(self.registry.instances)
+        self.metrics = ProxyMetrics(
+            self.registry.instances,
+            multiprocess_dir=worker.metrics_dir if worker is not None else None)
+        if worker is not None:
+            self.registry.observer = self.metrics.observe
         secret = os.environ.get(cfg.kv_secret_env, "") if cfg.kv_secret_env else ""
         self.release_transfer: ReleaseFn = release_transfer or functools.partial(
             default_release_transfer, secret=secret)
@@ -56,12 +72,8 @@ class ProxyState:
         self._background: set[asyncio.Task] = set()
         self.health = None        # HealthChecker, set by the app
         self.registration = None  # RegistrationListener, set by the app
-        for addr in cfg.prefill:
-            self.registry.add(PREFILL, addr, Source.STATIC)
-        for addr in cfg.decode:
-            self.registry.add(DECODE, addr, Source.STATIC)
-        for addr in cfg.both:
-            self.registry.add(BOTH, addr, Source.STATIC)
+        self.link: Optional["SupervisorLink"] = None  # workers only, set by the app
+        add_static(self.registry, cfg)
 
     # -- admission --------------------------------------------------------
     def enter(self) -> None:

@@ -1,0 +1,132 @@
+"""A worker's connection to its supervisor (``--workers N``).
+
+Receives membership snapshots (SUB) and applies them to the worker's
+registry; sends admin changes and snapshot queries (DEALER) and waits for
+the answer.  Runs on the worker's event loop, like everything that touches
+the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Callable, Optional
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from vllm_ascend_pd.proxy import membership
+from vllm_ascend_pd.proxy.log import init_logger
+from vllm_ascend_pd.proxy.membership import ControlReply, ControlRequest, Snapshot
+from vllm_ascend_pd.proxy.registry import Instance, Registry
+
+logger = init_logger(__name__)
+
+
+class SupervisorUnavailable(RuntimeError):
+    """The supervisor did not answer a control request in time."""
+
+
+class SupervisorLink:
+    def __init__(self, registry: Registry, *, control: str, updates: str,
+                 on_added: Callable[[Instance], None],
+                 on_removed: Callable[[Instance], None], timeout: float = 5.0):
+        self._registry = registry
+        self._control, self._updates = control, updates
+        self._on_added, self._on_removed = on_added, on_removed
+        self.timeout = timeout
+        self.seq = 0  # of the newest snapshot applied
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ctx: Optional[zmq.asyncio.Context] = None
+        self._dealer = self._sub = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        """Connect and apply the current membership before serving."""
+        self._ctx = zmq.asyncio.Context()
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.LINGER, 0)
+        self._dealer.connect(self._control)
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(self._updates)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._replies(), name="proxy-link-replies"),
+                       loop.create_task(self._broadcasts(), name="proxy-link-updates")]
+        reply = await self.request("snapshot")
+        self.apply(reply.snapshot)
+
+    def apply(self, snap: Snapshot) -> bool:
+        """Apply ``snap`` unless a newer one was applied.  Equal sequence
+        numbers are applied again: the periodic broadcast refreshes
+        heartbeat ages and metadata without a change of membership."""
+        if snap.seq < self.seq:
+            return False
+        self.seq = snap.seq
+        added, removed = membership.apply_snapshot(self._registry, snap)
+        for inst in removed:
+            logger.info("%s instance %s left the membership", inst.role, inst.address)
+            self._on_removed(inst)
+        for inst in added:
+            logger.info("%s instance %s joined the membership (%s)", inst.role,
+                        inst.address, inst.source.value)
+            self._on_added(inst)
+        return True
+
+    async def request(self, op: str, role: str = "", address: str = "") -> ControlReply:
+        """Send one control request; raises SupervisorUnavailable on timeout."""
+        req = ControlRequest(req_id=next(self._ids), op=op, role=role, address=address)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[req.req_id] = fut
+        try:
+            await self._dealer.send(membership.encode(req))
+            return await asyncio.wait_for(fut, self.timeout)
+        except asyncio.TimeoutError:
+            raise SupervisorUnavailable(
+                f"the proxy supervisor did not answer within {self.timeout:.0f}s") from None
+        finally:
+            self._pending.pop(req.req_id, None)
+
+    async def _replies(self) -> None:
+        while True:
+            data = await self._dealer.recv()
+            try:
+                reply = membership.decode_reply(data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                logger.warning("ignoring a malformed control reply: %s", exc)
+                continue
+            fut = self._pending.get(reply.req_id)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    async def _broadcasts(self) -> None:
+        while True:
+            data = await self._sub.recv()
+            try:
+                snap = membership.decode_snapshot(data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                logger.warning("ignoring a malformed membership snapshot: %s", exc)
+                continue
+            self.apply(snap)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                logger.exception("supervisor link task failed")
+        self._tasks = []
+        for sock in (self._dealer, self._sub):
+            if sock is not None:
+                sock.close(linger=0)
+        self._dealer = self._sub = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
