@@ -121,6 +121,7 @@ class Supervisor:
             logger.error("%s", exc)
             return 1
         self._tmp = tempfile.mkdtemp(prefix="pd-proxy-")
+        logger.info("supervisor state (metrics files, ipc sockets) in %s", self._tmp)
         metrics_dir = os.path.join(self._tmp, "metrics")
         os.mkdir(metrics_dir)
         previous = os.environ.get(PROMETHEUS_DIR_ENV)

@@ -1,0 +1,334 @@
+"""``--workers N``: the real supervisor and worker processes in front of fake
+backends.  Each proxy runs in its own process group (testing.servers.
+ProxyServer); only processes it started are signalled, by PID."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from conftest import free_port, sse_events, wait_for
+from vllm_ascend_pd.announce import Announcement, Announcer
+from vllm_ascend_pd.testing.servers import ProxyServer
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def _request(method: str, url: str, **kw):
+    """One request on a connection of its own (so the kernel may hand it to
+    any worker); returns (status, body bytes)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        async with s.request(method, url, **kw) as resp:
+            return resp.status, await resp.read()
+
+
+async def statuses(url: str, workers: int, timeout: float = 30.0) -> dict[int, dict]:
+    """/status of every worker, by pid: asks over fresh connections, a few at
+    a time, until ``workers`` different pids answered."""
+    found: dict[int, dict] = {}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(found) < workers:
+        assert loop.time() < deadline, f"only workers {sorted(found)} answered"
+        for code, body in await asyncio.gather(
+                *(_request("GET", url + "/status") for _ in range(6)),
+                return_exceptions=False):
+            assert code == 200
+            st = json.loads(body)
+            found[st["worker"]["pid"]] = st
+        if len(found) < workers:
+            await asyncio.sleep(0.05)
+    return found
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples with these labels.  Request counts are summed over
+    status labels: a client that hangs up right after the last event can be
+    counted as 499 by the handler, with either number of workers."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+                seen = True
+    assert seen, f"{name}{labels} not exported"
+    return total
+
+
+async def metrics(url: str) -> str:
+    code, body = await _request("GET", url + "/metrics")
+    assert code == 200
+    return body.decode()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+async def multi(tmp_path):
+    made: list[ProxyServer] = []
+
+    async def start(*args: str, workers: int = 2, healthy: bool = True):
+        px = ProxyServer(free_port(), tmp_path / f"proxy{len(made)}.log",
+                         "--workers", str(workers), "--health-interval", "0", *args)
+        made.append(px)
+        await asyncio.to_thread(px.start, 60, healthy)
+        px.workers = await statuses(px.url, workers)  # every worker serves
+        return px
+
+    yield start
+    for px in made:
+        await asyncio.to_thread(px.stop)
+
+
+def _log(px: ProxyServer) -> str:
+    return Path(px.log).read_text()
+
+
+async def test_serves_on_every_worker_with_exact_bodies(backend, multi):
+    p, d = await backend("p"), await backend("d")
+    d.events = sse_events(6, usage=True)
+    d.event_delay = 0.01
+    px = await multi("--prefill", p.address, "--decode", d.address)
+    assert sorted(st["worker"]["index"] for st in px.workers.values()) == [0, 1]
+    assert {st["worker"]["count"] for st in px.workers.values()} == {2}
+    assert sum(st["max_inflight"] for st in px.workers.values()) == 4096
+    url = px.url + "/v1/completions"
+    streams = [_request("POST", url, json={"prompt": f"s{i}", "stream": True})
+               for i in range(8)]
+    plain = [_request("POST", url, json={"prompt": f"n{i}", "model": "tiny"})
+             for i in range(8)]
+    results = await asyncio.gather(*streams, *plain)
+    for code, body in results[:8]:
+        assert code == 200 and body == b"".join(d.events)
+    for code, body in results[8:]:
+        assert code == 200
+        assert json.loads(body) == d.nonstream_answer({"model": "tiny"})
+    assert len(d.requests) == 16 and len(p.requests) == 16
+    # Both workers together served exactly those, and any worker's /metrics
+    # counts all of them.
+    per_worker = {pid: st["instances"]["decode"][0]["requests_total"]
+                  for pid, st in (await statuses(px.url, 2)).items()}
+    assert sum(per_worker.values()) == 16, per_worker
+    for _ in range(4):
+        text = await metrics(px.url)
+        assert metric(text, "vllm_pd_proxy_requests_total", endpoint="completions") == 16
+        assert metric(text, "vllm_pd_proxy_inflight_requests") == 0
+        assert metric(text, "vllm_pd_proxy_instance_inflight_requests", role="decode") == 0
+        assert metric(text, "vllm_pd_proxy_instance_healthy", role="decode",
+                      address=d.address) == 1
+
+
+async def test_inflight_gauges_sum_over_workers(backend, multi):
+    p, d = await backend("p"), await backend("d")
+    d.stall_after = 1  # streams stay open until the client leaves
+    px = await multi("--prefill", p.address, "--decode", d.address)
+    url = px.url + "/v1/completions"
+    sessions, streams = [], []
+    try:
+        # Open streams until both workers hold at least one.
+        for _ in range(40):
+            s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+            sessions.append(s)
+            resp = await s.post(url, json={"prompt": "x", "stream": True})
+            await resp.content.readuntil(b"\n\n")
+            streams.append(resp)
+            per_worker = [st["inflight"] for st in (await statuses(px.url, 2)).values()]
+            if len(streams) >= 3 and min(per_worker) >= 1:
+                break
+        assert min(per_worker) >= 1 and sum(per_worker) == len(streams), per_worker
+        text = await metrics(px.url)
+        assert metric(text, "vllm_pd_proxy_inflight_requests") == len(streams)
+        assert metric(text, "vllm_pd_proxy_instance_inflight_requests", role="decode",
+                      address=d.address) == len(streams)
+    finally:
+        for resp in streams:
+            resp.close()
+        for s in sessions:
+            await s.close()
+
+    async def drained():
+        text = await metrics(px.url)
+        return metric(text, "vllm_pd_proxy_instance_inflight_requests", role="decode") == 0
+
+    for _ in range(100):
+        if await drained():
+            break
+        await asyncio.sleep(0.05)
+    assert await drained()
+    assert metric(await metrics(px.url), "vllm_pd_proxy_inflight_requests") == 0
+
+
+async def test_admin_change_reaches_every_worker(backend, multi):
+    p, d, d2 = await backend("p"), await backend("d"), await backend("d")
+    px = await multi("--prefill", p.address, "--decode", d.address, "--admin-token", TOKEN)
+    code, body = await _request("POST", px.url + "/admin/instances", headers=AUTH,
+                                json={"role": "decode", "address": d2.address})
+    assert code == 201 and json.loads(body)["added"] is True
+
+    def decodes(st):
+        return sorted((i["address"], i["source"]) for i in st["instances"]["decode"])
+
+    want = sorted([(d.address, "static"), (d2.address, "admin")])
+    for _ in range(50):
+        sts = await statuses(px.url, 2)
+        if all(decodes(st) == want for st in sts.values()):
+            break
+        await asyncio.sleep(0.05)
+    assert [decodes(st) for st in sts.values()] == [want, want]
+    code, body = await _request("DELETE", px.url + "/admin/instances", headers=AUTH,
+                                json={"role": "decode", "address": d.address})
+    assert code == 200 and json.loads(body) == {"removed": True, "inflight_requests": 0}
+    code, body = await _request("DELETE", px.url + "/admin/instances", headers=AUTH,
+                                json={"role": "decode", "address": d.address})
+    assert code == 404
+    for _ in range(50):
+        sts = await statuses(px.url, 2)
+        if all(decodes(st) == [(d2.address, "admin")] for st in sts.values()):
+            break
+        await asyncio.sleep(0.05)
+    assert [decodes(st) for st in sts.values()] == [[(d2.address, "admin")]] * 2
+    for _ in range(6):
+        code, _ = await _request("POST", px.url + "/v1/completions", json={"prompt": "x"})
+        assert code == 200
+    assert len(d.requests) == 0 and len(d2.requests) == 6
+
+
+async def test_announcer_registration_reaches_every_worker(backend, multi):
+    p, d = await backend("p"), await backend("d")
+    rport = free_port()
+    px = await multi("--prefill", p.address, "--register-port", str(rport),
+                     "--heartbeat-ttl", "2", healthy=False)
+    ann = Announcer(f"127.0.0.1:{rport}", Announcement(role="decode", http_address=d.address,
+                                                       engine_id="ed"), interval=0.1)
+    ann.start()
+    try:
+        for _ in range(100):
+            sts = await statuses(px.url, 2)
+            if all([i["address"] for i in st["instances"]["decode"]] == [d.address]
+                   for st in sts.values()):
+                break
+            await asyncio.sleep(0.05)
+        for st in sts.values():
+            [inst] = st["instances"]["decode"]
+            assert inst["source"] == "registered" and inst["meta"]["engine_id"] == "ed"
+            assert st["registration"] == f"tcp://127.0.0.1:{rport}"
+        for _ in range(4):
+            code, _ = await _request("POST", px.url + "/v1/completions", json={"prompt": "x"})
+            assert code == 200
+        assert len(d.requests) == 4
+    finally:
+        ann.stop()
+    for _ in range(100):  # the "leaving" message removes it everywhere
+        sts = await statuses(px.url, 2)
+        if all(st["instances"]["decode"] == [] for st in sts.values()):
+            break
+        await asyncio.sleep(0.05)
+    assert [st["instances"]["decode"] for st in sts.values()] == [[], []]
+
+
+async def test_killed_worker_is_restarted(backend, multi):
+    p, d = await backend("p"), await backend("d")
+    px = await multi("--prefill", p.address, "--decode", d.address)
+    for _ in range(5):
+        code, _ = await _request("POST", px.url + "/v1/completions", json={"prompt": "x"})
+        assert code == 200
+    text = await metrics(px.url)
+    assert metric(text, "vllm_pd_proxy_requests_total", endpoint="completions") == 5
+    victim = next(pid for pid, st in px.workers.items() if st["worker"]["index"] == 1)
+    os.kill(victim, signal.SIGKILL)  # a worker of the proxy this test started
+    # The other worker serves meanwhile: the socket stays open in the supervisor.
+    for _ in range(10):
+        code, body = await _request("POST", px.url + "/v1/completions",
+                                    json={"prompt": "x", "stream": True})
+        assert code == 200 and body == b"".join(d.events)
+    for _ in range(200):
+        sts = await statuses(px.url, 2)
+        if victim not in sts and sorted(st["worker"]["index"] for st in sts.values()) == [0, 1]:
+            break
+        await asyncio.sleep(0.05)
+    assert victim not in sts and sorted(st["worker"]["index"] for st in sts.values()) == [0, 1]
+    assert not alive(victim)
+    text = await metrics(px.url)
+    assert metric(text, "vllm_pd_proxy_requests_total", endpoint="completions") == 15
+    assert f"worker 1 (pid {victim}) exited unexpectedly (signal SIGKILL); restarting" \
+        in _log(px)
+    for _ in range(5):
+        code, _ = await _request("POST", px.url + "/v1/completions", json={"prompt": "x"})
+        assert code == 200
+    # The dead worker's requests still count.
+    text = await metrics(px.url)
+    assert metric(text, "vllm_pd_proxy_requests_total", endpoint="completions") == 20
+    assert metric(text, "vllm_pd_proxy_inflight_requests") == 0
+
+
+@pytest.mark.parametrize("target", ["supervisor", "process group"])
+async def test_sigterm_drains_streams_and_exits_clean(backend, multi, target):
+    p, d = await backend("p"), await backend("d")
+    d.events = sse_events(20)
+    d.event_delay = 0.05
+    px = await multi("--prefill", p.address, "--decode", d.address, "--drain-timeout", "10")
+    pids = list(px.workers)
+    tmp = re.search(r"supervisor state \(.*\) in (\S+)", _log(px)).group(1)
+    assert os.path.isdir(tmp)
+    async with aiohttp.ClientSession() as sess:
+        async with sess.post(px.url + "/v1/completions",
+                             json={"prompt": "x", "stream": True}) as resp:
+            first = await resp.content.readuntil(b"\n\n")
+            if target == "supervisor":
+                px.proc.send_signal(signal.SIGTERM)
+            else:
+                px.signal(signal.SIGTERM)
+            rest = await resp.read()
+    assert first + rest == b"".join(d.events)
+    rc = await asyncio.to_thread(px.wait, 20)
+    assert rc == 0, _log(px)
+    assert [pid for pid in pids if alive(pid)] == []
+    assert not os.path.exists(tmp)
+    assert d.completed == 1 and d.cancelled == 0
+    assert "draining 1 in-flight requests" in _log(px)
+
+
+def test_port_clash_names_the_flag(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
+        out = subprocess.run(
+            [sys.executable, "-m", "vllm_ascend_pd.proxy", "--workers", "2", "--host",
+             "127.0.0.1", "--port", str(port), "--prefill", "127.0.0.1:1", "--decode",
+             "127.0.0.1:2"], env=env, capture_output=True, text=True, timeout=60,
+            start_new_session=True)
+    assert out.returncode == 1, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert "choose another --port" in out.stderr
+    assert "worker 0 started" not in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--workers", "3", "--max-inflight", "2"], "--max-inflight (2) is split"),
+])
+def test_workers_flag_validated(capsys, args, message):
+    from vllm_ascend_pd.proxy.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(["--prefill", "a:1", "--decode", "b:2", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
