@@ -60,7 +60,7 @@ class ProxyState:
         self.metrics = ProxyMetrics(
             self.registry.instances,
             multiprocess_dir=worker.metrics_dir if worker is not None else None)
-        if worker is not None:
+        if self.metrics.instance_healthy is not None:  # multiprocess mode
             self.registry.observer = self.metrics.observe
         secret = os.environ.get(cfg.kv_secret_env, "") if cfg.kv_secret_env else ""
         self.release_transfer: ReleaseFn = release_transfer or functools.partial(

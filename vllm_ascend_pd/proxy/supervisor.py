@@ -191,10 +191,7 @@ class Supervisor:
     def _on_exit(self, index: int, proc) -> None:
         asyncio.get_running_loop().remove_reader(proc.sentinel)
         proc.join(5)  # the sentinel fires as it exits; reap it
-        from prometheus_client import multiprocess
-
-        # Its in-flight gauges no longer count; its counters still do.
-        multiprocess.mark_process_dead(proc.pid, self._metrics_dir)
+        _mark_dead(proc.pid, self._metrics_dir)
         if self._procs.get(index) is proc:
             del self._procs[index]
         how = describe_exit(proc.exitcode)
@@ -252,6 +249,15 @@ class Supervisor:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def _mark_dead(pid: int, metrics_dir: str) -> None:
+    """Its in-flight gauges no longer count; its counters still do."""
+    try:
+        from prometheus_client import multiprocess
+    except ImportError:  # the workers' metrics are no-ops then
+        return
+    multiprocess.mark_process_dead(pid, metrics_dir)
 
 
 def _signal(proc, sig: int) -> None:
