@@ -246,16 +246,33 @@ def _loadavg() -> str:
         return "n/a"
 
 
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (Linux /proc), e.g. proxy workers."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        for task in Path(f"/proc/{tree[i]}/task").glob("*"):
+            try:
+                tree += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                pass
+        i += 1
+    return tree
+
+
 def _cpu_seconds(pid: int | None) -> float:
-    """utime + stime of a process (Linux /proc; None = this process), 0 elsewhere."""
+    """utime + stime of a process and its descendants (Linux /proc; None =
+    this process alone), 0 elsewhere."""
     if pid is None:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    total = 0.0
+    for p in _process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 @dataclass
@@ -414,7 +431,14 @@ async def wait_ready(url: str, timeout: float = 30.0) -> None:
 
 # ---------------------------------------------------------------- report
 HANDWRITTEN = "## Reading these numbers"
-TARGETS = ("direct", "proxy", "passthrough", "floor", "baseline")
+def targets(args) -> tuple[str, ...]:
+    """Every target name in report order."""
+    workers = tuple(f"proxy-w{n}" for n in args.proxy_workers)
+    return ("direct", "proxy", *workers, "passthrough", "floor", "baseline")
+
+
+def _is_proxy(target: str) -> bool:
+    return target == "baseline" or target.startswith("proxy")
 
 
 def scenarios(args) -> list[tuple[str, float]]:
@@ -422,12 +446,12 @@ def scenarios(args) -> list[tuple[str, float]]:
     return [("saturation", args.token_ms)] + [("paced", ms) for ms in args.paced_token_ms]
 
 
-def _cells(concurrency, by, token_ms):
+def _cells(args, by, token_ms):
     """(streams, target, result, direct's result or None for direct itself)
     for every measured cell of one scenario, in report order."""
-    for c in concurrency:
+    for c in args.concurrency:
         d = by.get((token_ms, "direct", c))
-        for target in TARGETS:
+        for target in targets(args):
             r = by.get((token_ms, target, c))
             if r is not None:
                 yield c, target, r, (None if target == "direct" else d)
@@ -457,7 +481,7 @@ def _scenario_section(name: str, token_ms: float, results_by: dict, args) -> lis
         "prefill leg (mean) | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c, target, r, d in _cells(args.concurrency, by, token_ms):
+    for c, target, r, d in _cells(args, by, token_ms):
         if d is None:
             added = ["", "", "", ""]
         else:
@@ -480,7 +504,7 @@ def _scenario_section(name: str, token_ms: float, results_by: dict, args) -> lis
         "added p99 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for c, target, r, d in _cells(args.concurrency, by, token_ms):
+    for c, target, r, d in _cells(args, by, token_ms):
         qs = (.5, .9, .99)
         added = ([""] * 3 if d is None else
                  [f"{r.pct('event', q) - d.pct('event', q):+.2f}" for q in qs])
@@ -495,7 +519,7 @@ def _scenario_section(name: str, token_ms: float, results_by: dict, args) -> lis
         "prefill | relay | total | CPU ceiling |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c, target, r, d in _cells(args.concurrency, by, token_ms):
+    for c, target, r, d in _cells(args, by, token_ms):
         if d is None:
             ratio = spread = ceiling = ""
         else:
@@ -591,7 +615,7 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(len(scens), 2, figsize=(10, 4 * len(scens)), squeeze=False)
         for (name, token_ms), (a1, a2) in zip(scens, axes):
-            for target in TARGETS:
+            for target in targets(args):
                 cs = [c for c in args.concurrency if (token_ms, target, c) in by]
                 if not cs:
                     continue
@@ -650,6 +674,12 @@ async def run_scenario(args, token_ms: float) -> list[Result]:
                     "--log-level", "WARNING"]
         procs.append(subprocess.Popen(proxy_cmd(x_port), env=env, cwd=REPO))
         relays = {"proxy": (x_port, procs[-1].pid)}
+        for n in args.proxy_workers:
+            # CPU is counted over the supervisor and all its workers.
+            port = _free_port()
+            procs.append(subprocess.Popen(proxy_cmd(port) + ["--workers", str(n)],
+                                          env=env, cwd=REPO))
+            relays[f"proxy-w{n}"] = (port, procs[-1].pid)
         if not args.no_passthrough:
             procs.append(subprocess.Popen([sys.executable, me, "--serve-passthrough",
                                            str(b_port), str(d_port)], env=env))
@@ -679,7 +709,7 @@ async def run_scenario(args, token_ms: float) -> list[Result]:
                 this_round = {}
                 for name, (url, pids) in (items if rnd % 2 == 0 else items[::-1]):
                     base = url.rsplit("/v1/", 1)[0]
-                    is_proxy = name in ("proxy", "baseline")
+                    is_proxy = _is_proxy(name)
                     h0 = await prefill_histogram(base) if is_proxy else (0.0, 0)
                     r = await drive(url, name, c, args.duration, args.warmup, pids, token_ms,
                                     args.tokens + 1)
@@ -728,6 +758,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=4.0, help="measured s per round")
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--proxy-workers", type=int, nargs="*", default=[], metavar="N",
+                    help="also run the proxy with --workers N as target proxy-wN")
     ap.add_argument("--no-passthrough", action="store_true")
     ap.add_argument("--no-floor", action="store_true")
     ap.add_argument("--baseline", metavar="DIR", help="also run the proxy imported from "

@@ -118,3 +118,32 @@ async def test_tiny_run_covers_both_scenarios_and_floor(bench, tmp_path):
         assert part.count("### Relay CPU against the floor") == 1
         assert part.count("### Per-event delivery latency (ms)") == 1
         assert "| 3 | floor |" in part and "| 3 | proxy |" in part
+
+
+def test_cpu_of_a_relay_counts_its_worker_processes(bench):
+    """A multi-worker proxy's CPU is its supervisor's plus its workers'."""
+    import subprocess
+    import time
+
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n" \
+           "time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys, time\n"
+                               f"c = subprocess.Popen([sys.executable, '-c', {spin!r}])\n"
+                               f"time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            tree = bench._process_tree(parent.pid)
+            if len(tree) == 2 and bench._cpu_seconds(parent.pid) >= 0.6:
+                break
+            time.sleep(0.1)
+        assert len(tree) == 2 and tree[0] == parent.pid
+        child = tree[1]
+        # The parent itself sleeps; what it reports is mostly its child's.
+        assert bench._cpu_seconds(parent.pid) - bench._cpu_seconds(child) < 0.5
+        assert bench._cpu_seconds(parent.pid) >= 0.6
+    finally:
+        for pid in bench._process_tree(parent.pid)[::-1]:
+            os.kill(pid, 9)
+        parent.wait(10)
