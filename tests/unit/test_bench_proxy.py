@@ -89,10 +89,10 @@ async def test_floor_closes_client_when_upstream_is_down(bench):
 async def test_tiny_run_covers_both_scenarios_and_floor(bench, tmp_path):
     args = bench.parse_args(["--concurrency", "1", "3", "--tokens", "3", "--token-ms", "1",
                              "--paced-token-ms", "4", "--duration", "0.25", "--warmup",
-                             "0.05", "--rounds", "2"])
+                             "0.05", "--rounds", "2", "--proxy-workers", "2"])
     results = await bench.run(args)
     by = {(r.token_ms, r.target, r.concurrency): r for r in results}
-    targets = ("direct", "proxy", "passthrough", "floor")
+    targets = ("direct", "proxy", "proxy-w2", "passthrough", "floor")
     assert set(by) == {(ms, t, c) for ms in (1.0, 4.0) for t in targets for c in (1, 3)}
     for key, r in by.items():
         assert r.errors == 0, (key, r.error_kinds)
@@ -118,6 +118,7 @@ async def test_tiny_run_covers_both_scenarios_and_floor(bench, tmp_path):
         assert part.count("### Relay CPU against the floor") == 1
         assert part.count("### Per-event delivery latency (ms)") == 1
         assert "| 3 | floor |" in part and "| 3 | proxy |" in part
+        assert "| 3 | proxy-w2 |" in part
 
 
 def test_cpu_of_a_relay_counts_its_worker_processes(bench):
