@@ -332,3 +332,33 @@ def test_workers_flag_validated(capsys, args, message):
         main(["--prefill", "a:1", "--decode", "b:2", *args])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+async def test_crash_loop_stops_the_proxy(backend, multi):
+    """Workers that keep dying stop everything with a non-zero status."""
+    p, d = await backend("p"), await backend("d")
+    px = await multi("--prefill", p.address, "--decode", d.address)
+    killed: set[int] = set()
+    while len(killed) < 5:  # CRASH_LIMIT
+        assert px.proc.poll() is None, _log(px)
+        sts = await statuses(px.url, 1, timeout=10)
+        for pid in sorted(set(sts) - killed)[:5 - len(killed)]:
+            os.kill(pid, signal.SIGKILL)  # a worker of the proxy this test started
+            killed.add(pid)
+    rc = await asyncio.to_thread(px.wait, 30)
+    assert rc == 1, _log(px)
+    assert "workers died 5 times within 30s: stopping the proxy" in _log(px)
+    assert [pid for pid in killed if alive(pid)] == []
+
+
+async def test_workers_leave_when_the_supervisor_is_killed(backend, multi):
+    p, d = await backend("p"), await backend("d")
+    px = await multi("--prefill", p.address, "--decode", d.address)
+    pids = list(px.workers)
+    px.proc.send_signal(signal.SIGKILL)  # the supervisor this test started
+    await asyncio.to_thread(px.wait, 10)
+    for _ in range(100):
+        if not any(alive(pid) for pid in pids):
+            break
+        await asyncio.sleep(0.1)
+    assert [pid for pid in pids if alive(pid)] == []
