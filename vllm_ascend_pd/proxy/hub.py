@@ -87,7 +87,11 @@ class MembershipHub:
                 logger.warning("ignoring a malformed control request: %s", exc)
                 continue
             seq = self.authority.seq
-            reply = self.authority.handle(req)
+            try:
+                reply = self.authority.handle(req)
+            except ValueError as exc:  # e.g. an unknown role: the worker times out
+                logger.warning("ignoring control request %s: %s", req, exc)
+                continue
             await self._router.send_multipart([ident, membership.encode(reply)])
             if self.authority.seq != seq:
                 self.publish()

@@ -255,3 +255,30 @@ async def test_late_worker_catches_up(backend, hub_and_workers):
     finally:
         await late.close()
     await asyncio.sleep(0)
+
+
+async def test_hub_survives_bad_control_requests(tmp_path):
+    import zmq
+    import zmq.asyncio
+
+    cfg = ProxyConfig(prefill=["127.0.0.1:1"], decode=["127.0.0.1:2"], workers=2)
+    hub = MembershipHub(cfg, control=f"ipc://{tmp_path}/c", updates=f"ipc://{tmp_path}/u")
+    hub.start()
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(hub.control)
+    try:
+        await sock.send(b"\x00garbage")
+        await sock.send(membership.encode(ControlRequest(req_id=1, op="add", role="router",
+                                                         address="a:1")))
+        await sock.send(membership.encode(ControlRequest(req_id=2, op="add", role="decode",
+                                                         address="127.0.0.1:3")))
+        reply = membership.decode_reply(await asyncio.wait_for(sock.recv(), 5))
+        assert reply.req_id == 2 and reply.changed  # the bad ones got no answer
+        assert sorted(m.address for m in reply.snapshot.members) == [
+            "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+    finally:
+        sock.close()
+        ctx.term()
+        await hub.stop()
