@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import TYPE_CHECKING, Optional
 
@@ -12,6 +13,7 @@ from vllm_ascend_pd.proxy.handlers import Handlers
 from vllm_ascend_pd.proxy.health import HealthChecker
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.registration import RegistrationListener
+from vllm_ascend_pd.proxy.registry import Health
 from vllm_ascend_pd.proxy.state import ProxyState, ReleaseFn
 
 if TYPE_CHECKING:
@@ -70,6 +72,12 @@ async def _on_startup(app: web.Application) -> None:
             state.registry, control=state.worker.control, updates=state.worker.updates,
             on_added=state.on_instance_added, on_removed=state.on_instance_removed)
         await state.link.start()
+        # A worker that (re)starts learns registered and admin-added instances
+        # unprobed; probe them before accepting, or it would answer 503 where
+        # its siblings route.
+        if state.registry.health_checks:
+            await asyncio.gather(*(state.health.probe(i) for i in state.registry.instances()
+                                   if i.health is Health.UNKNOWN))
     elif cfg.register_port is not None:
         state.registration = RegistrationListener(
             state.registry, host=cfg.register_host, port=cfg.register_port,

@@ -58,6 +58,7 @@ class FakeBackend:
       abort_after     - drop the TCP connection after this many chunks
       empty_body      - non-stream decode answers 200 with nothing
       healthy         - GET /health answers 200 (else 503)
+      health_delay    - seconds before answering GET /health
     """
 
     def __init__(self, name: str):
@@ -77,6 +78,7 @@ class FakeBackend:
         self.abort_after: Optional[int] = None  # drop the connection after N chunks
         self.empty_body = False
         self.healthy = True
+        self.health_delay = 0.0
         self.requests: list[dict] = []  # {"path", "headers", "body"}
         self.health_probes = 0
         self.cancelled = 0  # handlers cut by the peer closing the connection
@@ -144,6 +146,8 @@ class FakeBackend:
 
     async def _health(self, request: web.Request) -> web.Response:
         self.health_probes += 1
+        if self.health_delay:
+            await asyncio.sleep(self.health_delay)
         return web.Response(status=200 if self.healthy else 503)
 
     async def _models(self, request: web.Request) -> web.Response:

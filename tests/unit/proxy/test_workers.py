@@ -362,3 +362,39 @@ async def test_workers_leave_when_the_supervisor_is_killed(backend, multi):
             break
         await asyncio.sleep(0.1)
     assert [pid for pid in pids if alive(pid)] == []
+
+
+async def test_restarted_worker_probes_members_before_serving(backend, multi):
+    """A worker that replaces a dead one routes to admin-added instances from
+    its first request, even when their health checks are slow."""
+    p, d, d2 = await backend("p"), await backend("d"), await backend("d")
+    px = await multi("--prefill", p.address, "--decode", d.address, "--admin-token", TOKEN,
+                     "--health-interval", "60")
+    code, _ = await _request("POST", px.url + "/admin/instances", headers=AUTH,
+                             json={"role": "decode", "address": d2.address})
+    assert code == 201
+    code, _ = await _request("DELETE", px.url + "/admin/instances", headers=AUTH,
+                             json={"role": "decode", "address": d.address})
+    assert code == 200
+
+    def decodes(st):
+        return [(i["address"], i["health"]) for i in st["instances"]["decode"]]
+
+    for _ in range(100):
+        sts = await statuses(px.url, 2)
+        if all(decodes(st) == [(d2.address, "healthy")] for st in sts.values()):
+            break
+        await asyncio.sleep(0.05)
+    assert [decodes(st) for st in sts.values()] == [[(d2.address, "healthy")]] * 2
+    d2.health_delay = 1.0
+    victim = next(pid for pid, st in sts.items() if st["worker"]["index"] == 1)
+    os.kill(victim, signal.SIGKILL)  # a worker of the proxy this test started
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        code, body = await _request("GET", px.url + "/status")
+        st = json.loads(body)
+        if st["worker"]["index"] == 1 and st["worker"]["pid"] != victim:
+            break  # the new worker's first answer
+        assert loop.time() < deadline, "worker 1 was not restarted"
+    assert decodes(st) == [(d2.address, "healthy")]
