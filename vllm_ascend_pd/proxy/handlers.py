@@ -18,7 +18,7 @@ from vllm_ascend_pd.proxy.config import ConfigError, normalize_address
 from vllm_ascend_pd.proxy.errors import UpstreamClientError, UpstreamError, error_response
 from vllm_ascend_pd.proxy.link import SupervisorUnavailable
 from vllm_ascend_pd.proxy.log import init_logger
-from vllm_ascend_pd.proxy.pd import ClientGone, PDForwarder, PDRequest
+from vllm_ascend_pd.proxy.pd import STREAM_DELIVERED, ClientGone, PDForwarder, PDRequest
 from vllm_ascend_pd.proxy.registry import DECODE, PREFILL, ROLES, Health, Source
 from vllm_ascend_pd.proxy.state import ProxyState
 
@@ -58,6 +58,8 @@ class Handlers:
             status = resp.status
             return resp
         finally:
+            if status == 499 and request.get(STREAM_DELIVERED):
+                status = 200
             s.metrics.requests.labels(endpoint, str(status)).inc()
 
     async def _admit_and_run(self, request: web.Request, chat: bool) -> web.StreamResponse:
@@ -145,6 +147,10 @@ class Handlers:
                 s.adopt(work)
             else:
                 work.cancel()  # the decode leg: _serve counts and logs it
+                # Let it unwind before the request is counted: how it ended
+                # decides the status (a client that left after [DONE] got
+                # its whole answer).
+                await asyncio.wait([work], timeout=5.0)
             raise
 
     async def _serve(self, req: PDRequest, request: web.Request) -> web.StreamResponse:
@@ -177,8 +183,11 @@ class Handlers:
             logger.info("request %s: client disconnected; decode leg cancelled", rid)
             return gone.response
         except asyncio.CancelledError:
-            s.metrics.errors.labels("client_disconnect").inc()
-            logger.info("request %s: client disconnected; in-flight leg cancelled", rid)
+            if request.get(STREAM_DELIVERED):
+                logger.debug("request %s: client left after [DONE]", rid)
+            else:
+                s.metrics.errors.labels("client_disconnect").inc()
+                logger.info("request %s: client disconnected; in-flight leg cancelled", rid)
             raise
         finally:
             if req.kv_params is not None and not req.client_started:

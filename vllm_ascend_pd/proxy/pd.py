@@ -34,6 +34,16 @@ from vllm_ascend_pd.proxy.timeouts import GapWatchdog
 logger = init_logger(__name__)
 
 _SSE = "text/event-stream"
+# Set on the aiohttp request once the client has been sent the stream's
+# terminal ``data: [DONE]`` event: a client that hangs up after it (before
+# D's end of stream) got its whole answer, not a 499.
+STREAM_DELIVERED = (web.RequestKey("vllm_ascend_pd_stream_delivered", bool)
+                    if hasattr(web, "RequestKey")  # aiohttp >= 3.13
+                    else "vllm_ascend_pd_stream_delivered")
+
+
+def _ends_stream(events: bytes) -> bool:
+    return events.rstrip().endswith(b"data: [DONE]")
 
 
 @dataclass
@@ -267,6 +277,7 @@ class PDForwarder:
         readany = resp.content.readany
         take = buf.take
         write = out.write
+        last = first  # the last events the client was sent in full
         try:
             while True:
                 chunk = await readany()
@@ -283,10 +294,13 @@ class PDForwarder:
                         await write(events)
                     except _CLIENT_GONE as exc:
                         raise ClientGone(out) from exc
+                    last = events
                     watchdog.paused = False
                     watchdog.progress()
         except asyncio.CancelledError:
             if not watchdog.claim():
+                if _ends_stream(last):
+                    request[STREAM_DELIVERED] = True
                 raise
             await self._midstream_failure(out, req, inst, asyncio.TimeoutError())
             return out
@@ -295,7 +309,12 @@ class PDForwarder:
             return out
         finally:
             watchdog.close()
-        await _send(out, b"", eof=True)
+        try:
+            await _send(out, b"", eof=True)
+        except ClientGone:
+            if not _ends_stream(last):
+                raise
+            request[STREAM_DELIVERED] = True
         return out
 
     async def _midstream_failure(self, out: web.StreamResponse, req: PDRequest,

@@ -26,6 +26,30 @@ async def test_disconnect_mid_stream_cancels_decode(backend, proxy, release):
     await asyncio.sleep(0.05)
     assert release.calls == []
     assert state_of(client).metrics.errors.labels("client_disconnect")._value.get() == 1
+    assert state_of(client).metrics.requests.labels("completions", "499")._value.get() == 1
+
+
+async def test_client_leaving_after_done_is_a_complete_request(backend, proxy, release):
+    """A client that hangs up once it has [DONE], before D ends its HTTP
+    stream, got its whole answer: a 200, not a client disconnect."""
+    p, d = await backend("p"), await backend("d")
+    d.events = sse_events(2)
+    d.event_delay = 0.5  # D ends its response 0.5 s after sending [DONE]
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+    assert resp.status == 200
+    got = b""
+    while not got.endswith(b"data: [DONE]\n\n"):
+        got += await resp.content.readany()
+    assert got == b"".join(d.events)
+    resp.close()
+    await wait_for(lambda: d.cancelled == 1)  # the proxy saw the hang-up before D's end
+    await wait_for(lambda: state_of(client).inflight == 0)
+    m = state_of(client).metrics
+    assert m.errors.labels("client_disconnect")._value.get() == 0
+    assert m.requests.labels("completions", "200")._value.get() == 1
+    assert m.requests.labels("completions", "499")._value.get() == 0
+    assert release.calls == []
 
 
 async def test_disconnect_between_prefill_and_decode_releases_kv(backend, proxy, release):

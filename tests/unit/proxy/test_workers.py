@@ -53,9 +53,7 @@ async def statuses(url: str, workers: int, timeout: float = 30.0) -> dict[int, d
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples with these labels.  Request counts are summed over
-    status labels: a client that hangs up right after the last event can be
-    counted as 499 by the handler, with either number of workers."""
+    """Sum of the samples with these labels (e.g. over status labels)."""
     total, seen = 0.0, False
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
