@@ -429,6 +429,22 @@ async def wait_ready(url: str, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.1)
 
 
+async def wait_workers(base: str, workers: int, timeout: float = 60.0) -> None:
+    """Until ``workers`` different worker pids answered /status (fresh
+    connections: the kernel hands each to one worker)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{base}: only {len(seen)} of {workers} workers serve")
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True)) as sess:
+            for _ in range(4 * workers):
+                async with sess.get(f"{base}/status") as r:
+                    seen.add((await r.json())["worker"]["pid"])
+        await asyncio.sleep(0.05)
+
+
 # ---------------------------------------------------------------- report
 HANDWRITTEN = "## Reading these numbers"
 def targets(args) -> tuple[str, ...]:
@@ -674,12 +690,14 @@ async def run_scenario(args, token_ms: float) -> list[Result]:
                     "--log-level", "WARNING"]
         procs.append(subprocess.Popen(proxy_cmd(x_port), env=env, cwd=REPO))
         relays = {"proxy": (x_port, procs[-1].pid)}
+        workers: dict[str, int] = {}
         for n in args.proxy_workers:
             # CPU is counted over the supervisor and all its workers.
             port = _free_port()
             procs.append(subprocess.Popen(proxy_cmd(port) + ["--workers", str(n)],
                                           env=env, cwd=REPO))
             relays[f"proxy-w{n}"] = (port, procs[-1].pid)
+            workers[f"proxy-w{n}"] = n
         if not args.no_passthrough:
             procs.append(subprocess.Popen([sys.executable, me, "--serve-passthrough",
                                            str(b_port), str(d_port)], env=env))
@@ -698,6 +716,8 @@ async def run_scenario(args, token_ms: float) -> list[Result]:
         targets = {"direct": (f"http://127.0.0.1:{d_port}/v1/completions", backends)}
         for name, (port, pid) in relays.items():
             await wait_ready(f"http://127.0.0.1:{port}/v1/completions")
+            if name in workers:
+                await wait_workers(f"http://127.0.0.1:{port}", workers[name])
             targets[name] = (f"http://127.0.0.1:{port}/v1/completions",
                              {**backends, "relay": pid})
         merged: dict[tuple[float, str, int], Result] = {}
