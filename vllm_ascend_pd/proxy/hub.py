@@ -23,6 +23,7 @@ from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.membership import Authority
 from vllm_ascend_pd.proxy.registration import RegistrationListener
 from vllm_ascend_pd.proxy.registry import Instance, Registry
+from vllm_ascend_pd.proxy.zmq_tasks import cancel_tasks, close_zmq
 
 logger = init_logger(__name__)
 
@@ -97,22 +98,9 @@ class MembershipHub:
                 self.publish()
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                logger.exception("membership hub task failed")
+        await cancel_tasks(self._tasks, "membership hub")
         self._tasks = []
         if self.registration is not None:
             await self.registration.stop()
-        for sock in (self._router, self._pub):
-            if sock is not None:
-                sock.close(linger=0)
-        self._router = self._pub = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        close_zmq(self._ctx, self._router, self._pub)
+        self._ctx = self._router = self._pub = None

@@ -20,6 +20,7 @@ from vllm_ascend_pd.proxy import membership
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.membership import ControlReply, ControlRequest, Snapshot
 from vllm_ascend_pd.proxy.registry import Instance, Registry
+from vllm_ascend_pd.proxy.zmq_tasks import cancel_tasks, close_zmq
 
 logger = init_logger(__name__)
 
@@ -113,20 +114,7 @@ class SupervisorLink:
             self.apply(snap)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                logger.exception("supervisor link task failed")
+        await cancel_tasks(self._tasks, "supervisor link")
         self._tasks = []
-        for sock in (self._dealer, self._sub):
-            if sock is not None:
-                sock.close(linger=0)
-        self._dealer = self._sub = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        close_zmq(self._ctx, self._dealer, self._sub)
+        self._ctx = self._dealer = self._sub = None

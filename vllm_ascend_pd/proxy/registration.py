@@ -19,6 +19,7 @@ from vllm_ascend_pd.announce import ANNOUNCE_PROTOCOL_VERSION, Announcement, dec
 from vllm_ascend_pd.proxy.config import ConfigError, format_address, normalize_address
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.registry import Instance, Registry, Source
+from vllm_ascend_pd.proxy.zmq_tasks import cancel_tasks, close_zmq
 
 logger = init_logger(__name__)
 
@@ -132,19 +133,7 @@ class RegistrationListener:
         logger.info("dynamic registration listening on %s", self.endpoint)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                logger.exception("registration task failed")
+        await cancel_tasks(self._tasks, "registration")
         self._tasks = []
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        close_zmq(self._ctx, self._sock)
+        self._ctx = self._sock = None
