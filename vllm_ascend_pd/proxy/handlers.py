@@ -250,6 +250,8 @@ class Handlers:
             "worker": {"index": s.worker.index if s.worker else 0, "pid": s.pid,
                        "count": s.worker.count if s.worker else 1},
         }
+        if s.worker is not None and s.metrics.available:
+            body["all_workers"] = s.metrics.all_workers()
         return web.Response(body=codec.dumps(body), content_type="application/json")
 
     async def metrics(self, request: web.Request) -> web.Response:

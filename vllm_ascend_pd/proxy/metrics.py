@@ -64,6 +64,7 @@ class ProxyMetrics:
     def __init__(self, instances_fn: Optional[Callable[[], list]] = None, *,
                  multiprocess_dir: Optional[str] = None):
         self.instance_healthy = self.instance_inflight = None
+        self._files: Optional[_MultiprocessCollector] = None
         if _prom is None:
             noop = _Noop()
             self.registry = None
@@ -111,7 +112,8 @@ class ProxyMetrics:
             self.instance_inflight = _prom.Gauge(
                 PREFIX + "instance_inflight_requests", _INFLIGHT_HELP,
                 ["role", "address"], registry=None, multiprocess_mode="livesum")
-            self.registry.register(_MultiprocessCollector(multiprocess_dir, instances_fn))
+            self._files = _MultiprocessCollector(multiprocess_dir, instances_fn)
+            self.registry.register(self._files)
         elif instances_fn is not None:
             reg.register(_InstanceCollector(instances_fn))
 
@@ -121,6 +123,30 @@ class ProxyMetrics:
         self.instance_healthy.labels(*labels).set(
             1.0 if inst.health.value == "healthy" else 0.0)
         self.instance_inflight.labels(*labels).set(inst.inflight_requests)
+
+    def all_workers(self) -> Optional[dict]:
+        """Multiprocess mode: the load of every live worker, from the metric
+        files (``/status`` otherwise shows only the answering worker's).
+        ``inflight``: client requests; per instance, requests outstanding and
+        whether every live worker routes to it.  None in a single process."""
+        if self._files is None:
+            return None
+        inflight = 0
+        per_instance: dict[tuple[str, str], dict] = {}
+        for family in self._files.collect():
+            for smp in family.samples:
+                if smp.name == PREFIX + "inflight_requests":
+                    inflight += int(smp.value)
+                elif family.name in _INSTANCE_FAMILIES:
+                    key = (smp.labels["role"], smp.labels["address"])
+                    entry = per_instance.setdefault(
+                        key, {"role": key[0], "address": key[1]})
+                    if family.name == PREFIX + "instance_healthy":
+                        entry["healthy"] = smp.value >= 1.0
+                    else:
+                        entry["inflight_requests"] = int(smp.value)
+        return {"inflight": inflight,
+                "instances": [per_instance[k] for k in sorted(per_instance)]}
 
     def exposition(self) -> tuple[bytes, str]:
         if _prom is None:

@@ -104,6 +104,7 @@ async def test_health_and_status(backend, proxy):
     assert pi["address"] == p.address and di["address"] == d.address
     assert pi["health"] == "healthy" and pi["requests_total"] == 1
     assert di["inflight_requests"] == 0 and di["source"] == "static"
+    assert status["worker"]["count"] == 1 and "all_workers" not in status
     state = state_of(client)
     for inst in state.registry.instances("decode"):
         state.registry.record_probe(inst, False)

@@ -155,6 +155,14 @@ async def test_inflight_gauges_sum_over_workers(backend, multi):
         assert metric(text, "vllm_pd_proxy_inflight_requests") == len(streams)
         assert metric(text, "vllm_pd_proxy_instance_inflight_requests", role="decode",
                       address=d.address) == len(streams)
+        # /status is the answering worker's view, plus every worker's load.
+        for st in (await statuses(px.url, 2)).values():
+            assert st["inflight"] < len(streams)
+            assert st["all_workers"] == {"inflight": len(streams), "instances": [
+                {"role": "decode", "address": d.address, "healthy": True,
+                 "inflight_requests": len(streams)},
+                {"role": "prefill", "address": p.address, "healthy": True,
+                 "inflight_requests": 0}]}
     finally:
         for resp in streams:
             resp.close()
