@@ -1,9 +1,10 @@
 """A ``--workers 2`` proxy in front of the cluster's P and D on real vLLM:
 completions and chat, streaming and not, token-exact against the single
-reference instance S, served by both workers."""
+reference instance S, served by both workers; and a reduced soak."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from vllm_ascend_pd.testing.servers import ProxyServer, free_port
+from vllm_ascend_pd.testing.soak import soak
 from tests.e2e.helpers import post, prompt_of, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -115,3 +117,26 @@ def test_workers_proxy_token_exact(cluster, tokenizer, workers_proxy):
     assert set(after) == pids
     assert sum(st["instances"]["decode"][0]["requests_total"] for st in after.values()) \
         == len(jobs)
+
+
+@pytest.mark.slow
+def test_soak_through_workers(cluster, workers_proxy):
+    """The reduced soak of test_soak.py through the --workers 2 proxy: nothing
+    lost, nothing leaked on P or D, sampled answers exact, both workers busy."""
+    before = status_by_pid(workers_proxy.url)
+    report = asyncio.run(soak(
+        workers_proxy.url, [cluster.P.url, cluster.D.url], requests=120, concurrency=48,
+        abort_fraction=0.1, abort_window_s=2.0, reference_url=cluster.S.url,
+        check_fraction=0.15, settle_timeout_s=30, seed=11,
+    ))
+    assert report.lost == 0, report.as_dict()
+    assert report.leaks == {}, report.as_dict()
+    assert report.completed + report.aborted == report.requests
+    assert report.aborted > 0 and report.checked_exact > 0
+    after = status_by_pid(workers_proxy.url)
+    assert set(after) == set(before)
+    served = {pid: st["instances"]["prefill"][0]["requests_total"]
+              - before[pid]["instances"]["prefill"][0]["requests_total"]
+              for pid, st in after.items()}
+    assert all(n > 0 for n in served.values()), served
+    assert after[next(iter(after))]["all_workers"]["inflight"] == 0
