@@ -283,6 +283,9 @@ class Result:
     token_ms: float = 0.0  # the scenario: the fake decode's event spacing
     e2e: list = field(default_factory=list)
     ttft: list = field(default_factory=list)
+    # TTFT less the prefill leg the proxy reports in Server-Timing (same as
+    # ttft for targets without a prefill leg): what the relay itself adds.
+    ttft_np: list = field(default_factory=list)
     # Delivery latency of each event (decode's send to the client's read).
     event: array.array = field(default_factory=lambda: array.array("d"))
     tokens: int = 0
@@ -326,6 +329,15 @@ class Result:
         return data[min(len(data) - 1, int(q * len(data)))] * 1000.0
 
 
+def _prefill_s(server_timing: str | None) -> float:
+    """The prefill leg of a proxied answer, from its Server-Timing header."""
+    for part in (server_timing or "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if name == "prefill":
+            return float(dur) / 1000.0
+    return 0.0
+
+
 async def drive(url: str, target: str, concurrency: int, duration: float,
                 warmup: float, pids: dict | None = None, token_ms: float = 0.0,
                 events: int | None = None) -> Result:
@@ -357,10 +369,12 @@ async def drive(url: str, target: str, concurrency: int, duration: float,
                 measuring = loop.time() >= t_measure
                 first = None
                 n = 0
+                prefill = 0.0
                 try:
                     async with sess.post(url, data=body, headers=headers) as resp:
                         if resp.status != 200:
                             raise RuntimeError(f"status {resp.status}")
+                        prefill = _prefill_s(resp.headers.get("Server-Timing"))
                         async for chunk in resp.content.iter_any():
                             now = time.monotonic()
                             if first is None:
@@ -388,6 +402,7 @@ async def drive(url: str, target: str, concurrency: int, duration: float,
                 if measuring and loop.time() <= t_end:
                     res.e2e.append(t1 - t0)
                     res.ttft.append(first - t0)
+                    res.ttft_np.append(first - t0 - prefill)
         async def cpu_window() -> None:
             if not pids:
                 return
@@ -494,21 +509,22 @@ def _scenario_section(name: str, token_ms: float, results_by: dict, args) -> lis
         "",
         "| streams | target | requests | e2e p50 | e2e p99 | TTFT p50 | TTFT p99 | "
         "added e2e p50 | added e2e p99 | added TTFT p50 | added TTFT p99 | "
-        "prefill leg (mean) | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "prefill leg (mean) | added TTFT − leg p50 | added TTFT − leg p99 | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c, target, r, d in _cells(args, by, token_ms):
         if d is None:
-            added = ["", "", "", ""]
+            added, relay = ["", "", "", ""], ["", ""]
         else:
             added = [f"{r.pct(k, q) - d.pct(k, q):+.2f}"
                      for k, q in (("e2e", .5), ("e2e", .99), ("ttft", .5), ("ttft", .99))]
+            relay = [f"{r.pct('ttft_np', q) - d.pct('ttft', q):+.2f}" for q in (.5, .99)]
         lines.append(
             f"| {c} | {target} | {len(r.e2e)} | {r.pct('e2e', .5):.2f} | "
             f"{r.pct('e2e', .99):.2f} | {r.pct('ttft', .5):.2f} | "
             f"{r.pct('ttft', .99):.2f} | " + " | ".join(added) +
             f" | {'' if r.prefill_leg[1] == 0 else f'{r.prefill_leg_ms:.2f}'}"
-            f" | {r.errors} |")
+            f" | {' | '.join(relay)} | {r.errors} |")
     lines += [
         "",
         "### Per-event delivery latency (ms)",
@@ -603,7 +619,10 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         "counts as an error. *Added* = proxied minus direct, same run. *Prefill leg*: mean of the "
         "proxy's own `vllm_pd_proxy_prefill_latency_seconds` over the cell (warm-up "
         "included): the part of the added TTFT that is the round trip to the prefill "
-        "instance. `passthrough` is a bare aiohttp relay (no prefill leg, no SSE "
+        "instance. *Added TTFT − leg*: each proxied request's TTFT less the prefill "
+        "leg the proxy reports for it in its `Server-Timing` header, percentile minus "
+        "direct's TTFT percentile: what the relay adds besides the prefill round "
+        "trip. `passthrough` is a bare aiohttp relay (no prefill leg, no SSE "
         "framing, no failover): the calibration point of machine-ceilings.md. `floor` "
         "is an asyncio Protocol byte pump (uvloop) that forwards bytes verbatim between "
         "each client connection and its own decode connection, with no HTTP parsing: "
@@ -662,6 +681,7 @@ def _merge(merged: dict, r: Result, hist: tuple[float, int]) -> Result:
     m.duration += r.duration
     m.e2e += r.e2e
     m.ttft += r.ttft
+    m.ttft_np += r.ttft_np
     m.event += r.event
     m.tokens += r.tokens
     m.errors += r.errors

@@ -107,6 +107,11 @@ async def test_tiny_run_covers_both_scenarios_and_floor(bench, tmp_path):
         assert len(r.event) >= 3 * len(r.e2e), key
         assert len(r.event) < r.tokens, key
         assert 0 <= min(r.event) < max(r.event) < 5, key
+        # Proxies report their prefill leg per request (Server-Timing).
+        if r.target.startswith("proxy"):
+            assert all(np < t for np, t in zip(r.ttft_np, r.ttft)), key
+        else:
+            assert r.ttft_np == r.ttft, key
     # The paced decode really is paced: 4 events 4 ms apart take >= 16 ms.
     assert min(by[(4.0, "direct", 1)].e2e) >= 0.016
     args.load_before = args.load_after = "n/a"

@@ -42,6 +42,13 @@ STREAM_DELIVERED = (web.RequestKey("vllm_ascend_pd_stream_delivered", bool)
                     else "vllm_ascend_pd_stream_delivered")
 
 
+def _server_timing(req: "PDRequest") -> str:
+    """Where the time to the first byte went (ms): the prefill leg, then
+    the decode leg up to D's first byte (failover included in each)."""
+    decode = time.perf_counter() - req.prefill_end
+    return f"prefill;dur={req.prefill_s * 1e3:.3f}, decode;dur={decode * 1e3:.3f}"
+
+
 def _ends_stream(events: bytes) -> bool:
     return events.rstrip().endswith(b"data: [DONE]")
 
@@ -57,6 +64,10 @@ class PDRequest:
     headers: CIMultiDict  # outbound headers (auth, request id, content type), both legs
     tokens: int
     started: float = field(default_factory=time.perf_counter)
+    # The prefill leg, failover included: its duration and when it ended
+    # (perf_counter), for the Server-Timing header.
+    prefill_s: float = 0.0
+    prefill_end: float = 0.0
     kv_params: Optional[dict] = None
     # Who prefilled: a kv_both instance is not picked for this request's
     # decode leg while another decode-capable instance is available.
@@ -128,8 +139,12 @@ class PDForwarder:
     async def prefill(self, req: PDRequest) -> dict:
         """Run the prefill leg with failover; returns P's kv_transfer_params."""
         payload = self.prefill_body(req)
-        return await self._with_failover(PREFILL, self.cfg.prefill_attempts,
-                                         lambda i: self._prefill_once(i, req, payload))
+        t0 = time.perf_counter()
+        params = await self._with_failover(PREFILL, self.cfg.prefill_attempts,
+                                           lambda i: self._prefill_once(i, req, payload))
+        req.prefill_end = time.perf_counter()
+        req.prefill_s = req.prefill_end - t0
+        return params
 
     async def _prefill_once(self, inst: Instance, req: PDRequest, payload: bytes) -> dict:
         s = self.s
@@ -218,7 +233,8 @@ class PDForwarder:
                 req.client_started = True
                 out = web.Response(status=resp.status, body=data,
                                    content_type=resp.content_type,
-                                   headers={"X-Request-Id": req.request_id})
+                                   headers={"X-Request-Id": req.request_id,
+                                            "Server-Timing": _server_timing(req)})
                 s.metrics.ttft.observe(time.perf_counter() - req.started)
                 s.metrics.decode_latency.observe(time.perf_counter() - t0)
                 clean = True
@@ -265,6 +281,7 @@ class PDForwarder:
             "Content-Type": resp.headers.get("Content-Type", _SSE),
             "Cache-Control": "no-cache",
             "X-Request-Id": req.request_id,
+            "Server-Timing": _server_timing(req),
         })
         req.client_started = True
         await _send(out, None, request)

@@ -185,3 +185,27 @@ async def test_decode_leg_starts_in_the_prefill_legs_task(backend, proxy, monkey
     assert resp.status == 200
     assert await resp.read() == b"".join(d.events)
     assert tasks["prefill"] is not None and tasks["prefill"] is tasks["decode"]
+
+
+def _server_timing(header: str) -> dict[str, float]:
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+async def test_server_timing_splits_time_to_first_byte(backend, proxy):
+    """Server-Timing names the prefill leg and the decode leg up to D's first
+    byte, streaming and not."""
+    p, d = await backend("p"), await backend("d")
+    p.header_delay = 0.15
+    d.header_delay = 0.1
+    client = await proxy([p], [d])
+    for stream in (False, True):
+        resp = await client.post("/v1/completions", json={"prompt": "x", "stream": stream})
+        assert resp.status == 200
+        await resp.read()
+        timing = _server_timing(resp.headers["Server-Timing"])
+        assert set(timing) == {"prefill", "decode"}
+        assert 150 <= timing["prefill"] < 650 and 100 <= timing["decode"] < 600, timing
