@@ -70,6 +70,7 @@ class ProxyMetrics:
             self.registry = None
             self.requests = self.errors = self.failovers = noop
             self.prefill_latency = self.decode_latency = self.ttft = noop
+            self.decode_first_byte = noop
             self.inflight = noop
             return
         # In multiprocess mode the values live in files; the metric objects
@@ -92,6 +93,10 @@ class ProxyMetrics:
         self.decode_latency = _prom.Histogram(
             PREFIX + "decode_latency_seconds",
             "Decode leg: request sent to last byte relayed.",
+            buckets=_LATENCY_BUCKETS, registry=reg)
+        self.decode_first_byte = _prom.Histogram(
+            PREFIX + "decode_first_byte_seconds",
+            "Decode leg: prefill leg done to D's first byte relayed (failover included).",
             buckets=_LATENCY_BUCKETS, registry=reg)
         self.ttft = _prom.Histogram(
             PREFIX + "ttft_seconds",

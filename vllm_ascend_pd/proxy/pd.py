@@ -42,10 +42,11 @@ STREAM_DELIVERED = (web.RequestKey("vllm_ascend_pd_stream_delivered", bool)
                     else "vllm_ascend_pd_stream_delivered")
 
 
-def _server_timing(req: "PDRequest") -> str:
+def _server_timing(req: "PDRequest", metrics) -> str:
     """Where the time to the first byte went (ms): the prefill leg, then
     the decode leg up to D's first byte (failover included in each)."""
     decode = time.perf_counter() - req.prefill_end
+    metrics.decode_first_byte.observe(decode)
     return f"prefill;dur={req.prefill_s * 1e3:.3f}, decode;dur={decode * 1e3:.3f}"
 
 
@@ -234,7 +235,7 @@ class PDForwarder:
                 out = web.Response(status=resp.status, body=data,
                                    content_type=resp.content_type,
                                    headers={"X-Request-Id": req.request_id,
-                                            "Server-Timing": _server_timing(req)})
+                                            "Server-Timing": _server_timing(req, s.metrics)})
                 s.metrics.ttft.observe(time.perf_counter() - req.started)
                 s.metrics.decode_latency.observe(time.perf_counter() - t0)
                 clean = True
@@ -281,7 +282,7 @@ class PDForwarder:
             "Content-Type": resp.headers.get("Content-Type", _SSE),
             "Cache-Control": "no-cache",
             "X-Request-Id": req.request_id,
-            "Server-Timing": _server_timing(req),
+            "Server-Timing": _server_timing(req, s.metrics),
         })
         req.client_started = True
         await _send(out, None, request)

@@ -131,6 +131,7 @@ async def test_metrics_exposition(backend, proxy):
     assert 'vllm_pd_proxy_errors_total{kind="decode_connect"} 0.0' in lines
     assert "vllm_pd_proxy_prefill_latency_seconds_count 1.0" in lines
     assert "vllm_pd_proxy_decode_latency_seconds_count 1.0" in lines
+    assert "vllm_pd_proxy_decode_first_byte_seconds_count 1.0" in lines
     assert "vllm_pd_proxy_ttft_seconds_count 1.0" in lines
     assert "vllm_pd_proxy_inflight_requests 0.0" in lines
     assert f'vllm_pd_proxy_instance_healthy{{address="{d.address}",role="decode"}} 1.0' \

@@ -7,7 +7,7 @@ import random
 
 from aiohttp import web
 
-from conftest import sse_events
+from conftest import sse_events, state_of
 
 
 async def test_nonstream_completion_bodies_and_headers(backend, proxy):
@@ -209,3 +209,8 @@ async def test_server_timing_splits_time_to_first_byte(backend, proxy):
         timing = _server_timing(resp.headers["Server-Timing"])
         assert set(timing) == {"prefill", "decode"}
         assert 150 <= timing["prefill"] < 650 and 100 <= timing["decode"] < 600, timing
+    # The decode part is also a histogram: one sample per answer, each >= 0.1 s.
+    hist = state_of(client).metrics.decode_first_byte
+    samples = {smp.name: smp.value for metric in hist.collect() for smp in metric.samples}
+    assert samples["vllm_pd_proxy_decode_first_byte_seconds_count"] == 2
+    assert samples["vllm_pd_proxy_decode_first_byte_seconds_sum"] >= 0.2
