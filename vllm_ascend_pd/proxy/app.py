@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from typing import TYPE_CHECKING, Optional
 
@@ -13,7 +12,6 @@ from vllm_ascend_pd.proxy.handlers import Handlers
 from vllm_ascend_pd.proxy.health import HealthChecker
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.registration import RegistrationListener
-from vllm_ascend_pd.proxy.registry import Health
 from vllm_ascend_pd.proxy.state import ProxyState, ReleaseFn
 
 if TYPE_CHECKING:
@@ -62,23 +60,28 @@ async def _on_startup(app: web.Application) -> None:
     cfg = state.cfg
     for inst in state.registry.instances():
         state.clients.session(inst.address)  # open the long-lived sessions now
-    state.health = HealthChecker(state.registry, state.clients,
-                                 interval=cfg.health_interval, timeout=cfg.health_timeout)
-    state.health.start()
+    health = HealthChecker(state.registry, state.clients,
+                           interval=cfg.health_interval, timeout=cfg.health_timeout)
     if state.worker is not None:
         from vllm_ascend_pd.proxy.link import SupervisorLink
 
+        # state.health is still None: the first snapshot's instances are not
+        # probed one by one as they are added, but in the round below.
         state.link = SupervisorLink(
             state.registry, control=state.worker.control, updates=state.worker.updates,
             on_added=state.on_instance_added, on_removed=state.on_instance_removed)
         await state.link.start()
+        state.health = health
         # A worker that (re)starts learns registered and admin-added instances
-        # unprobed; probe them before accepting, or it would answer 503 where
-        # its siblings route.
+        # unprobed: run the first round before accepting, or it would answer
+        # 503 where its siblings route.
         if state.registry.health_checks:
-            await asyncio.gather(*(state.health.probe(i) for i in state.registry.instances()
-                                   if i.health is Health.UNKNOWN))
-    elif cfg.register_port is not None:
+            await health.check_all()
+        health.start(checked=state.registry.health_checks)
+    else:
+        state.health = health
+        health.start()
+    if cfg.register_port is not None and state.worker is None:
         state.registration = RegistrationListener(
             state.registry, host=cfg.register_host, port=cfg.register_port,
             ttl=cfg.heartbeat_ttl, on_added=state.on_instance_added,

@@ -49,14 +49,18 @@ class HealthChecker:
         if insts:
             await asyncio.gather(*(self.probe(i) for i in insts))
 
-    async def _run(self) -> None:
+    async def _run(self, checked: bool) -> None:
         while True:
-            await self.check_all()
+            if not checked:
+                await self.check_all()
+            checked = False
             await asyncio.sleep(self.interval)
 
-    def start(self) -> None:
+    def start(self, *, checked: bool = False) -> None:
+        """Probe every ``interval`` seconds, starting now (or, if the caller
+        has just run :meth:`check_all`, one interval from now)."""
         if self.interval > 0 and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(),
+            self._task = asyncio.get_running_loop().create_task(self._run(checked),
                                                                 name="proxy-health")
 
     async def stop(self) -> None:

@@ -393,6 +393,7 @@ async def test_restarted_worker_probes_members_before_serving(backend, multi):
         await asyncio.sleep(0.05)
     assert [decodes(st) for st in sts.values()] == [[(d2.address, "healthy")]] * 2
     d2.health_delay = 1.0
+    probes = d2.health_probes
     victim = next(pid for pid, st in sts.items() if st["worker"]["index"] == 1)
     os.kill(victim, signal.SIGKILL)  # a worker of the proxy this test started
     loop = asyncio.get_running_loop()
@@ -404,3 +405,5 @@ async def test_restarted_worker_probes_members_before_serving(backend, multi):
             break  # the new worker's first answer
         assert loop.time() < deadline, "worker 1 was not restarted"
     assert decodes(st) == [(d2.address, "healthy")]
+    await asyncio.sleep(1.5)  # a second, unawaited probe would show by now
+    assert d2.health_probes == probes + 1  # one round at start, not one per path
