@@ -16,6 +16,7 @@ as healthy only if every live worker routes to it.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 try:
@@ -173,15 +174,28 @@ class _MultiprocessCollector:
     """
 
     def __init__(self, path: str, instances_fn: Optional[Callable[[], list]]):
-        self._files = _prom_mp.MultiProcessCollector(None, path)
+        self._path = path
         self._fn = instances_fn or (lambda: [])
+
+    def _ready_files(self) -> list[str]:
+        """The metric files, less those a starting worker has created but not
+        yet sized: reading one would fail the whole scrape."""
+        ready = []
+        for entry in os.scandir(self._path):
+            try:
+                if entry.name.endswith(".db") and entry.stat().st_size >= 8:
+                    ready.append(entry.path)
+            except FileNotFoundError:  # an exited worker's live gauges
+                pass
+        return ready
 
     def describe(self):
         return []
 
     def collect(self):
         known = {(i.role, i.address) for i in self._fn()}
-        for family in self._files.collect():
+        for family in _prom_mp.MultiProcessCollector.merge(self._ready_files(),
+                                                           accumulate=True):
             if family.name in _INSTANCE_FAMILIES:
                 family.samples = [
                     smp for smp in family.samples

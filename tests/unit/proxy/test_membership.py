@@ -282,3 +282,15 @@ async def test_hub_survives_bad_control_requests(tmp_path):
         sock.close()
         ctx.term()
         await hub.stop()
+
+
+def test_worker_metrics_skip_a_file_still_being_created(tmp_path):
+    """A starting worker's metric file exists empty for a moment; /metrics
+    and /status of the other workers must not fail on it."""
+    from vllm_ascend_pd.proxy.metrics import ProxyMetrics
+
+    metrics = ProxyMetrics(lambda: [], multiprocess_dir=str(tmp_path))
+    (tmp_path / "gauge_livesum_4242.db").write_bytes(b"")
+    body, _ = metrics.exposition()
+    assert body == b""  # no worker has written a sample yet
+    assert metrics.all_workers() == {"inflight": 0, "instances": []}
