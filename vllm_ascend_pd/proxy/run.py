@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import socket
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from vllm_ascend_pd.proxy.config import ProxyConfig
 from vllm_ascend_pd.proxy.log import init_logger
@@ -53,12 +53,12 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def serve(cfg: ProxyConfig, *, sock: Optional[socket.socket] = None,
+async def serve(cfg: ProxyConfig, *, socks: Sequence[socket.socket] = (),
                 worker: Optional["WorkerContext"] = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain (``ProxyServer.shutdown``)."""
     from vllm_ascend_pd.proxy.server import ProxyServer
 
-    server = ProxyServer(cfg, sock=sock, worker=worker)
+    server = ProxyServer(cfg, socks=socks, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

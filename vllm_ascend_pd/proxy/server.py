@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from aiohttp import web
 
 from vllm_ascend_pd.proxy.app import STATE_KEY, create_app
-from vllm_ascend_pd.proxy.config import ProxyConfig
+from vllm_ascend_pd.proxy.config import ProxyConfig, format_address
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.state import ReleaseFn
 
@@ -26,19 +26,20 @@ class ProxyServer:
     answer 503 to anything still arriving, let in-flight requests finish for
     up to ``cfg.drain_timeout`` seconds, then cancel the rest and clean up.
 
-    A worker of a multi-worker proxy passes ``sock``, the listening socket
-    its supervisor bound (shared by all workers), and its ``worker`` context.
+    A worker of a multi-worker proxy passes ``socks``, the listening sockets
+    its supervisor bound (one per address of ``--host``, shared by all
+    workers), and its ``worker`` context.
     """
 
     def __init__(self, cfg: ProxyConfig, *, release_transfer: Optional[ReleaseFn] = None,
-                 sock: Optional[socket.socket] = None,
+                 socks: Sequence[socket.socket] = (),
                  worker: Optional["WorkerContext"] = None):
         self.cfg = cfg
         self.app = create_app(cfg, release_transfer=release_transfer, worker=worker)
         self.state = self.app[STATE_KEY]
-        self._sock = sock
+        self._socks = list(socks)
         self._runner: Optional[web.AppRunner] = None
-        self._site: Optional[web.BaseSite] = None
+        self._sites: list[web.BaseSite] = []
         self.port: Optional[int] = None
 
     async def start(self) -> None:
@@ -49,22 +50,25 @@ class ProxyServer:
             shutdown_timeout=1.0,
         )
         await self._runner.setup()
-        if self._sock is not None:
-            self._site = web.SockSite(self._runner, self._sock, backlog=4096)
-        else:
-            self._site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port,
-                                     backlog=4096, reuse_address=True)
-        await self._site.start()
+        if self._socks:
+            self._sites = [web.SockSite(self._runner, sock, backlog=4096)
+                           for sock in self._socks]
+        else:  # every address cfg.host resolves to, like the supervisor
+            self._sites = [web.TCPSite(self._runner, self.cfg.host, self.cfg.port,
+                                       backlog=4096, reuse_address=True)]
+        for site in self._sites:
+            await site.start()
         addresses = self._runner.addresses
         self.port = addresses[0][1] if addresses else self.cfg.port
-        logger.info("proxy listening on http://%s:%d", self.cfg.host, self.port)
+        logger.info("proxy listening on %s", ", ".join(
+            "http://" + format_address(*a[:2]) for a in addresses))
 
     async def shutdown(self) -> None:
         state = self.state
         state.draining = True
-        if self._site is not None:
-            await self._site.stop()  # no new connections
-            self._site = None
+        for site in self._sites:
+            await site.stop()  # no new connections
+        self._sites = []
         if state.inflight:
             logger.info("draining %d in-flight requests (up to %.0fs)", state.inflight,
                         self.cfg.drain_timeout)

@@ -4,11 +4,11 @@ The proxy relays every SSE event through Python, about 54 µs of CPU per
 event (docs/proxy-benchmark.md), so one process tops out at one core.  The
 supervisor
 
-* binds the HTTP listening socket itself (a taken ``--port`` fails here, at
-  once) and keeps it open for its whole life, so workers that restart never
-  leave the port unserved;
+* binds the HTTP listening sockets itself, one per address ``--host``
+  resolves to (a taken ``--port`` fails here, at once), and keeps them open
+  for its whole life, so workers that restart never leave the port unserved;
 * starts N worker processes (multiprocessing *spawn*) that all accept on
-  that socket and run the usual application (proxy/worker.py);
+  those sockets and run the usual application (proxy/worker.py);
 * owns dynamic membership: the registration socket and the admin changes
   the workers forward (proxy/hub.py, proxy/membership.py);
 * owns prometheus_client's multiprocess directory, so any worker's
@@ -49,27 +49,55 @@ class ListenError(RuntimeError):
     pass
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """Bind and listen on ``host:port`` (the first address it resolves to)."""
-    where = format_address(host, port)
+def bind_listeners(host: str, port: int) -> list[socket.socket]:
+    """Bind and listen on every address ``host`` resolves to.
+
+    The same addresses the single-process proxy binds (asyncio's
+    ``create_server``): ``localhost`` may be 127.0.0.1 and ::1, an empty
+    host is every interface of each family.  If any of them cannot be bound,
+    the ones already bound are closed and ListenError names the address.
+    """
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ListenError(f"cannot resolve --host {host!r}: {exc}") from None
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
+    # /etc/hosts may list an address twice; binding it twice would clash.
+    unique = dict.fromkeys((family, kind, proto, addr)
+                           for family, kind, proto, _, addr in infos)
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, addr in unique:
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:  # a family this kernel lacks, as asyncio does
+                logger.debug("skipping %s for --host %r: %s", addr, host, exc)
+                continue
+            socks.append(sock)
+            _listen(sock, addr, host)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    if not socks:
+        raise ListenError(f"cannot listen on --host {host!r}: no address it resolves to "
+                          "can be bound")
+    return socks
+
+
+def _listen(sock: socket.socket, addr: tuple, host: str) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
+        if sock.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)
         sock.listen(BACKLOG)
     except OSError as exc:
-        sock.close()
+        where = format_address(addr[0], addr[1])
+        if host != addr[0]:
+            where += f" (--host {host!r})"
         raise ListenError(f"cannot listen on {where}: {exc.strerror or exc}; choose "
                           "another --port or stop what is using it") from None
-    return sock
 
 
 class CrashGuard:
@@ -102,7 +130,7 @@ class Supervisor:
         self._mp = multiprocessing.get_context("spawn")
         self._procs: dict[int, multiprocessing.process.BaseProcess] = {}
         self._guard = CrashGuard()
-        self._sock: Optional[socket.socket] = None
+        self._socks: list[socket.socket] = []
         self._tmp = ""
         self._metrics_dir = ""
         self._hub = None
@@ -116,7 +144,7 @@ class Supervisor:
         """Serve until told to stop; returns the process exit status."""
         cfg = self.cfg
         try:
-            self._sock = bind_listener(cfg.host, cfg.port)
+            self._socks = bind_listeners(cfg.host, cfg.port)
         except ListenError as exc:
             logger.error("%s", exc)
             return 1
@@ -160,9 +188,10 @@ class Supervisor:
                 loop.add_signal_handler(sig, self._request_stop, sig.name)
             for index in range(cfg.workers):
                 self._start(index)
-            host, port = self._sock.getsockname()[:2]
-            logger.info("proxy listening on http://%s with %d workers (--max-inflight %d "
-                        "split %s)", format_address(host, port), cfg.workers,
+            logger.info("proxy listening on %s with %d workers (--max-inflight %d "
+                        "split %s)", ", ".join(
+                            "http://" + format_address(*s.getsockname()[:2])
+                            for s in self._socks), cfg.workers,
                         cfg.max_inflight,
                         "/".join(str(cfg.inflight_share(i)) for i in range(cfg.workers)))
             await self._stop_requested.wait()
@@ -181,7 +210,7 @@ class Supervisor:
             index=index, count=self.cfg.workers, parent_pid=os.getpid(),
             control=hub.control, updates=hub.updates, metrics_dir=self._metrics_dir,
             registration=hub.registration.endpoint if hub.registration else None)
-        proc = self._mp.Process(target=run_worker, args=(self.cfg, self._sock, ctx),
+        proc = self._mp.Process(target=run_worker, args=(self.cfg, self._socks, ctx),
                                 name=f"pd-proxy-worker-{index}", daemon=True)
         proc.start()
         self._procs[index] = proc
@@ -246,9 +275,9 @@ class Supervisor:
                              sorted(p.pid for p in self._procs.values()))
 
     def _close_listener(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        for sock in self._socks:
+            sock.close()
+        self._socks = []
 
 
 def _mark_dead(pid: int, metrics_dir: str) -> None:

@@ -1,7 +1,7 @@
 """One serving process of a multi-worker proxy (``--workers N``).
 
 Started by the supervisor (multiprocessing *spawn*) with the listening
-socket the supervisor bound; runs the same application as the
+sockets the supervisor bound (one per address of ``--host``); runs the same application as the
 single-process proxy, with three differences (see proxy/supervisor.py):
 membership comes from the supervisor (proxy/link.py), metrics go to the
 shared multiprocess directory, and admission admits this worker's share of
@@ -21,7 +21,7 @@ from vllm_ascend_pd.proxy.config import ProxyConfig
 
 
 class WorkerContext(msgspec.Struct, frozen=True):
-    """What the supervisor tells a worker, beside the config and socket."""
+    """What the supervisor tells a worker, beside the config and sockets."""
     index: int
     count: int
     parent_pid: int
@@ -31,8 +31,11 @@ class WorkerContext(msgspec.Struct, frozen=True):
     registration: Optional[str] = None  # the supervisor's --register-port endpoint
 
 
-def run_worker(cfg: ProxyConfig, sock: socket.socket, ctx: WorkerContext) -> None:
-    """Process entry point (must stay importable at module top level)."""
+def run_worker(cfg: ProxyConfig, socks: list[socket.socket], ctx: WorkerContext) -> None:
+    """Process entry point (must stay importable at module top level).
+
+    ``socks`` arrive as duplicated descriptors: multiprocessing pickles each
+    socket of the list for the spawned child."""
     from vllm_ascend_pd.proxy.config import ConfigError
     from vllm_ascend_pd.proxy.log import init_logger
     from vllm_ascend_pd.proxy.run import configure_logging, loop_factory, serve
@@ -41,7 +44,7 @@ def run_worker(cfg: ProxyConfig, sock: socket.socket, ctx: WorkerContext) -> Non
     logger = init_logger(__name__)
     with asyncio.Runner(loop_factory=loop_factory(cfg.uvloop)) as runner:
         try:
-            runner.run(serve(cfg, sock=sock, worker=ctx))
+            runner.run(serve(cfg, socks=socks, worker=ctx))
         except (ConfigError, OSError, RuntimeError) as exc:
             logger.error("worker %d cannot serve: %s", ctx.index, exc)
             sys.exit(1)

@@ -328,6 +328,124 @@ def test_port_clash_names_the_flag(tmp_path):
     assert "worker 0 started" not in out.stderr
 
 
+def _loopback6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+# The second address "localhost" resolves to in these tests: ::1 where the
+# machine has an IPv6 loopback, else another IPv4 loopback address (the
+# multi-address path is the same).
+SECOND = "::1" if _loopback6() else "127.0.0.2"
+# Like a dual-stack /etc/hosts, which this machine may not have: localhost is
+# 127.0.0.1 and SECOND, with 127.0.0.1 listed twice.
+FAKE_RESOLVER = f"""
+import socket
+_real = socket.getaddrinfo
+def _fake(host, port, *args, **kw):
+    if host == "localhost":
+        return [a for h in ("127.0.0.1", {SECOND!r}, "127.0.0.1")
+                for a in _real(h, port, *args, **kw)]
+    return _real(host, port, *args, **kw)
+"""
+
+
+def _fake_resolver_env(tmp_path: Path) -> dict[str, str]:
+    """Env for a proxy process that resolves localhost as above (sitecustomize
+    runs before the proxy, in the supervisor and in its workers)."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(FAKE_RESOLVER + "socket.getaddrinfo = _fake\n")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site),
+                                                        os.environ.get("PYTHONPATH")]))}
+
+
+def _free_port_on(*hosts: str) -> int:
+    """A port free on 127.0.0.1 and on each of ``hosts``."""
+    for _ in range(50):
+        port = free_port()
+        try:
+            for host in hosts:
+                with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError(f"no port free on 127.0.0.1 and {hosts}")
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def test_workers_serve_every_address_of_the_host(backend, tmp_path):
+    """``--host localhost`` with N workers listens where one process would:
+    on every address localhost resolves to, each served by every worker."""
+    p, d = await backend("p"), await backend("d")
+    port = _free_port_on(SECOND)
+    px = ProxyServer(port, tmp_path / "proxy.log", "--workers", "2", "--host", "localhost",
+                     "--health-interval", "0", "--prefill", p.address, "--decode", d.address,
+                     env=_fake_resolver_env(tmp_path))
+    try:
+        await asyncio.to_thread(px.start, 60, True)
+        for host in ("127.0.0.1", SECOND):
+            url = _url(host, port)
+            assert len(await statuses(url, 2)) == 2  # both workers accept here
+            code, body = await _request("POST", url + "/v1/completions",
+                                        json={"prompt": "x", "stream": True})
+            assert code == 200 and body == b"".join(d.events)
+        assert len(d.requests) == 2
+        assert (f"proxy listening on http://127.0.0.1:{port}, "
+                f"{_url(SECOND, port)} with 2 workers") in _log(px)
+    finally:
+        await asyncio.to_thread(px.stop)
+
+
+def test_port_clash_on_a_later_address_names_the_flag(tmp_path):
+    port = _free_port_on(SECOND)
+    with socket.socket(socket.AF_INET6 if ":" in SECOND else socket.AF_INET) as taken:
+        taken.bind((SECOND, port))
+        taken.listen()
+        env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1",
+                   **_fake_resolver_env(tmp_path))
+        out = subprocess.run(
+            [sys.executable, "-m", "vllm_ascend_pd.proxy", "--workers", "2", "--host",
+             "localhost", "--port", str(port), "--prefill", "127.0.0.1:1", "--decode",
+             "127.0.0.1:2"], env=env, capture_output=True, text=True, timeout=60,
+            start_new_session=True)
+    assert out.returncode == 1, out.stderr
+    where = _url(SECOND, port).removeprefix("http://")
+    assert (f"cannot listen on {where} (--host 'localhost'): Address already in use; "
+            "choose another --port") in out.stderr
+    assert "worker 0 started" not in out.stderr
+
+
+def test_bind_listeners_closes_what_it_bound_when_one_address_fails(monkeypatch):
+    from vllm_ascend_pd.proxy import supervisor
+
+    scope: dict = {}
+    exec(FAKE_RESOLVER, scope)
+    monkeypatch.setattr(socket, "getaddrinfo", scope["_fake"])
+    port = _free_port_on(SECOND)
+    socks = supervisor.bind_listeners("localhost", port)  # the duplicate is bound once
+    try:
+        assert [s.getsockname()[:2] for s in socks] == [("127.0.0.1", port), (SECOND, port)]
+    finally:
+        for s in socks:
+            s.close()
+    with socket.socket(socket.AF_INET6 if ":" in SECOND else socket.AF_INET) as taken:
+        taken.bind((SECOND, port))
+        taken.listen()
+        with pytest.raises(supervisor.ListenError, match="Address already in use"):
+            supervisor.bind_listeners("localhost", port)
+    with socket.socket() as again:  # fails if 127.0.0.1's listener were still open
+        again.bind(("127.0.0.1", port))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "--workers must be >= 1"),
     (["--workers", "3", "--max-inflight", "2"], "--max-inflight (2) is split"),
