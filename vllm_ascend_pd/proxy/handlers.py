@@ -316,8 +316,9 @@ class Handlers:
             inst, created = s.registry.add(role, address, Source.ADMIN)
             if created:
                 logger.info("admin: added %s instance %s", role, address)
-        if created and s.health is not None and s.registry.health_checks:
-            await s.health.probe(inst)
+                s.on_instance_added(inst)
+        if created:  # answer with its health: the one probe joining started
+            await s.first_probe(inst)
         return web.Response(status=201 if created else 200, content_type="application/json",
                             body=codec.dumps({"added": created,
                                               "instance": inst.to_status(time.monotonic())}))

@@ -216,6 +216,35 @@ async def test_admin_change_reaches_every_worker(backend, multi):
     assert len(d.requests) == 0 and len(d2.requests) == 6
 
 
+async def test_admin_add_through_a_worker_probes_the_instance_once(backend, multi):
+    """The answering worker learns the new instance from the supervisor's reply
+    (or broadcast) and answers once its one probe is done; the other worker
+    probes it once as it learns it: one probe per worker, none twice."""
+    p, d, d2 = await backend("p"), await backend("d"), await backend("d")
+    px = await multi("--prefill", p.address, "--decode", d.address, "--admin-token", TOKEN,
+                     "--health-interval", "60")
+    d2.health_delay = 0.3  # an answer not waiting for the probe would say "unknown"
+    code, body = await _request("POST", px.url + "/admin/instances", headers=AUTH,
+                                json={"role": "decode", "address": d2.address})
+    assert code == 201
+    body = json.loads(body)
+    assert body["added"] is True
+    assert {k: body["instance"][k] for k in ("role", "address", "source", "health")} == {
+        "role": "decode", "address": d2.address, "source": "admin", "health": "healthy"}
+
+    def health(st):
+        return [i["health"] for i in st["instances"]["decode"] if i["address"] == d2.address]
+
+    for _ in range(100):
+        sts = await statuses(px.url, 2)
+        if all(health(st) == ["healthy"] for st in sts.values()):
+            break
+        await asyncio.sleep(0.05)
+    assert [health(st) for st in sts.values()] == [["healthy"]] * 2
+    await asyncio.sleep(1.0)  # a second, unawaited probe would show by now
+    assert d2.health_probes == 2
+
+
 async def test_announcer_registration_reaches_every_worker(backend, multi):
     p, d = await backend("p"), await backend("d")
     rport = free_port()
