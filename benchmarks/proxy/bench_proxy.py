@@ -19,6 +19,8 @@ and *paced* (``--paced-token-ms``, 20 ms: a realistic decode pace).
 
     python benchmarks/proxy/bench_proxy.py            # writes docs/proxy-benchmark.md
     python benchmarks/proxy/bench_proxy.py --quick    # smoke run, no files
+    python benchmarks/proxy/bench_proxy.py --pin      # relays on their own core:
+                                                      # docs/proxy-benchmark-pinned.md
 
 Runs in about 9 minutes with the defaults.
 """
@@ -51,6 +53,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _pinned(cpus: set[int] | None):
+    """Popen ``preexec_fn`` that pins the child (and what it spawns) to ``cpus``."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 def _new_loop_factory():
@@ -490,11 +499,24 @@ def _cells(args, by, token_ms):
 
 SCENARIO_TEXT = {
     "saturation": "{per_s:.0f} events/s per stream: at 64 and 256 streams the direct path "
-                  "alone keeps both cores busy, so these cells measure CPU per event.",
+                  "alone keeps {cores} busy, so these cells measure CPU per event.",
     "paced": "{per_s:.0f} events/s per stream, a realistic decode pace (see *Scenarios* "
              "below): the cores are not saturated by the direct path, so these cells "
              "measure what the relay adds to a real stream.",
 }
+
+
+def _ceiling(args, r: "Result", d: "Result") -> float:
+    """Best throughput ratio the CPU allows when saturated (see the report text)."""
+    if not args.pin:
+        return d.cpu_us_per_event() / r.cpu_us_per_event()
+    side = ("client", "decode", "prefill")
+    backend = (sum(d.cpu_us_per_event(p) for p in side)
+               / sum(r.cpu_us_per_event(p) for p in side))
+    relay_cpus = len(args.pin[1])
+    relay = relay_cpus * 1e6 / (r.relay_us_per_event * d.throughput) if "relay" in r.cpu \
+        else float("inf")
+    return min(backend, relay)
 
 
 def _scenario_section(name: str, token_ms: float, results_by: dict, args) -> list[str]:
@@ -503,7 +525,8 @@ def _scenario_section(name: str, token_ms: float, results_by: dict, args) -> lis
         f"## Scenario {name}: decode events {token_ms:g} ms apart",
         "",
         f"Fake decode streams {args.tokens} events {token_ms:g} ms apart, " +
-        SCENARIO_TEXT[name].format(per_s=1000.0 / token_ms if token_ms else float("inf")),
+        SCENARIO_TEXT[name].format(per_s=1000.0 / token_ms if token_ms else float("inf"),
+                                   cores="the backend core" if args.pin else "both cores"),
         "",
         "### Latency (ms)",
         "",
@@ -558,7 +581,7 @@ def _scenario_section(name: str, token_ms: float, results_by: dict, args) -> lis
             lo, hi = r.ratio_spread()
             ratio = f"{r.throughput / d.throughput:.2f}x"
             spread = f"{lo:.2f}–{hi:.2f}"
-            ceiling = f"{d.cpu_us_per_event() / r.cpu_us_per_event():.2f}x"
+            ceiling = f"{_ceiling(args, r, d):.2f}x"
         cpu = [f"{r.cpu_us_per_event(p):.1f}" if p in r.cpu else ""
                for p in ("client", "decode", "prefill", "relay")]
         lines.append(f"| {c} | {target} | {r.throughput:.0f} | {ratio} | {spread} | " +
@@ -597,6 +620,17 @@ def _scenario_section(name: str, token_ms: float, results_by: dict, args) -> lis
     return lines + [""]
 
 
+def _placement(args) -> str:
+    if not args.pin:
+        return ("Client, relays and backends share the machine's cores, each in its own "
+                "process (uvloop).")
+    side, relays = (",".join(map(str, sorted(c))) for c in args.pin)
+    return (f"**Pinned** (`--pin`): the client and the fake backends run on CPU {side}, "
+            f"every relay on CPU {relays}, each in its own process (uvloop): the relay "
+            "neither takes CPU from the backends nor waits for it behind them, as a proxy "
+            "on cores of its own in a deployment. Direct is then bounded by one core.")
+
+
 def write_report(results: list[Result], args, path: Path, plot_path: Path) -> str:
     by = {(r.token_ms, r.target, r.concurrency): r for r in results}
     lines = [
@@ -608,8 +642,8 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         "",
         "Each scenario starts its own processes: fake prefill and decode, proxy, "
         "passthrough and floor. The fake prefill answers at once, so that *added* "
-        "latency is only the relay's (direct has no prefill leg). Client, relays and "
-        "backends share the machine's cores, each in its own process (uvloop). Closed "
+        "latency is only the relay's (direct has no prefill leg). " + _placement(args) +
+        " Closed "
         "loop, the streams' first requests spread over one nominal request time (as "
         "arrivals would be; started together, fixed-length streams stay in lock step); "
         f"per cell {args.rounds} rounds of {args.duration:g} s measured after "
@@ -632,7 +666,10 @@ def write_report(results: list[Result], args, path: Path, plot_path: Path) -> st
         "single rounds. *CPU µs/event*: CPU time of each process over the measured "
         "windows divided by the events the client received. When the two cores are "
         "saturated, throughput is bounded by CPU per event, so *CPU ceiling* = direct's "
-        "total CPU per event over this target's is the best ratio this machine allows.",
+        "total CPU per event over this target's is the best ratio this machine allows"
+        + (" (pinned: the lower of that ratio over the backend core's processes alone "
+           "and the relay cores' capacity, their CPU seconds per second over the relay's "
+           "CPU per event, relative to direct's events/s)." if args.pin else "."),
         "",
         f"Load average (1/5/15 min) before the run: {args.load_before}; after: "
         f"{args.load_after}. The machine has {os.cpu_count()} cores, so anything above "
@@ -697,39 +734,45 @@ async def run_scenario(args, token_ms: float) -> list[Result]:
     env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
     procs = []
     me = str(Path(__file__).resolve())
+    # --pin: backends (and this client) on one core, relays on the other, as a
+    # proxy deployed on its own cores would run.
+    side, relay_cpus = (_pinned(args.pin[0]), _pinned(args.pin[1])) if args.pin else (None, None)
     try:
         for role, port in (("prefill", p_port), ("decode", d_port)):
             procs.append(subprocess.Popen([sys.executable, me, "--serve-backend", role,
                                            str(port), str(args.tokens), str(token_ms)],
-                                          env=env))
+                                          env=env, preexec_fn=side))
 
         def proxy_cmd(port: int) -> list[str]:
             return [sys.executable, "-m", "vllm_ascend_pd.proxy", "--prefill",
                     f"127.0.0.1:{p_port}", "--decode", f"127.0.0.1:{d_port}", "--port",
                     str(port), "--health-interval", "0", "--max-inflight", "100000",
                     "--log-level", "WARNING"]
-        procs.append(subprocess.Popen(proxy_cmd(x_port), env=env, cwd=REPO))
+        procs.append(subprocess.Popen(proxy_cmd(x_port), env=env, cwd=REPO,
+                                      preexec_fn=relay_cpus))
         relays = {"proxy": (x_port, procs[-1].pid)}
         workers: dict[str, int] = {}
         for n in args.proxy_workers:
             # CPU is counted over the supervisor and all its workers.
             port = _free_port()
             procs.append(subprocess.Popen(proxy_cmd(port) + ["--workers", str(n)],
-                                          env=env, cwd=REPO))
+                                          env=env, cwd=REPO, preexec_fn=relay_cpus))
             relays[f"proxy-w{n}"] = (port, procs[-1].pid)
             workers[f"proxy-w{n}"] = n
         if not args.no_passthrough:
             procs.append(subprocess.Popen([sys.executable, me, "--serve-passthrough",
-                                           str(b_port), str(d_port)], env=env))
+                                           str(b_port), str(d_port)], env=env,
+                                          preexec_fn=relay_cpus))
             relays["passthrough"] = (b_port, procs[-1].pid)
         if not args.no_floor:
             procs.append(subprocess.Popen([sys.executable, me, "--serve-floor",
-                                           str(f_port), str(d_port)], env=env))
+                                           str(f_port), str(d_port)], env=env,
+                                          preexec_fn=relay_cpus))
             relays["floor"] = (f_port, procs[-1].pid)
         if args.baseline:
             # The same proxy command, importing vllm_ascend_pd from another tree.
             procs.append(subprocess.Popen(proxy_cmd(y_port), cwd=args.baseline, env=dict(
-                env, PYTHONPATH=str(Path(args.baseline).resolve()))))
+                env, PYTHONPATH=str(Path(args.baseline).resolve())), preexec_fn=relay_cpus))
             relays["baseline"] = (y_port, procs[-1].pid)
         await wait_ready(f"http://127.0.0.1:{d_port}/health")
         backends = {"client": None, "decode": procs[1].pid, "prefill": procs[0].pid}
@@ -805,10 +848,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--baseline", metavar="DIR", help="also run the proxy imported from "
                     "DIR (e.g. `git worktree add DIR main`) as target 'baseline', for a "
                     "before/after comparison in one run")
+    ap.add_argument("--pin", action="store_true", help="pin the client and the fake "
+                    "backends to the first CPU and every relay to the others, as a proxy "
+                    "on cores of its own (default --out: docs/proxy-benchmark-pinned.md)")
     ap.add_argument("--quick", action="store_true", help="short smoke run, no files")
-    ap.add_argument("--out", default=str(REPO / "docs" / "proxy-benchmark.md"))
+    ap.add_argument("--out")
     args = ap.parse_args(argv)
     args.argv = argv
+    if args.out is None:
+        args.out = str(REPO / "docs" / ("proxy-benchmark-pinned.md" if args.pin
+                                        else "proxy-benchmark.md"))
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error(f"--pin needs at least 2 usable CPUs, this process may use {cpus}")
+        args.pin = ({cpus[0]}, set(cpus[1:]))
     if args.quick:
         args.duration, args.warmup, args.rounds = 2.0, 0.5, 1
     return args
@@ -825,6 +879,8 @@ def main() -> None:
         serve_floor(int(sys.argv[2]), int(sys.argv[3]))
         return
     args = parse_args(sys.argv[1:])
+    if args.pin:
+        os.sched_setaffinity(0, args.pin[0])
     args.load_before = _loadavg()
     with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
         results = r.run(run(args))
