@@ -1,11 +1,15 @@
-"""Load-balancing policies.  Pure functions of the candidates' counters.
+"""Load-balancing policies.  Pure functions of the candidates' counters
+(and, for prefix affinity, of the request's prompt prefix).
 
 Ties never favour a position in the list: round robin rotates, the
-least-outstanding policies break ties at random.
+least-outstanding policies break ties at random, prefix affinity ranks by a
+hash of (prefix, address).
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 from typing import Optional, Sequence
 
@@ -19,7 +23,8 @@ class Policy:
     def __init__(self, rng: Optional[random.Random] = None):
         self._rng = rng or random.Random()
 
-    def pick(self, candidates: Sequence[Instance]) -> Instance:
+    def pick(self, candidates: Sequence[Instance], key: bytes = b"") -> Instance:
+        """``key``: the request's :func:`affinity_key` (only prefix affinity uses it)."""
         raise NotImplementedError
 
 
@@ -31,7 +36,7 @@ class RoundRobin(Policy):
         # Random start so that several proxies do not march in lock step.
         self._next = self._rng.randrange(1 << 30)
 
-    def pick(self, candidates: Sequence[Instance]) -> Instance:
+    def pick(self, candidates: Sequence[Instance], key: bytes = b"") -> Instance:
         # Order by address so that the rotation is stable when the candidate
         # list is rebuilt between calls.
         ordered = sorted(candidates, key=lambda i: i.address) if len(candidates) > 1 \
@@ -44,7 +49,7 @@ class RoundRobin(Policy):
 class _LeastOutstanding(Policy):
     attr = ""
 
-    def pick(self, candidates: Sequence[Instance]) -> Instance:
+    def pick(self, candidates: Sequence[Instance], key: bytes = b"") -> Instance:
         if len(candidates) == 1:
             return candidates[0]
         attr = self.attr
@@ -63,15 +68,67 @@ class LeastTokens(_LeastOutstanding):
     attr = "inflight_tokens"
 
 
-POLICY_CLASSES = {cls.name: cls for cls in (RoundRobin, LeastRequests, LeastTokens)}
+class PrefixAffinity(Policy):
+    """Requests whose prompts start alike go to the same instance, so its
+    prefix cache serves the shared part (P computes less; D pulls less).
+
+    Rendezvous hashing of the prompt prefix: every instance gets a score
+    hash(key, address) and the highest wins. It needs no shared state, so
+    several workers or proxies agree on the instance, and an instance that
+    leaves or joins moves only the keys it wins or won. Bounded load: an
+    instance already holding more than ``load_factor`` times its fair share
+    of the outstanding requests is passed over for the next-ranked one, so
+    one hot prefix cannot pile onto one node.
+    """
+
+    name = "prefix_affinity"
+
+    def __init__(self, rng: Optional[random.Random] = None, load_factor: float = 1.25):
+        super().__init__(rng)
+        self.load_factor = load_factor
+        self._fallback = LeastRequests(self._rng)
+
+    def pick(self, candidates: Sequence[Instance], key: bytes = b"") -> Instance:
+        if len(candidates) == 1:
+            return candidates[0]
+        if not key:
+            return self._fallback.pick(candidates)
+        ranked = sorted(candidates, key=lambda i: _score(key, i.address), reverse=True)
+        total = sum(i.inflight_requests for i in candidates)
+        # The request about to start counts, so an idle cluster never spills.
+        bound = math.ceil(self.load_factor * (total + 1) / len(candidates))
+        for inst in ranked:
+            if inst.inflight_requests < bound:
+                return inst
+        return ranked[0]  # unreachable: someone is at or below the mean
 
 
-def make_policy(name: str, rng: Optional[random.Random] = None) -> Policy:
+def _score(key: bytes, address: str) -> bytes:
+    return hashlib.blake2b(address.encode(), digest_size=8, key=key).digest()
+
+
+def affinity_key(body: RequestBody, prefix_bytes: int) -> bytes:
+    """Digest of the first ``prefix_bytes`` of the prompt as the client sent
+    it (``prompt`` or chat ``messages``, raw JSON); empty if there is none."""
+    raw = body.raw("prompt") or body.raw("messages")
+    if not raw:
+        return b""
+    return hashlib.blake2b(raw[:prefix_bytes], digest_size=16).digest()
+
+
+POLICY_CLASSES = {cls.name: cls for cls in (RoundRobin, LeastRequests, LeastTokens,
+                                            PrefixAffinity)}
+
+
+def make_policy(name: str, rng: Optional[random.Random] = None, **options) -> Policy:
+    """``options``: keyword arguments of that policy (``load_factor`` for
+    prefix affinity); others ignore them."""
     try:
-        return POLICY_CLASSES[name](rng)
+        cls = POLICY_CLASSES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose one of "
                          f"{', '.join(POLICY_CLASSES)}") from None
+    return cls(rng, **options) if cls is PrefixAffinity else cls(rng)
 
 
 def estimate_prompt_tokens(body: RequestBody) -> int:

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-POLICIES = ("round_robin", "least_requests", "least_tokens")
+POLICIES = ("round_robin", "least_requests", "least_tokens", "prefix_affinity")
 ADMIN_TOKEN_ENV = "P2P_PROXY_ADMIN_TOKEN"
 
 
@@ -80,6 +80,10 @@ class ProxyConfig:
     # Served model name; when set, requests naming another model get 404.
     model: Optional[str] = None
     policy: str = "round_robin"
+    # prefix_affinity: how much of the prompt (raw JSON bytes) picks the
+    # instance, and the load bound (x the fair share) past which it spills.
+    affinity_prefix_bytes: int = 512
+    affinity_load_factor: float = 1.25
     # Dynamic registration (ZMQ ROUTER); None disables it.
     register_host: str = "127.0.0.1"
     register_port: Optional[int] = None
@@ -156,6 +160,9 @@ class ProxyConfig:
         check(0 <= self.port < 65536, "--port must be in 0..65535")
         check(self.policy in POLICIES,
               f"unknown --policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        check(self.affinity_prefix_bytes >= 16, "--affinity-prefix-bytes must be >= 16")
+        check(self.affinity_load_factor > 1.0,
+              "--affinity-load-factor must be > 1.0 (1.25 allows 25% over the fair share)")
         check(self.model is None or bool(self.model.strip()), "--model must not be empty")
         check(self.heartbeat_ttl is None or self.heartbeat_ttl > 0,
               "--heartbeat-ttl must be > 0 seconds")
@@ -261,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evict registered instances silent this long "
                         "(default: 3x their announced interval)")
     g.add_argument("--policy", choices=POLICIES, default=d.policy)
+    g.add_argument("--affinity-prefix-bytes", type=int, default=d.affinity_prefix_bytes,
+                   help="prefix_affinity: leading bytes of the prompt (or chat messages, as "
+                        "sent) that choose the instance; about the length of the prefix "
+                        "your requests share (system prompt)")
+    g.add_argument("--affinity-load-factor", type=float, default=d.affinity_load_factor,
+                   help="prefix_affinity: pass over an instance holding more than this "
+                        "times its fair share of outstanding requests")
 
     g = p.add_argument_group("health and failover")
     g.add_argument("--health-interval", type=float, default=d.health_interval,

@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 
 from vllm_ascend_pd.proxy import codec
 from vllm_ascend_pd.proxy.codec import BodyError, RequestBody
-from vllm_ascend_pd.proxy.balancer import estimate_prompt_tokens
+from vllm_ascend_pd.proxy.balancer import affinity_key, estimate_prompt_tokens
 from vllm_ascend_pd.proxy.config import ConfigError, normalize_address
 from vllm_ascend_pd.proxy.errors import UpstreamClientError, UpstreamError, error_response
 from vllm_ascend_pd.proxy.link import SupervisorUnavailable
@@ -123,6 +123,8 @@ class Handlers:
         req = PDRequest(path=request.path, body=body, chat=chat,
                         stream=bool(body.get("stream")), request_id=rid, headers=headers,
                         tokens=estimate_prompt_tokens(body))
+        if self.cfg.policy == "prefix_affinity":
+            req.affinity = affinity_key(body, self.cfg.affinity_prefix_bytes)
         # Both legs run in one task of their own, which the handler awaits
         # through a shield: a client that leaves during the prefill leg must
         # not cancel it (see _serve). Shielding the whole request instead of

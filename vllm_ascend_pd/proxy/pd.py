@@ -64,6 +64,8 @@ class PDRequest:
     request_id: str
     headers: CIMultiDict  # outbound headers (auth, request id, content type), both legs
     tokens: int
+    # prefix_affinity's hash of the prompt's start (empty for other policies).
+    affinity: bytes = b""
     started: float = field(default_factory=time.perf_counter)
     # The prefill leg, failover included: its duration and when it ended
     # (perf_counter), for the Server-Timing header.
@@ -142,7 +144,8 @@ class PDForwarder:
         payload = self.prefill_body(req)
         t0 = time.perf_counter()
         params = await self._with_failover(PREFILL, self.cfg.prefill_attempts,
-                                           lambda i: self._prefill_once(i, req, payload))
+                                           lambda i: self._prefill_once(i, req, payload),
+                                           key=req.affinity)
         req.prefill_end = time.perf_counter()
         req.prefill_s = req.prefill_end - t0
         return params
@@ -193,7 +196,8 @@ class PDForwarder:
         avoid = (req.prefill_address,) if req.prefill_address else ()
         return await self._with_failover(
             DECODE, self.cfg.decode_attempts,
-            lambda i: self._decode_once(i, req, payload, request), avoid=avoid)
+            lambda i: self._decode_once(i, req, payload, request), avoid=avoid,
+            key=req.affinity)
 
     async def _decode_once(self, inst: Instance, req: PDRequest, payload: bytes,
                            request: web.Request) -> web.StreamResponse:
@@ -356,8 +360,9 @@ class PDForwarder:
 
     # ------------------------------------------------------------------ failover
     async def _with_failover(self, role: str, attempts: int, attempt_fn,
-                             avoid: tuple[str, ...] = ()):
-        """``avoid``: used only when no other candidate is left."""
+                             avoid: tuple[str, ...] = (), key: bytes = b""):
+        """``avoid``: used only when no other candidate is left. ``key``: the
+        request's affinity key, for the policy."""
         s = self.s
         tried: list[str] = []
         last: Optional[UpstreamError] = None
@@ -367,7 +372,7 @@ class PDForwarder:
                 or s.registry.candidates(role, exclude=tried)
             if not cands:
                 break
-            inst = policy.pick(cands)
+            inst = policy.pick(cands, key)
             tried.append(inst.address)
             if n:
                 s.metrics.failovers.labels(role).inc()

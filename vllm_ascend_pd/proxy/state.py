@@ -53,8 +53,9 @@ class ProxyState:
                                  health_checks=cfg.health_interval > 0)
         rng = rng or random.Random()
         self.policies: dict[str, Policy] = {
-            PREFILL: make_policy(cfg.policy, random.Random(rng.random())),
-            DECODE: make_policy(cfg.policy, random.Random(rng.random())),
+            role: make_policy(cfg.policy, random.Random(rng.random()),
+                              load_factor=cfg.affinity_load_factor)
+            for role in (PREFILL, DECODE)
         }
         self.clients = BackendClients(cfg)
         self.metrics = ProxyMetrics(

@@ -18,7 +18,8 @@ def _insts(n):
             for i in range(n)]
 
 
-@pytest.mark.parametrize("policy", ["round_robin", "least_requests", "least_tokens"])
+@pytest.mark.parametrize("policy", ["round_robin", "least_requests", "least_tokens",
+                                    "prefix_affinity"])
 def test_ties_do_not_bias_any_node(policy):
     insts = _insts(4)
     pol = make_policy(policy, random.Random(1))
@@ -90,3 +91,72 @@ async def test_least_requests_spreads_concurrent_load(backend, proxy):
                                    for _ in range(8)))
     assert [r.status for r in resps] == [200] * 8
     assert len(d1.requests) == len(d2.requests) == 4
+
+
+# ---------------------------------------------------------------- prefix affinity
+def _key(text: str, nbytes: int = 512) -> bytes:
+    from vllm_ascend_pd.proxy.balancer import affinity_key
+    return affinity_key(RequestBody.from_dict({"prompt": text}), nbytes)
+
+
+def test_affinity_same_prefix_same_instance_across_policy_objects():
+    """Stateless: two workers (two policy objects, other seeds) agree."""
+    insts = _insts(4)
+    a, b = make_policy("prefix_affinity", random.Random(1)), \
+        make_policy("prefix_affinity", random.Random(2))
+    system = "You are a careful assistant. " * 30  # > 512 bytes shared
+    picks = {a.pick(insts, _key(system + f"question {i}")).address for i in range(20)}
+    picks |= {b.pick(list(reversed(insts)), _key(system + f"other {i}")).address
+              for i in range(20)}
+    assert len(picks) == 1, picks
+
+
+def test_affinity_spreads_distinct_prefixes_evenly():
+    insts = _insts(4)
+    pol = make_policy("prefix_affinity", random.Random(0))
+    counts = Counter(pol.pick(insts, _key(f"tenant {i}: " + "x" * 600)).address
+                     for i in range(4000))
+    assert set(counts) == {i.address for i in insts}
+    assert max(counts.values()) < 1150 and min(counts.values()) > 850, counts
+
+
+def test_affinity_only_the_prefix_counts():
+    assert _key("a" * 100 + "tail one", 100) == _key("a" * 100 + "tail two", 100)
+    assert _key("a" * 100 + "tail one", 200) != _key("a" * 100 + "tail two", 200)
+    chat = RequestBody.from_dict({"messages": [{"role": "user", "content": "hi"}]})
+    from vllm_ascend_pd.proxy.balancer import affinity_key
+    assert affinity_key(chat, 512) and affinity_key(chat, 512) != _key("hi")
+    assert affinity_key(RequestBody.from_dict({"model": "m"}), 512) == b""
+
+
+def test_affinity_removing_an_instance_moves_only_its_keys():
+    insts = _insts(5)
+    pol = make_policy("prefix_affinity", random.Random(0))
+    keys = [_key(f"doc {i}") for i in range(500)]
+    before = {k: pol.pick(insts, k).address for k in keys}
+    gone = insts[2].address
+    after = {k: pol.pick([i for i in insts if i.address != gone], k).address for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert moved and all(before[k] == gone for k in moved)
+    assert len(moved) == sum(1 for k in keys if before[k] == gone)
+
+
+def test_affinity_spills_past_the_load_bound_and_returns():
+    insts = _insts(2)
+    pol = make_policy("prefix_affinity", random.Random(0), load_factor=1.25)
+    key = _key("hot prefix " * 60)
+    home = pol.pick(insts, key)
+    other = next(i for i in insts if i is not home)
+    # 6 outstanding on home, 0 elsewhere: bound ceil(1.25 * 7 / 2) = 5 -> spill.
+    home.inflight_requests = 6
+    assert pol.pick(insts, key) is other
+    # 4 on home, 2 elsewhere: bound ceil(1.25 * 7 / 2) = 5 -> home again.
+    home.inflight_requests, other.inflight_requests = 4, 2
+    assert pol.pick(insts, key) is home
+
+
+def test_affinity_without_a_prompt_falls_back_to_least_requests():
+    insts = _insts(3)
+    insts[0].inflight_requests, insts[1].inflight_requests, insts[2].inflight_requests = 3, 0, 2
+    pol = make_policy("prefix_affinity", random.Random(0))
+    assert {pol.pick(insts, b"").address for _ in range(20)} == {insts[1].address}

@@ -36,6 +36,19 @@ def test_validation_says_what_to_set():
         ProxyConfig(prefill=["a:1"], decode=["b:2"], admin_token="short").validate()
     with pytest.raises(ConfigError, match="port must be"):
         ProxyConfig(prefill=["a:0"], decode=["b:2"]).validate()
+    with pytest.raises(ConfigError, match=r"--affinity-load-factor must be > 1\.0"):
+        ProxyConfig(prefill=["a:1"], decode=["b:2"], policy="prefix_affinity",
+                    affinity_load_factor=1.0).validate()
+    with pytest.raises(ConfigError, match="--affinity-prefix-bytes must be >= 16"):
+        ProxyConfig(prefill=["a:1"], decode=["b:2"], affinity_prefix_bytes=8).validate()
+
+
+def test_prefix_affinity_flags():
+    cfg = config_from_args(["--prefill", "a:1", "--decode", "b:2", "--policy",
+                            "prefix_affinity", "--affinity-prefix-bytes", "2048",
+                            "--affinity-load-factor", "1.5"]).validate()
+    assert (cfg.policy, cfg.affinity_prefix_bytes, cfg.affinity_load_factor) == \
+        ("prefix_affinity", 2048, 1.5)
 
 
 def test_duplicate_addresses_are_merged():
