@@ -47,6 +47,8 @@ import aiohttp
 from aiohttp import web
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from vllm_ascend_pd.testing.proxy_status import worker_statuses  # noqa: E402
 
 
 def _free_port() -> int:
@@ -68,6 +70,14 @@ def _new_loop_factory():
         return uvloop.new_event_loop
     except ImportError:
         return None
+
+
+async def _serve_app(app: web.Application, port: int) -> None:
+    """Serve ``app`` on 127.0.0.1:``port`` until the process is killed."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+    await asyncio.Event().wait()
 
 
 # ---------------------------------------------------------------- backends
@@ -122,10 +132,7 @@ def serve_backend(role: str, port: int, tokens: int, token_ms: float) -> None:
         app = web.Application()
         app.router.add_post("/v1/completions", prefill if role == "prefill" else decode)
         app.router.add_get("/health", health)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
-        await asyncio.Event().wait()
+        await _serve_app(app, port)
 
     with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
         r.run(main())
@@ -151,10 +158,7 @@ def serve_passthrough(port: int, d_port: int) -> None:
 
         app = web.Application()
         app.router.add_post("/v1/completions", relay)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
-        await asyncio.Event().wait()
+        await _serve_app(app, port)
 
     with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
         r.run(main())
@@ -451,22 +455,6 @@ async def wait_ready(url: str, timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{url} not ready")
             await asyncio.sleep(0.1)
-
-
-async def wait_workers(base: str, workers: int, timeout: float = 60.0) -> None:
-    """Until ``workers`` different worker pids answered /status (fresh
-    connections: the kernel hands each to one worker)."""
-    seen: set[int] = set()
-    deadline = time.monotonic() + timeout
-    while len(seen) < workers:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{base}: only {len(seen)} of {workers} workers serve")
-        async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True)) as sess:
-            for _ in range(4 * workers):
-                async with sess.get(f"{base}/status") as r:
-                    seen.add((await r.json())["worker"]["pid"])
-        await asyncio.sleep(0.05)
 
 
 # ---------------------------------------------------------------- report
@@ -780,7 +768,7 @@ async def run_scenario(args, token_ms: float) -> list[Result]:
         for name, (port, pid) in relays.items():
             await wait_ready(f"http://127.0.0.1:{port}/v1/completions")
             if name in workers:
-                await wait_workers(f"http://127.0.0.1:{port}", workers[name])
+                await worker_statuses(f"http://127.0.0.1:{port}", workers[name], timeout=60)
             targets[name] = (f"http://127.0.0.1:{port}/v1/completions",
                              {**backends, "relay": pid})
         merged: dict[tuple[float, str, int], Result] = {}

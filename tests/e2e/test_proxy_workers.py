@@ -11,9 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from vllm_ascend_pd.testing.proxy_status import worker_statuses
 from vllm_ascend_pd.testing.servers import ProxyServer, free_port
 from vllm_ascend_pd.testing.soak import soak
-from tests.e2e.helpers import post, prompt_of, wait_for
+from tests.e2e.helpers import post, prompt_of
 
 pytestmark = pytest.mark.e2e
 
@@ -32,19 +33,6 @@ def workers_proxy(cluster):
         yield proxy
     finally:
         proxy.stop()
-
-
-def status_by_pid(url: str) -> dict[int, dict]:
-    found: dict[int, dict] = {}
-
-    def poll():
-        for _ in range(8):  # urllib: a new connection each time
-            st = json.loads(urllib.request.urlopen(url + "/status", timeout=10).read())
-            found[st["worker"]["pid"]] = st
-        return len(found) == 2
-
-    wait_for(poll, timeout=30, interval=0.1)
-    return found
 
 
 def stream(url: str, path: str, body: dict) -> tuple[str, list[int], str]:
@@ -78,7 +66,7 @@ def chat_body(i: int) -> dict:
 
 def test_workers_proxy_token_exact(cluster, tokenizer, workers_proxy):
     url = workers_proxy.url
-    pids = set(status_by_pid(url))
+    pids = set(asyncio.run(worker_statuses(url, 2)))
     assert len(pids) == 2
     prompts = [prompt_of(tokenizer, n, seed=700 + n) for n in (40, 70, 130)]
     comp = [{**EXTRA, "prompt": p} for p in prompts]
@@ -113,7 +101,7 @@ def test_workers_proxy_token_exact(cluster, tokenizer, workers_proxy):
         if not chat:  # vLLM returns completion token ids in both forms
             assert len(ids) == MAX_TOKENS
     # Both workers are up and, together, sent every request to D.
-    after = status_by_pid(url)
+    after = asyncio.run(worker_statuses(url, 2))
     assert set(after) == pids
     assert sum(st["instances"]["decode"][0]["requests_total"] for st in after.values()) \
         == len(jobs)
@@ -123,7 +111,7 @@ def test_workers_proxy_token_exact(cluster, tokenizer, workers_proxy):
 def test_soak_through_workers(cluster, workers_proxy):
     """The reduced soak of test_soak.py through the --workers 2 proxy: nothing
     lost, nothing leaked on P or D, sampled answers exact, both workers busy."""
-    before = status_by_pid(workers_proxy.url)
+    before = asyncio.run(worker_statuses(workers_proxy.url, 2))
     report = asyncio.run(soak(
         workers_proxy.url, [cluster.P.url, cluster.D.url], requests=120, concurrency=48,
         abort_fraction=0.1, abort_window_s=2.0, reference_url=cluster.S.url,
@@ -133,7 +121,7 @@ def test_soak_through_workers(cluster, workers_proxy):
     assert report.leaks == {}, report.as_dict()
     assert report.completed + report.aborted == report.requests
     assert report.aborted > 0 and report.checked_exact > 0
-    after = status_by_pid(workers_proxy.url)
+    after = asyncio.run(worker_statuses(workers_proxy.url, 2))
     assert set(after) == set(before)
     served = {pid: st["instances"]["prefill"][0]["requests_total"]
               - before[pid]["instances"]["prefill"][0]["requests_total"]

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import free_port, sse_events, wait_for
 from vllm_ascend_pd.announce import Announcement, Announcer
+from vllm_ascend_pd.testing.proxy_status import worker_statuses
 from vllm_ascend_pd.testing.servers import ProxyServer
 
 TOKEN = "s3cret-token"
@@ -31,25 +32,6 @@ async def _request(method: str, url: str, **kw):
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
         async with s.request(method, url, **kw) as resp:
             return resp.status, await resp.read()
-
-
-async def statuses(url: str, workers: int, timeout: float = 30.0) -> dict[int, dict]:
-    """/status of every worker, by pid: asks over fresh connections, a few at
-    a time, until ``workers`` different pids answered."""
-    found: dict[int, dict] = {}
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(found) < workers:
-        assert loop.time() < deadline, f"only workers {sorted(found)} answered"
-        for code, body in await asyncio.gather(
-                *(_request("GET", url + "/status") for _ in range(6)),
-                return_exceptions=False):
-            assert code == 200
-            st = json.loads(body)
-            found[st["worker"]["pid"]] = st
-        if len(found) < workers:
-            await asyncio.sleep(0.05)
-    return found
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -87,7 +69,7 @@ async def multi(tmp_path):
                          "--workers", str(workers), "--health-interval", "0", *args)
         made.append(px)
         await asyncio.to_thread(px.start, 60, healthy)
-        px.workers = await statuses(px.url, workers)  # every worker serves
+        px.workers = await worker_statuses(px.url, workers)  # every worker serves
         return px
 
     yield start
@@ -122,7 +104,7 @@ async def test_serves_on_every_worker_with_exact_bodies(backend, multi):
     # Both workers together served exactly those, and any worker's /metrics
     # counts all of them.
     per_worker = {pid: st["instances"]["decode"][0]["requests_total"]
-                  for pid, st in (await statuses(px.url, 2)).items()}
+                  for pid, st in (await worker_statuses(px.url, 2)).items()}
     assert sum(per_worker.values()) == 16, per_worker
     for _ in range(4):
         text = await metrics(px.url)
@@ -147,7 +129,7 @@ async def test_inflight_gauges_sum_over_workers(backend, multi):
             resp = await s.post(url, json={"prompt": "x", "stream": True})
             await resp.content.readuntil(b"\n\n")
             streams.append(resp)
-            per_worker = [st["inflight"] for st in (await statuses(px.url, 2)).values()]
+            per_worker = [st["inflight"] for st in (await worker_statuses(px.url, 2)).values()]
             if len(streams) >= 3 and min(per_worker) >= 1:
                 break
         assert min(per_worker) >= 1 and sum(per_worker) == len(streams), per_worker
@@ -156,7 +138,7 @@ async def test_inflight_gauges_sum_over_workers(backend, multi):
         assert metric(text, "vllm_pd_proxy_instance_inflight_requests", role="decode",
                       address=d.address) == len(streams)
         # /status is the answering worker's view, plus every worker's load.
-        for st in (await statuses(px.url, 2)).values():
+        for st in (await worker_statuses(px.url, 2)).values():
             assert st["inflight"] < len(streams)
             assert st["all_workers"] == {"inflight": len(streams), "instances": [
                 {"role": "decode", "address": d.address, "healthy": True,
@@ -193,7 +175,7 @@ async def test_admin_change_reaches_every_worker(backend, multi):
 
     want = sorted([(d.address, "static"), (d2.address, "admin")])
     for _ in range(50):
-        sts = await statuses(px.url, 2)
+        sts = await worker_statuses(px.url, 2)
         if all(decodes(st) == want for st in sts.values()):
             break
         await asyncio.sleep(0.05)
@@ -205,7 +187,7 @@ async def test_admin_change_reaches_every_worker(backend, multi):
                                 json={"role": "decode", "address": d.address})
     assert code == 404
     for _ in range(50):
-        sts = await statuses(px.url, 2)
+        sts = await worker_statuses(px.url, 2)
         if all(decodes(st) == [(d2.address, "admin")] for st in sts.values()):
             break
         await asyncio.sleep(0.05)
@@ -236,7 +218,7 @@ async def test_admin_add_through_a_worker_probes_the_instance_once(backend, mult
         return [i["health"] for i in st["instances"]["decode"] if i["address"] == d2.address]
 
     for _ in range(100):
-        sts = await statuses(px.url, 2)
+        sts = await worker_statuses(px.url, 2)
         if all(health(st) == ["healthy"] for st in sts.values()):
             break
         await asyncio.sleep(0.05)
@@ -255,7 +237,7 @@ async def test_announcer_registration_reaches_every_worker(backend, multi):
     ann.start()
     try:
         for _ in range(100):
-            sts = await statuses(px.url, 2)
+            sts = await worker_statuses(px.url, 2)
             if all([i["address"] for i in st["instances"]["decode"]] == [d.address]
                    for st in sts.values()):
                 break
@@ -271,7 +253,7 @@ async def test_announcer_registration_reaches_every_worker(backend, multi):
     finally:
         ann.stop()
     for _ in range(100):  # the "leaving" message removes it everywhere
-        sts = await statuses(px.url, 2)
+        sts = await worker_statuses(px.url, 2)
         if all(st["instances"]["decode"] == [] for st in sts.values()):
             break
         await asyncio.sleep(0.05)
@@ -294,7 +276,7 @@ async def test_killed_worker_is_restarted(backend, multi):
                                     json={"prompt": "x", "stream": True})
         assert code == 200 and body == b"".join(d.events)
     for _ in range(200):
-        sts = await statuses(px.url, 2)
+        sts = await worker_statuses(px.url, 2)
         if victim not in sts and sorted(st["worker"]["index"] for st in sts.values()) == [0, 1]:
             break
         await asyncio.sleep(0.05)
@@ -423,7 +405,7 @@ async def test_workers_serve_every_address_of_the_host(backend, tmp_path):
         await asyncio.to_thread(px.start, 60, True)
         for host in ("127.0.0.1", SECOND):
             url = _url(host, port)
-            assert len(await statuses(url, 2)) == 2  # both workers accept here
+            assert len(await worker_statuses(url, 2)) == 2  # both workers accept here
             code, body = await _request("POST", url + "/v1/completions",
                                         json={"prompt": "x", "stream": True})
             assert code == 200 and body == b"".join(d.events)
@@ -494,7 +476,7 @@ async def test_crash_loop_stops_the_proxy(backend, multi):
     killed: set[int] = set()
     while len(killed) < 5:  # CRASH_LIMIT
         assert px.proc.poll() is None, _log(px)
-        sts = await statuses(px.url, 1, timeout=10)
+        sts = await worker_statuses(px.url, 1, timeout=10)
         for pid in sorted(set(sts) - killed)[:5 - len(killed)]:
             os.kill(pid, signal.SIGKILL)  # a worker of the proxy this test started
             killed.add(pid)
@@ -534,7 +516,7 @@ async def test_restarted_worker_probes_members_before_serving(backend, multi):
         return [(i["address"], i["health"]) for i in st["instances"]["decode"]]
 
     for _ in range(100):
-        sts = await statuses(px.url, 2)
+        sts = await worker_statuses(px.url, 2)
         if all(decodes(st) == [(d2.address, "healthy")] for st in sts.values()):
             break
         await asyncio.sleep(0.05)
