@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import msgspec
 import zmq
@@ -24,9 +24,25 @@ from vllm_ascend_pd.proxy.zmq_tasks import cancel_tasks, close_zmq
 
 logger = init_logger(__name__)
 
+T = TypeVar("T")
+
 
 class SupervisorUnavailable(RuntimeError):
     """The supervisor did not answer a control request in time."""
+
+
+async def _receive(sock: zmq.asyncio.Socket, decode: Callable[[bytes], T], what: str,
+                   handle: Callable[[T], object]) -> None:
+    """Hand each message of ``sock`` to ``handle``, decoded; a malformed one is
+    logged and skipped (a bad peer must not stop the link)."""
+    while True:
+        data = await sock.recv()
+        try:
+            msg = decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            logger.warning("ignoring a malformed %s: %s", what, exc)
+            continue
+        handle(msg)
 
 
 class SupervisorLink:
@@ -55,8 +71,13 @@ class SupervisorLink:
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.connect(self._updates)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._replies(), name="proxy-link-replies"),
-                       loop.create_task(self._broadcasts(), name="proxy-link-updates")]
+        self._tasks = [
+            loop.create_task(_receive(self._dealer, membership.decode_reply, "control reply",
+                                      self._answer), name="proxy-link-replies"),
+            loop.create_task(_receive(self._sub, membership.decode_snapshot,
+                                      "membership snapshot", self.apply),
+                             name="proxy-link-updates"),
+        ]
         reply = await self.request("snapshot")
         self.apply(reply.snapshot)
 
@@ -91,27 +112,10 @@ class SupervisorLink:
         finally:
             self._pending.pop(req.req_id, None)
 
-    async def _replies(self) -> None:
-        while True:
-            data = await self._dealer.recv()
-            try:
-                reply = membership.decode_reply(data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                logger.warning("ignoring a malformed control reply: %s", exc)
-                continue
-            fut = self._pending.get(reply.req_id)
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
-
-    async def _broadcasts(self) -> None:
-        while True:
-            data = await self._sub.recv()
-            try:
-                snap = membership.decode_snapshot(data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                logger.warning("ignoring a malformed membership snapshot: %s", exc)
-                continue
-            self.apply(snap)
+    def _answer(self, reply: ControlReply) -> None:
+        fut = self._pending.get(reply.req_id)
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
 
     async def stop(self) -> None:
         await cancel_tasks(self._tasks, "supervisor link")

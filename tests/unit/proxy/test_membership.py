@@ -17,8 +17,8 @@ from vllm_ascend_pd.proxy.app import create_app
 from vllm_ascend_pd.proxy.config import ProxyConfig
 from vllm_ascend_pd.proxy.hub import MembershipHub
 from vllm_ascend_pd.proxy.link import SupervisorLink
-from vllm_ascend_pd.proxy.membership import (Authority, ControlRequest, Member, Snapshot,
-                                             apply_snapshot, snapshot_of)
+from vllm_ascend_pd.proxy.membership import (Authority, ControlReply, ControlRequest, Member,
+                                             Snapshot, apply_snapshot, snapshot_of)
 from vllm_ascend_pd.proxy.registry import Health, Registry, Source
 from vllm_ascend_pd.proxy.supervisor import CrashGuard
 from vllm_ascend_pd.proxy.worker import WorkerContext
@@ -104,6 +104,56 @@ async def test_link_ignores_older_snapshots():
     assert link.apply(Snapshot(seq=5, members=[Member("decode", "d:1", "admin")]))
     assert link.apply(Snapshot(seq=6, members=[]))
     assert seen == [("+", "d:1"), ("-", "d:1")] and reg.instances() == []
+
+
+async def test_link_skips_malformed_replies_and_snapshots(tmp_path):
+    """A bad message from the supervisor is logged and skipped; the link keeps
+    answering requests and applying snapshots."""
+    import zmq
+    import zmq.asyncio
+
+    ctx = zmq.asyncio.Context()
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    for sock in (router, pub):
+        sock.setsockopt(zmq.LINGER, 0)
+    router.bind(f"ipc://{tmp_path}/c")
+    pub.bind(f"ipc://{tmp_path}/u")
+    reg = Registry(health_checks=False)
+    link = SupervisorLink(reg, control=f"ipc://{tmp_path}/c", updates=f"ipc://{tmp_path}/u",
+                          on_added=lambda i: None, on_removed=lambda i: None, timeout=5)
+
+    async def answer(seq: int, members: list[Member]) -> None:
+        ident, data = await asyncio.wait_for(router.recv_multipart(), 5)
+        req = membership.decode_request(data)
+        await router.send_multipart([ident, b"\x00garbage"])
+        await router.send_multipart([ident, membership.encode(ControlReply(
+            req_id=req.req_id, snapshot=Snapshot(seq=seq, members=members)))])
+
+    try:
+        await asyncio.gather(link.start(), answer(1, [Member("decode", "d:1", "static")]))
+        assert link.seq == 1 and [i.address for i in reg.instances()] == ["d:1"]
+        snap = Snapshot(seq=2, members=[Member("decode", "d:2", "admin")])
+
+        async def broadcast():
+            # PUB drops what it sends before the subscription arrived: repeat.
+            while True:
+                await pub.send(b"\x00garbage")
+                await pub.send(membership.encode(snap))
+                await asyncio.sleep(0.02)
+
+        sender = asyncio.get_running_loop().create_task(broadcast())
+        try:
+            await wait_for(lambda: link.seq == 2)
+        finally:
+            sender.cancel()
+        assert [i.address for i in reg.instances()] == ["d:2"]
+        reply, _ = await asyncio.gather(link.request("snapshot"), answer(3, []))
+        assert reply.snapshot.seq == 3
+    finally:
+        await link.stop()
+        router.close()
+        pub.close()
+        ctx.term()
 
 
 def test_crash_guard_window():
