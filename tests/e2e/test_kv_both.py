@@ -8,12 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +15,9 @@ import pytest
 
 from tests.e2e.helpers import metric, post, wait_for
 from tests.e2e.test_pd_e2e import completion
-from vllm_ascend_pd.testing.servers import BASE_ARGS, VllmServer, free_kv_port, free_port, kv_config
+from vllm_ascend_pd.testing.servers import (
+    BASE_ARGS, ProxyServer, VllmServer, free_kv_port, free_port, kv_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -36,39 +32,6 @@ def distinct_prompt(tokenizer, n_tokens: int, seed: int) -> list[int]:
     rnd = random.Random(seed)
     first = max(tokenizer.all_special_ids) + 1
     return [rnd.randrange(first, tokenizer.vocab_size) for _ in range(n_tokens)]
-
-
-def start_proxy(logs: Path, name: str, port: int, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm_ascend_pd.proxy", "--host", "127.0.0.1", "--port", str(port),
-         "--model", "tiny", *args],
-        stdout=open(logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT,
-        start_new_session=True, env=env,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except urllib.error.HTTPError:
-            return proc  # answering
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.3)
-    stop_proxy(proc)
-    raise RuntimeError(f"{name} did not start; see {logs / (name + '.log')}")
-
-
-def stop_proxy(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 def start_pair(request, servers: list[VllmServer]):
@@ -104,13 +67,13 @@ def pair(request, tiny_model, tmp_path_factory):
     proxy = None
     try:
         cluster = start_pair(request, [A, B])
-        proxy_port = free_port({a_port, b_port})
-        proxy = start_proxy(logs, "both-proxy", proxy_port,
+        proxy = ProxyServer(free_port({a_port, b_port}), logs / "both-proxy.log",
                             "--both", f"127.0.0.1:{A.port}", f"127.0.0.1:{B.port}")
-        yield Pair(A, B, f"http://127.0.0.1:{proxy_port}", cluster.S)
+        proxy.start()
+        yield Pair(A, B, proxy.url, cluster.S)
     finally:
         if proxy is not None:
-            stop_proxy(proxy)
+            proxy.stop()
         A.stop()
         B.stop()
 

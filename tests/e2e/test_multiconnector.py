@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.helpers import metric, wait_for
-from tests.e2e.test_kv_both import _counter, distinct_prompt, idle, start_pair, start_proxy, stop_proxy
+from tests.e2e.test_kv_both import _counter, distinct_prompt, idle, start_pair
 from tests.e2e.test_pd_e2e import completion
-from vllm_ascend_pd.testing.servers import BASE_ARGS, VllmServer, free_kv_port, free_port, kv_config
+from vllm_ascend_pd.testing.servers import (
+    BASE_ARGS, ProxyServer, VllmServer, free_kv_port, free_port, kv_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -58,13 +60,13 @@ def multi(request, tiny_model, tmp_path_factory):
     proxy = None
     try:
         cluster = start_pair(request, [P, D])
-        proxy_port = free_port({p_port, d_port})
-        proxy = start_proxy(logs, "multi-proxy", proxy_port,
+        proxy = ProxyServer(free_port({p_port, d_port}), logs / "multi-proxy.log",
                             "--prefill", f"127.0.0.1:{P.port}", "--decode", f"127.0.0.1:{D.port}")
-        yield Multi(P, D, f"http://127.0.0.1:{proxy_port}", cluster.S, storage)
+        proxy.start()
+        yield Multi(P, D, proxy.url, cluster.S, storage)
     finally:
         if proxy is not None:
-            stop_proxy(proxy)
+            proxy.stop()
         P.stop()
         D.stop()
 

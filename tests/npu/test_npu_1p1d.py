@@ -9,18 +9,14 @@ import contextlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.helpers import metric, post, wait_for
 from tests.npu.conftest import DEVICES, MODEL, device_ip
-from vllm_ascend_pd.testing.servers import VllmServer, free_kv_port, free_port
+from vllm_ascend_pd.testing.servers import ProxyServer, VllmServer, free_kv_port, free_port
 
 pytestmark = pytest.mark.npu
 
@@ -92,26 +88,6 @@ def transport_skip_reason(transport: str) -> str | None:
     return None
 
 
-def start_proxy(port: int, p_port: int, d_port: int, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm_ascend_pd.proxy", "--host", "127.0.0.1", "--port", str(port),
-         "--model", "m", "--prefill", f"127.0.0.1:{p_port}", "--decode", f"127.0.0.1:{d_port}"],
-        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except urllib.error.HTTPError:
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.3)
-    raise RuntimeError(f"proxy did not start; see {log}")
-
-
 def npu_kv_config(role: str, kv_port: int, extra: dict) -> str:
     return json.dumps({"kv_connector": "AscendSimpleConnector", "kv_role": role, "kv_port": kv_port,
                        "kv_buffer_device": "npu", "kv_connector_extra_config": extra})
@@ -127,13 +103,13 @@ def proxied(p: NpuServer, d: NpuServer, proxy_log: Path):
         d.start()
         p.wait_ready(1200)
         d.wait_ready(1200)
-        proxy_port = free_port()
-        proxy = start_proxy(proxy_port, p.port, d.port, proxy_log)
-        yield f"http://127.0.0.1:{proxy_port}"
+        proxy = ProxyServer(free_port(), proxy_log, "--prefill", f"127.0.0.1:{p.port}",
+                            "--decode", f"127.0.0.1:{d.port}", model="m")
+        proxy.start()
+        yield proxy.url
     finally:
-        if proxy is not None and proxy.poll() is None:
-            os.killpg(proxy.pid, 15)
-            proxy.wait(15)
+        if proxy is not None:
+            proxy.stop()
         d.stop()
         p.stop()
 

@@ -173,8 +173,9 @@ class ProxyServer:
     """The proxy (``python -m vllm_ascend_pd.proxy``) on 127.0.0.1 in its own
     process group, so teardown, or a test, can signal all of it."""
 
-    def __init__(self, port: int, log: Path, *args: str, env: dict[str, str] | None = None):
-        self.port, self.log, self.args = port, log, args
+    def __init__(self, port: int, log: Path, *args: str, env: dict[str, str] | None = None,
+                 model: str = "tiny"):
+        self.port, self.log, self.args, self.model = port, log, args, model
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
@@ -188,7 +189,7 @@ class ProxyServer:
         env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1", **self.env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm_ascend_pd.proxy", "--host", "127.0.0.1",
-             "--port", str(self.port), "--model", "tiny", *self.args],
+             "--port", str(self.port), "--model", self.model, *self.args],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )
         deadline = time.monotonic() + timeout
