@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -23,6 +24,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def registration_dealer(port: int):
+    """A bare DEALER socket to a proxy's registration port, for announcements
+    sent by hand."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        yield sock
+    finally:
+        sock.close(0)
+        ctx.term()
 
 
 def dead_address() -> str:

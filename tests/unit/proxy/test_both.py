@@ -4,9 +4,8 @@ for another, never both legs of one request while another can decode."""
 from __future__ import annotations
 
 import pytest
-import zmq
 
-from conftest import free_port, state_of, wait_for
+from conftest import free_port, registration_dealer, state_of, wait_for
 from vllm_ascend_pd.announce import Announcement, encode_announcement
 from vllm_ascend_pd.proxy.config import ConfigError, ProxyConfig, config_from_args
 
@@ -89,10 +88,7 @@ async def test_registered_both_instance_is_one_instance(backend, proxy):
     a = await backend("a")
     port = free_port()
     client = await proxy(register_port=port, heartbeat_ttl=5)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    try:
+    with registration_dealer(port) as sock:
         sock.send(encode_announcement(Announcement(role="both", http_address=a.address)))
         reg = state_of(client).registry
         await wait_for(lambda: len(reg.instances("both")) == 1)
@@ -104,9 +100,6 @@ async def test_registered_both_instance_is_one_instance(backend, proxy):
         sock.send(encode_announcement(Announcement(role="both", http_address=a.address,
                                                    leaving=True)))
         await wait_for(lambda: reg.instances() == [])
-    finally:
-        sock.close(0)
-        ctx.term()
 
 
 async def test_admin_adds_both_instance(backend, proxy):

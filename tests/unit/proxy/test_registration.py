@@ -6,9 +6,8 @@ import asyncio
 import time
 
 import msgspec
-import zmq
 
-from conftest import free_port, state_of, wait_for
+from conftest import free_port, registration_dealer, state_of, wait_for
 from vllm_ascend_pd.announce import Announcement, Announcer, encode_announcement
 
 
@@ -51,10 +50,7 @@ async def test_silent_instance_is_evicted_after_ttl(backend, proxy):
     d = await backend("d")
     port = free_port()
     client = await proxy(register_port=port, heartbeat_ttl=0.3)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    try:
+    with registration_dealer(port) as sock:
         sock.send(encode_announcement(Announcement(role="both", http_address=d.address)))
         await wait_for(lambda: _addresses(client, "decode") == [d.address]
                        and _addresses(client, "prefill") == [d.address])
@@ -70,9 +66,6 @@ async def test_silent_instance_is_evicted_after_ttl(backend, proxy):
         await wait_for(lambda: _addresses(client, "decode") == [], timeout=4)
         assert 0.2 < time.monotonic() - t0 < 3
         assert _addresses(client, "prefill") == []
-    finally:
-        sock.close(0)
-        ctx.term()
 
 
 async def test_registered_instance_waits_for_health_probe(backend, proxy):
@@ -97,10 +90,7 @@ async def test_bad_announcements_are_ignored(proxy):
     port = free_port()
     client = await proxy(register_port=port)
     listener = state_of(client).registration
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    try:
+    with registration_dealer(port) as sock:
         sock.send(b"garbage")
         sock.send(msgspec.msgpack.encode({"role": "router", "http_address": "a:1"}))
         sock.send(encode_announcement(Announcement(role="decode", http_address="nope")))
@@ -109,9 +99,6 @@ async def test_bad_announcements_are_ignored(proxy):
         await wait_for(lambda: listener.rejected == 4)
         assert listener.received == 0
         assert state_of(client).registry.instances() == []
-    finally:
-        sock.close(0)
-        ctx.term()
 
 
 def test_announcer_never_raises():
