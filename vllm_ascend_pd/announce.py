@@ -10,7 +10,9 @@ DEALER socket to the proxy's ROUTER socket.  ``version`` is
 :data:`ANNOUNCE_PROTOCOL_VERSION`; the proxy ignores other versions loudly.
 
 Version history:
-  1 - first version.
+  1 - first version. ``token`` (added later, optional: older proxies ignore
+      it) signs an announcement with the deployment's shared secret, so a
+      proxy that knows the secret refuses announcements from strangers.
 
 This module must stay importable without vLLM and must not import the proxy
 or the connector.
@@ -54,6 +56,19 @@ class Announcement(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Fal
     interval: float = 0.0
     # Set on the last message of a clean shutdown.
     leaving: bool = False
+    # vllm_ascend_pd.auth token over signed_fields(), fresh for every beat;
+    # empty when the instance has no shared secret.
+    token: str = ""
+
+
+ANNOUNCE_AUTH_KIND = "announce"
+
+
+def signed_fields(ann: Announcement) -> tuple:
+    """What an announcement's token covers: everything but the token, in
+    the types the receiver decodes (an ``int`` interval arrives a float)."""
+    return (ann.role, ann.http_address, ann.kv_address, ann.engine_id, ann.model,
+            int(ann.version), float(ann.interval), bool(ann.leaving))
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -87,7 +102,12 @@ class Announcer:
     """
 
     def __init__(self, proxy_address: str, announcement: Announcement,
-                 interval: float = 3.0):
+                 interval: float = 3.0, secret: str = ""):
+        """``secret``: the deployment's shared secret; when set, every beat
+        carries a fresh token (nonce and timestamp), so it cannot be replayed."""
+        from vllm_ascend_pd.auth import Authenticator
+
+        self._auth = Authenticator(secret)
         self.proxy_address = proxy_address
         self.interval = max(float(interval), 0.05)
         if not announcement.interval:
@@ -120,6 +140,12 @@ class Announcer:
         except Exception:
             _logger().exception("error while stopping the proxy announcer")
 
+    def _encode(self, ann: Announcement) -> bytes:
+        if self._auth.enabled:
+            ann = msgspec.structs.replace(
+                ann, token=self._auth.sign(ANNOUNCE_AUTH_KIND, *signed_fields(ann)))
+        return encode_announcement(ann)
+
     @property
     def running(self) -> bool:
         t = self._thread
@@ -135,9 +161,7 @@ class Announcer:
         warned = False
         try:
             endpoint = _zmq_endpoint(self.proxy_address)
-            beat = encode_announcement(self.announcement)
-            bye = encode_announcement(
-                msgspec.structs.replace(self.announcement, leaving=True))
+            bye_ann = msgspec.structs.replace(self.announcement, leaving=True)
             ctx = zmq.Context()
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 500)
@@ -153,7 +177,7 @@ class Announcer:
                         endpoint, self.interval)
             while True:
                 try:
-                    sock.send(beat, zmq.NOBLOCK)
+                    sock.send(self._encode(self.announcement), zmq.NOBLOCK)
                     self.sent += 1
                     warned = False
                 except zmq.Again:
@@ -164,7 +188,7 @@ class Announcer:
                 if self._stop.wait(self.interval):
                     break
             try:
-                sock.send(bye, zmq.NOBLOCK)
+                sock.send(self._encode(bye_ann), zmq.NOBLOCK)
             except zmq.Again:
                 pass
         except Exception:

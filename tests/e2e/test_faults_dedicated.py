@@ -9,9 +9,11 @@ a fraction of one: long enough to kill or abandon it half way."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,17 +41,28 @@ class Dedicated:
         port = ports.http
         env = {SECRET_ENV: SECRET}
 
-        def server(name, role, kv_port, *extra, policy=None):
-            return VllmServer(name, model, port(), [
-                *BASE_ARGS, *extra, "--kv-transfer-config",
-                kv_config(role, kv_port, failure_policy=policy, **SLOW)], env=env, log_path=logs / f"{name}.log")
+        # P and D also announce themselves, signed, to a registration proxy.
+        self.register_port = port()
+        announce = {"proxy_ip": "127.0.0.1", "proxy_port": self.register_port, "heartbeat_s": 0.5}
 
-        self.P = server("Pded", "kv_producer", kv)
-        self.D = server("Dded", "kv_consumer", kv + 2, "--max-model-len", str(D_MAX_LEN), policy="recompute")
+        def server(name, role, kv_port, *extra, policy=None, **more):
+            http = port()
+            if more:
+                more["http_port"] = http  # what the instance announces
+            return VllmServer(name, model, http, [
+                *BASE_ARGS, *extra, "--kv-transfer-config",
+                kv_config(role, kv_port, failure_policy=policy, **SLOW, **more)], env=env,
+                log_path=logs / f"{name}.log")
+
+        self.P = server("Pded", "kv_producer", kv, **announce)
+        self.D = server("Dded", "kv_consumer", kv + 2, "--max-model-len", str(D_MAX_LEN), policy="recompute",
+                        **announce)
         self.Dk = server("Dkill", "kv_consumer", kv + 4, policy="recompute")  # killed by a test
         self.proxy = ProxyProcess(port(), logs / "ded-proxy.log", "--prefill", f"127.0.0.1:{self.P.port}",
                                   "--decode", f"127.0.0.1:{self.D.port}", "--kv-secret-env", SECRET_ENV,
                                   env=env)
+        self.reg_proxy = ProxyProcess(port(), logs / "ded-reg-proxy.log", "--register-port",
+                                      str(self.register_port), "--kv-secret-env", SECRET_ENV, env=env)
         self.logs = logs
 
     @property
@@ -57,11 +70,13 @@ class Dedicated:
         return (self.P, self.D, self.Dk)
 
     def start(self) -> None:
+        self.reg_proxy.start()  # first, so that the first heartbeats are heard
         start_all(self.servers, 900)
         self.proxy.start()
 
     def stop(self) -> None:
         self.proxy.stop()
+        self.reg_proxy.stop()
         stop_all(self.servers)
 
 
@@ -115,6 +130,21 @@ def test_secret_deployment_is_exact_and_strangers_are_refused(ded, tokenizer, cl
     assert release_transfer_sync(params, timeout=5) is False  # unsigned: refused
     assert release_transfer_sync(params, timeout=5, secret=SECRET) is True
     wait_idle([ded.P.url], 10, producers=(ded.P.url,))
+
+
+def test_signed_registration_serves_token_exact(ded, tokenizer):
+    """The instances sign their heartbeats with the deployment's secret; the
+    proxy that knows it registers them and serves through them."""
+    def registered():
+        st = json.loads(urllib.request.urlopen(ded.reg_proxy.url + "/status", timeout=5).read())
+        return {role: [i["address"] for i in st["instances"][role] if i["health"] == "healthy"]
+                for role in ("prefill", "decode")}
+
+    wait_for(lambda: registered() == {"prefill": [f"127.0.0.1:{ded.P.port}"],
+                                      "decode": [f"127.0.0.1:{ded.D.port}"]}, timeout=30)
+    assert "refusing announcement" not in ded.reg_proxy.log.read_text()
+    prompt = prompt_of(tokenizer, 120, seed=611)
+    assert completion(ded.reg_proxy.url, prompt, 6) == reference(ded.D, prompt, 6)
 
 
 def test_decode_rejects_prompt_too_long_for_it(ded, tokenizer):

@@ -12,7 +12,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm_ascend_pd.log import get_logger
 
 from vllm_ascend_pd.compat import init_connector_base
-from vllm_ascend_pd.config import ConfigError, parse_extra_config, resolve_kv_ip
+from vllm_ascend_pd.config import ConfigError, parse_extra_config, resolve_kv_ip, resolve_secret
 from vllm_ascend_pd.connector.metadata import AscendConnectorMetadata
 from vllm_ascend_pd.connector.scheduler import SchedulerSide
 from vllm_ascend_pd.connector.stats import AscendPDPromMetrics, AscendPDStats
@@ -90,6 +90,7 @@ class AscendSimpleConnector(KVConnectorBase_V1):
                 model=model,
             ),
             interval=self.cfg.heartbeat_s,
+            secret=resolve_secret(self.cfg),
         )
         announcer.start()
         return announcer

@@ -85,7 +85,7 @@ async def _on_startup(app: web.Application) -> None:
         state.registration = RegistrationListener(
             state.registry, host=cfg.register_host, port=cfg.register_port,
             ttl=cfg.heartbeat_ttl, on_added=state.on_instance_added,
-            on_removed=state.on_instance_removed)
+            on_removed=state.on_instance_removed, secret=cfg.kv_secret())
         state.registration.start()
     logger.info("proxy ready: %d prefill, %d decode, %d kv_both instances, policy %s",
                 len(cfg.prefill), len(cfg.decode), len(cfg.both), cfg.policy)

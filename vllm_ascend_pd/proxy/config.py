@@ -125,6 +125,10 @@ class ProxyConfig:
     # 1: one process, no supervisor.
     workers: int = 1
 
+    def kv_secret(self) -> str:
+        """The instances' shared secret ("" without --kv-secret-env)."""
+        return os.environ.get(self.kv_secret_env, "") if self.kv_secret_env else ""
+
     def validate(self) -> "ProxyConfig":
         """Check every field; normalise addresses.  Returns self."""
         errors: list[str] = []
@@ -301,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-secret-env", default=d.kv_secret_env, metavar="VAR",
                    help="environment variable holding the shared secret the instances "
                         "use (their shared_secret_env); the proxy signs the release of "
-                        "abandoned transfers with it")
+                        "abandoned transfers with it and refuses registrations not signed "
+                        "with it")
     return p
 
 

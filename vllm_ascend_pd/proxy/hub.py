@@ -41,7 +41,8 @@ class MembershipHub:
         if cfg.register_port is not None:
             self.registration = RegistrationListener(
                 registry, host=cfg.register_host, port=cfg.register_port,
-                ttl=cfg.heartbeat_ttl, on_added=self._changed, on_removed=self._changed)
+                ttl=cfg.heartbeat_ttl, on_added=self._changed, on_removed=self._changed,
+                secret=cfg.kv_secret())
         self._ctx: Optional[zmq.asyncio.Context] = None
         self._router = self._pub = None
         self._tasks: list[asyncio.Task] = []

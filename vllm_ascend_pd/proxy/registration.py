@@ -2,20 +2,26 @@
 
 Instances run :class:`vllm_ascend_pd.announce.Announcer`.  Every message is a
 heartbeat; instances silent for longer than the TTL are evicted, and a
-``leaving`` message removes an instance at once.  Runs on the proxy's event
+``leaving`` message removes an instance at once.  With the deployment's shared
+secret (``--kv-secret-env``), only announcements signed with it count: anyone
+who reaches the port could otherwise put an address of theirs into rotation
+and receive clients' prompts and ``Authorization`` headers.  Runs on the proxy's event
 loop (``zmq.asyncio``), so it shares the registry without locks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Callable, Optional
 
 import msgspec
 import zmq
 import zmq.asyncio
 
-from vllm_ascend_pd.announce import ANNOUNCE_PROTOCOL_VERSION, Announcement, decode_announcement
+from vllm_ascend_pd.announce import (ANNOUNCE_AUTH_KIND, ANNOUNCE_PROTOCOL_VERSION,
+                                     Announcement, decode_announcement, signed_fields)
+from vllm_ascend_pd.auth import AuthError, Authenticator
 from vllm_ascend_pd.proxy.config import ConfigError, format_address, normalize_address
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.registry import Instance, Registry, Source
@@ -24,14 +30,21 @@ from vllm_ascend_pd.proxy.zmq_tasks import cancel_tasks, close_zmq
 logger = init_logger(__name__)
 
 DEFAULT_INTERVAL = 3.0
+# A sender of bad announcements must not flood the log: one warning per kind
+# of refusal per this many seconds, with the count of those left out.
+WARN_EVERY_S = 10.0
 
 
 class RegistrationListener:
     def __init__(self, registry: Registry, *, host: str, port: int,
                  ttl: Optional[float],
                  on_added: Callable[[Instance], None],
-                 on_removed: Callable[[Instance], None]):
+                 on_removed: Callable[[Instance], None],
+                 secret: str = ""):
         self._registry = registry
+        self._auth = Authenticator(secret)
+        self._warned_unverified = False
+        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last, suppressed)
         self.endpoint = f"tcp://{format_address(host, port)}"
         self._ipv6 = ":" in host
         self._ttl = ttl
@@ -54,19 +67,22 @@ class RegistrationListener:
             ann = decode_announcement(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.rejected += 1
-            logger.warning("ignoring malformed announcement: %s", exc)
+            self._warn("malformed", "ignoring malformed announcement: %s", exc)
             return []
         if ann.version != ANNOUNCE_PROTOCOL_VERSION:
             self.rejected += 1
-            logger.warning("ignoring announcement from %s: protocol version %d, proxy "
-                           "speaks %d; upgrade the older side", ann.http_address,
-                           ann.version, ANNOUNCE_PROTOCOL_VERSION)
+            self._warn("version", "ignoring announcement from %r: protocol version %d, "
+                       "proxy speaks %d; upgrade the older side", ann.http_address[:100],
+                       ann.version, ANNOUNCE_PROTOCOL_VERSION)
+            return []
+        if not self._authentic(ann):
+            self.rejected += 1
             return []
         try:
             address = normalize_address(ann.http_address, what="announced http_address")
         except ConfigError as exc:
             self.rejected += 1
-            logger.warning("ignoring announcement: %s", exc)
+            self._warn("address", "ignoring announcement: %s", exc)
             return []
         role = ann.role  # "both": one instance that serves either leg
         self.received += 1
@@ -88,6 +104,34 @@ class RegistrationListener:
                         ann.engine_id or "?")
             self._on_added(inst)
         return [inst]
+
+    def _authentic(self, ann: Announcement) -> bool:
+        if not self._auth.enabled:
+            if ann.token and not self._warned_unverified:
+                self._warned_unverified = True
+                logger.warning("instances sign their announcements but this proxy cannot "
+                               "check them: pass --kv-secret-env naming the variable that "
+                               "holds their shared secret")
+            return True
+        try:
+            self._auth.verify(ANNOUNCE_AUTH_KIND, ann.token, *signed_fields(ann))
+        except AuthError as exc:
+            self._warn("auth", "refusing announcement of %s instance %r: %s; every "
+                       "instance needs the shared secret the proxy's --kv-secret-env "
+                       "names", ann.role, ann.http_address[:100], exc)
+            return False
+        return True
+
+    def _warn(self, kind: str, msg: str, *args) -> None:
+        now = time.monotonic()
+        last, suppressed = self._warned.get(kind, (float("-inf"), 0))
+        if now - last < WARN_EVERY_S:
+            self._warned[kind] = (last, suppressed + 1)
+            return
+        if suppressed:
+            msg += f" ({suppressed} more like it in the last {now - last:.0f}s)"
+        self._warned[kind] = (now, 0)
+        logger.warning(msg, *args)
 
     def evict(self) -> list[Instance]:
         gone = self._registry.evict_expired()

@@ -63,7 +63,7 @@ class ProxyState:
             multiprocess_dir=worker.metrics_dir if worker is not None else None)
         if self.metrics.instance_healthy is not None:  # multiprocess mode
             self.registry.observer = self.metrics.observe
-        secret = os.environ.get(cfg.kv_secret_env, "") if cfg.kv_secret_env else ""
+        secret = cfg.kv_secret()
         self.release_transfer: ReleaseFn = release_transfer or functools.partial(
             default_release_transfer, secret=secret)
         self.inflight = 0

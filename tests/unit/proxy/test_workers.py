@@ -227,14 +227,24 @@ async def test_admin_add_through_a_worker_probes_the_instance_once(backend, mult
     assert d2.health_probes == 2
 
 
-async def test_announcer_registration_reaches_every_worker(backend, multi):
-    p, d = await backend("p"), await backend("d")
+async def test_announcer_registration_reaches_every_worker(backend, multi, monkeypatch):
+    """Signed with the deployment's secret; a stranger's unsigned announcement
+    reaches no worker."""
+    secret = "0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("TEST_PD_SECRET", secret)  # inherited by the proxy process
+    p, d, rogue = await backend("p"), await backend("d"), await backend("rogue")
     rport = free_port()
     px = await multi("--prefill", p.address, "--register-port", str(rport),
-                     "--heartbeat-ttl", "2", healthy=False)
+                     "--heartbeat-ttl", "2", "--kv-secret-env", "TEST_PD_SECRET",
+                     healthy=False)
     ann = Announcer(f"127.0.0.1:{rport}", Announcement(role="decode", http_address=d.address,
-                                                       engine_id="ed"), interval=0.1)
+                                                       engine_id="ed"), interval=0.1,
+                    secret=secret)
+    stranger = Announcer(f"127.0.0.1:{rport}", Announcement(role="decode",
+                                                            http_address=rogue.address),
+                         interval=0.1)
     ann.start()
+    stranger.start()
     try:
         for _ in range(100):
             sts = await worker_statuses(px.url, 2)
@@ -249,8 +259,10 @@ async def test_announcer_registration_reaches_every_worker(backend, multi):
         for _ in range(4):
             code, _ = await _request("POST", px.url + "/v1/completions", json={"prompt": "x"})
             assert code == 200
-        assert len(d.requests) == 4
+        assert len(d.requests) == 4 and not rogue.requests
+        assert "refusing announcement of decode instance" in _log(px)
     finally:
+        stranger.stop()
         ann.stop()
     for _ in range(100):  # the "leaving" message removes it everywhere
         sts = await worker_statuses(px.url, 2)
