@@ -79,7 +79,8 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shared_secret_env: Annotated[str, _doc(
         "Name of an environment variable holding the shared secret, e.g. "
         "`VLLM_ASCEND_PD_SHARED_SECRET`. Start-up fails if it is unset or empty. "
-        "The proxy reads the same variable to release abandoned transfers.")] = ""
+        "The proxy reads the same variable (`--kv-secret-env`) to release abandoned "
+        "transfers and to check the instances' signed registrations.")] = ""
     proxy_ip: Annotated[str, _doc(
         "Register with a p2p_disagg_proxy at this address (dynamic xPyD).")] = ""
     proxy_port: Annotated[int, _doc(
