@@ -134,22 +134,6 @@ def test_announcement_roundtrip_carries_interval():
 SECRET = "0123456789abcdef0123456789abcdef"
 
 
-class _Dealer:
-    """A raw ZMQ peer of the registration port: sends whatever bytes it is given."""
-
-    def __init__(self, port: int):
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.connect(f"tcp://127.0.0.1:{port}")
-
-    def send(self, payload: bytes) -> None:
-        self.sock.send(payload)
-
-    def close(self) -> None:
-        self.sock.close(0)
-        self.ctx.term()
-
-
 def _signed(ann: Announcement, secret: str = SECRET) -> bytes:
     return Announcer("127.0.0.1:1", ann, secret=secret)._encode(ann)
 
@@ -163,35 +147,38 @@ async def test_with_the_secret_only_signed_announcements_count(backend, proxy, m
     ann = Announcer(f"127.0.0.1:{port}", Announcement(role="decode", http_address=good.address),
                     interval=0.05, secret=SECRET)
     ann.start()
-    peer = _Dealer(port)
     try:
-        await wait_for(lambda: _addresses(client, "decode") == [good.address])
-        rejected = reg.rejected
-        rogue_ann = Announcement(role="decode", http_address=rogue.address)
-        peer.send(encode_announcement(rogue_ann))             # unsigned
-        peer.send(_signed(rogue_ann, secret="f" * 32))        # another secret
-        forged = msgspec.msgpack.decode(_signed(rogue_ann))
-        forged["http_address"] = "127.0.0.1:9"                # token of other fields
-        peer.send(msgspec.msgpack.encode(forged))
-        # Nor can a stranger take the real instance out of rotation.
-        peer.send(encode_announcement(Announcement(role="decode", http_address=good.address,
-                                                   leaving=True)))
-        await wait_for(lambda: reg.rejected == rejected + 4)
-        # A captured beat replayed is refused too.
-        beat = _signed(Announcement(role="decode", http_address=rogue.address, interval=9))
-        peer.send(beat)
-        await wait_for(lambda: rogue.address in _addresses(client, "decode"))
-        state_of(client).registry.remove("decode", rogue.address)
-        peer.send(beat)
-        await wait_for(lambda: reg.rejected == rejected + 5)
-        assert _addresses(client, "decode") == [good.address]
-        resp = await client.post("/v1/completions", json={"prompt": "x"})
-        assert resp.status == 200 and len(good.requests) == 1 and not rogue.requests
+        with registration_dealer(port) as peer:
+            await _refuse_strangers(client, peer, reg, good, rogue)
     finally:
-        peer.close()
         await asyncio.to_thread(ann.stop)
     # The real instance's signed goodbye is honoured.
     await wait_for(lambda: _addresses(client, "decode") == [], timeout=1.0)
+
+
+async def _refuse_strangers(client, peer, reg, good, rogue) -> None:
+    await wait_for(lambda: _addresses(client, "decode") == [good.address])
+    rejected = reg.rejected
+    rogue_ann = Announcement(role="decode", http_address=rogue.address)
+    peer.send(encode_announcement(rogue_ann))             # unsigned
+    peer.send(_signed(rogue_ann, secret="f" * 32))        # another secret
+    forged = msgspec.msgpack.decode(_signed(rogue_ann))
+    forged["http_address"] = "127.0.0.1:9"                # token of other fields
+    peer.send(msgspec.msgpack.encode(forged))
+    # Nor can a stranger take the real instance out of rotation.
+    peer.send(encode_announcement(Announcement(role="decode", http_address=good.address,
+                                               leaving=True)))
+    await wait_for(lambda: reg.rejected == rejected + 4)
+    # A captured beat replayed is refused too.
+    beat = _signed(Announcement(role="decode", http_address=rogue.address, interval=9))
+    peer.send(beat)
+    await wait_for(lambda: rogue.address in _addresses(client, "decode"))
+    state_of(client).registry.remove("decode", rogue.address)
+    peer.send(beat)
+    await wait_for(lambda: reg.rejected == rejected + 5)
+    assert _addresses(client, "decode") == [good.address]
+    resp = await client.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status == 200 and len(good.requests) == 1 and not rogue.requests
 
 
 async def test_without_the_secret_signed_announcements_register_with_one_warning(
@@ -216,14 +203,10 @@ async def test_a_flood_of_bad_announcements_is_logged_once(proxy, caplog):
     port = free_port()
     client = await proxy(register_port=port)
     reg = state_of(client).registration
-    peer = _Dealer(port)
-    try:
-        with caplog.at_level("WARNING"):
-            for i in range(200):
-                peer.send(b"\x93not an announcement %d" % i)
-            await wait_for(lambda: reg.rejected == 200)
-    finally:
-        peer.close()
+    with registration_dealer(port) as peer, caplog.at_level("WARNING"):
+        for i in range(200):
+            peer.send(b"\x93not an announcement %d" % i)
+        await wait_for(lambda: reg.rejected == 200)
     logged = [r for r in caplog.records if "malformed announcement" in r.getMessage()]
     assert len(logged) == 1, len(logged)
     assert _addresses(client, "decode") == []
