@@ -36,7 +36,6 @@ import platform
 import re
 import resource
 import socket
-import statistics
 import subprocess
 import sys
 import time

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import free_port, sse_events, wait_for
+from conftest import free_port, sse_events
 from vllm_ascend_pd.announce import Announcement, Announcer
 from vllm_ascend_pd.testing.proxy_status import worker_statuses
 from vllm_ascend_pd.testing.servers import ProxyServer
