@@ -171,6 +171,8 @@ class Sample:
     tokens: int = 0
     end: float = 0.0
     error: str = ""
+    token_ids: list[int] = field(default_factory=list)  # with return_token_ids
+    text: str = ""
 
 
 def random_prompt(rnd: random.Random, n: int, vocab: int = 460) -> list[int]:
@@ -180,12 +182,13 @@ def random_prompt(rnd: random.Random, n: int, vocab: int = 460) -> list[int]:
 
 
 async def stream_one(session, url: str, prompt: list[int], max_tokens: int,
-                     prefill_url: str = "") -> Sample:
+                     prefill_url: str = "", extra: dict | None = None) -> Sample:
     """One streaming completion; with ``prefill_url``, first run the prompt
-    there with max_tokens=1 (the two-step ExampleConnector driver)."""
+    there with max_tokens=1 (the two-step ExampleConnector driver). ``extra``:
+    more body fields (e.g. ``cache_salt``, ``return_token_ids``)."""
     s = Sample(time.perf_counter())
     body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+            "ignore_eos": True, "stream": True, **(extra or {})}
     try:
         if prefill_url:
             pre = {**body, "max_tokens": 1, "stream": False}
@@ -211,6 +214,9 @@ async def stream_one(session, url: str, prompt: list[int], max_tokens: int,
                     s.itls.append(now - last)
                 last = now
                 s.tokens += 1
+                choice = ev["choices"][0]
+                s.text += choice.get("text") or ""
+                s.token_ids += choice.get("token_ids") or []
     except Exception as e:  # noqa: BLE001 - recorded, reported as an error count
         s.error = str(e)[:300]
     s.end = time.perf_counter()
