@@ -19,7 +19,7 @@ whether every answer is token for token the same under both policies.
     flock /tmp/vllm-heavy.lock python benchmarks/proxy/bench_affinity.py          # writes docs/proxy-affinity-benchmark.md
     flock /tmp/vllm-heavy.lock python benchmarks/proxy/bench_affinity.py --quick  # smoke run, no files
 
-About 6 minutes with the defaults, 2 of them starting vLLM.
+About 4 minutes with the defaults, one of them starting vLLM (on a busy machine more).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
