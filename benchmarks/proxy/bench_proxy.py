@@ -458,6 +458,8 @@ async def wait_ready(url: str, timeout: float = 30.0) -> None:
 
 # ---------------------------------------------------------------- report
 HANDWRITTEN = "## Reading these numbers"
+
+
 def targets(args) -> tuple[str, ...]:
     """Every target name in report order."""
     workers = tuple(f"proxy-w{n}" for n in args.proxy_workers)
