@@ -19,6 +19,7 @@ from vllm_ascend_pd.proxy.registry import Instance
 
 class Policy:
     name = "base"
+    spills = 0  # only prefix affinity passes over its first choice
 
     def __init__(self, rng: Optional[random.Random] = None):
         self._rng = rng or random.Random()
@@ -87,6 +88,8 @@ class PrefixAffinity(Policy):
         super().__init__(rng)
         self.load_factor = load_factor
         self._fallback = LeastRequests(self._rng)
+        # Picks that passed over the first-ranked instance for load (a metric).
+        self.spills = 0
 
     def pick(self, candidates: Sequence[Instance], key: bytes = b"") -> Instance:
         if len(candidates) == 1:
@@ -99,6 +102,8 @@ class PrefixAffinity(Policy):
         bound = math.ceil(self.load_factor * (total + 1) / len(candidates))
         for inst in ranked:
             if inst.inflight_requests < bound:
+                if inst is not ranked[0]:
+                    self.spills += 1
                 return inst
         return ranked[0]  # unreachable: someone is at or below the mean
 

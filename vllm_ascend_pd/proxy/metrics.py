@@ -69,7 +69,7 @@ class ProxyMetrics:
         if _prom is None:
             noop = _Noop()
             self.registry = None
-            self.requests = self.errors = self.failovers = noop
+            self.requests = self.errors = self.failovers = self.affinity_spills = noop
             self.prefill_latency = self.decode_latency = self.ttft = noop
             self.decode_first_byte = noop
             self.inflight = noop
@@ -86,6 +86,11 @@ class ProxyMetrics:
             ["kind"], registry=reg)
         self.failovers = _prom.Counter(
             PREFIX + "failovers", "Retries on another instance, by leg.",
+            ["leg"], registry=reg)
+        self.affinity_spills = _prom.Counter(
+            PREFIX + "affinity_spills",
+            "prefix_affinity picks that passed over the prefix's own instance because it "
+            "held more than --affinity-load-factor x its share, by leg.",
             ["leg"], registry=reg)
         self.prefill_latency = _prom.Histogram(
             PREFIX + "prefill_latency_seconds",
@@ -110,6 +115,7 @@ class ProxyMetrics:
             self.errors.labels(kind)
         for leg in ("prefill", "decode"):
             self.failovers.labels(leg)
+            self.affinity_spills.labels(leg)
         if multiprocess_dir:
             # Written on every change (Registry.observer -> observe()).
             self.instance_healthy = _prom.Gauge(

@@ -160,3 +160,34 @@ def test_affinity_without_a_prompt_falls_back_to_least_requests():
     insts[0].inflight_requests, insts[1].inflight_requests, insts[2].inflight_requests = 3, 0, 2
     pol = make_policy("prefix_affinity", random.Random(0))
     assert {pol.pick(insts, b"").address for _ in range(20)} == {insts[1].address}
+
+
+async def test_affinity_spill_is_counted_and_goes_elsewhere(backend, proxy):
+    """Three concurrent requests with one prefix: two fit under the bound on
+    the prefix's own decode instance, the third spills, and the metric says so."""
+    import asyncio
+
+    from conftest import sse_events, state_of
+
+    p, d1, d2 = await backend("p"), await backend("d"), await backend("d")
+    for d in (d1, d2):
+        d.events = sse_events(4)
+        d.event_delay = 0.2  # keep the streams in flight together
+    client = await proxy([p], [d1, d2], policy="prefix_affinity")
+    body = {"prompt": "shared system prompt " * 40, "stream": True}
+
+    async def one():
+        resp = await client.post("/v1/completions", json=body)
+        assert resp.status == 200
+        return await resp.read()
+
+    first = asyncio.ensure_future(one())
+    await asyncio.sleep(0.1)
+    second = asyncio.ensure_future(one())
+    await asyncio.sleep(0.1)
+    await asyncio.gather(first, second, one())
+    home, other = (d1, d2) if len(d1.requests) == 2 else (d2, d1)
+    assert (len(home.requests), len(other.requests)) == (2, 1)
+    spills = state_of(client).metrics.affinity_spills
+    assert spills.labels("decode")._value.get() == 1
+    assert spills.labels("prefill")._value.get() == 0
