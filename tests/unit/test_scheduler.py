@@ -145,3 +145,45 @@ def test_consumer_aborted_while_loading_cancels_its_pull(status, cancelled):
     c.request_finished(req, [100, 101, 102])
     c.request_finished(FakeRequest("other", [1], None, RequestStatus.FINISHED_ABORTED), [])
     assert c.build_connector_meta().cancels == []
+
+
+def test_parallel_sampling_siblings_share_one_pull():
+    """vLLM turns n > 1 into child requests that carry the parent's params
+    (one dict in-process, copies across processes): the first pulls, the
+    others wait for it, then compute the rest from the prefix cache."""
+    prompt = list(range(10))
+    _, _, params = produce(prompt)
+    c = side(consumer=True)
+    a = FakeRequest("0_r", prompt, dict(params), RequestStatus.WAITING)
+    b = FakeRequest("1_r", prompt, dict(params), RequestStatus.WAITING)
+    assert c.get_num_new_matched_tokens(a, 0) == (10, True)
+    c.update_state_after_alloc(a, FakeBlocks([1, 2, 3]), 10)
+    a.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert len(c.build_connector_meta().recvs) == 1
+    # While a pulls, b waits (None: ask again next step) ...
+    assert c.get_num_new_matched_tokens(b, 0) == (None, False)
+    # ... then takes a's blocks from the prefix cache and computes the rest.
+    a.status = RequestStatus.RUNNING
+    assert c.get_num_new_matched_tokens(b, 8) == (0, False)
+    c.update_state_after_alloc(b, FakeBlocks([1, 2, 4]), 0)
+    assert c.request_finished(b, [1, 2, 4]) == (False, None)
+    meta = c.build_connector_meta()
+    assert meta.recvs == [] and meta.releases == []  # no second pull, no release
+    # A sibling queued until after a finished still does not pull.
+    c.request_finished(a, [1, 2, 3])
+    late = FakeRequest("2_r", prompt, dict(params), RequestStatus.WAITING)
+    assert c.get_num_new_matched_tokens(late, 8) == (0, False)
+    assert c.build_connector_meta().recvs == []
+
+
+def test_same_transfer_id_with_another_prompt_is_not_a_sibling():
+    prompt = list(range(10))
+    _, _, params = produce(prompt)
+    c = side(consumer=True)
+    a = FakeRequest("a", prompt, dict(params), RequestStatus.WAITING)
+    c.get_num_new_matched_tokens(a, 0)
+    c.update_state_after_alloc(a, FakeBlocks([1, 2, 3]), 10)
+    a.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+    # Params copied onto another prompt: refused by the prompt check, prefilled locally.
+    other = FakeRequest("x", list(range(50, 60)), dict(params), RequestStatus.WAITING)
+    assert c.get_num_new_matched_tokens(other, 0) == (0, False)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = get_logger(__name__)
+
+# Transfers remembered after their puller finished, for late n > 1 siblings.
+_PULLED_MEMORY = 1024
 
 
 @dataclass
@@ -55,6 +59,12 @@ class SchedulerSide:
         self._plans: dict[str, _Plan] = {}
         # Consumer: requests whose KV a worker was told to pull.
         self._loading: set[str] = set()
+        # Consumer: the request pulling each transfer, and transfers pulled
+        # lately (bounded). vLLM turns n > 1 into child requests that all carry
+        # the parent's kv_transfer_params; one pull serves them all (see
+        # _sibling_pull).
+        self._pullers: dict[str, "Request"] = {}
+        self._pulled: collections.OrderedDict[str, str] = collections.OrderedDict()  # -> prompt hash
         self._meta = AscendConnectorMetadata()
 
     # -- consumer ---------------------------------------------------------
@@ -95,9 +105,39 @@ class SchedulerSide:
             )
         return p
 
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+    def _sibling_pull(self, request: "Request", params: dict) -> str:
+        """'loading' or 'done' if another request with this prompt pulls or
+        pulled the transfer these params name, else ''.
+
+        Such a request is a sibling from parallel sampling (n > 1): it waits
+        for the pull, then computes the rest from the prefix cache the pull
+        filled. Pulling again would be refused (the lease serves one pull) or
+        race the first."""
+        tid = params.get("transfer_id")
+        if not isinstance(tid, str):
+            return ""
+        owner = self._pullers.get(tid)
+        prompt = request.prompt_token_ids or []
+        if owner is not None:
+            if owner.request_id == request.request_id or owner.prompt_token_ids != prompt:
+                return ""
+            from vllm.v1.request import RequestStatus
+
+            return "loading" if owner.status == RequestStatus.WAITING_FOR_REMOTE_KVS else "done"
+        pulled = self._pulled.get(tid)
+        return "done" if pulled is not None and pulled == prompt_hash(prompt) else ""
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         params = request.kv_transfer_params
-        if not (self.is_consumer and params and params.get("do_remote_prefill")):
+        if not (self.is_consumer and params):
+            return 0, False
+        sibling = self._sibling_pull(request, params)
+        if sibling == "loading":
+            return None, False  # vLLM asks again next step
+        if sibling == "done":
+            params["do_remote_prefill"] = False  # consumed: no pull, no release
+            return 0, False
+        if not params.get("do_remote_prefill"):
             return 0, False
         plan = self._plan(request)
         if plan.params is None:
@@ -132,6 +172,7 @@ class SchedulerSide:
                 request.request_id, len(local_ids), len(remote_ids),
             )
         self._loading.add(request.request_id)
+        self._pullers[p.transfer_id] = request
         self._meta.recvs.append(
             RecvSpec(
                 request.request_id, p.remote_host, p.remote_port, p.transfer_id,
@@ -139,6 +180,17 @@ class SchedulerSide:
                 remote_tp_size=p.tp_size,
             )
         )
+
+    def _forget_puller(self, request: "Request") -> None:
+        params = request.kv_transfer_params or {}
+        tid = params.get("transfer_id")
+        if isinstance(tid, str) and self._pullers.get(tid) is request:
+            del self._pullers[tid]
+            # Late siblings (still queued for memory) compute from here on.
+            # The puller's params were checked against its prompt (_validate).
+            self._pulled[tid] = str(params.get("prompt_hash", ""))
+            while len(self._pulled) > _PULLED_MEMORY:
+                self._pulled.popitem(last=False)
 
     def _release_spec(self, request_id: str, p: ProducerParams) -> ReleaseSpec:
         return ReleaseSpec(
@@ -159,6 +211,7 @@ class SchedulerSide:
 
         params = request.kv_transfer_params
         self._plans.pop(request.request_id, None)
+        self._forget_puller(request)
         if request.request_id in self._loading:
             self._loading.discard(request.request_id)
             if request.status == RequestStatus.FINISHED_ABORTED:

@@ -136,6 +136,11 @@ class PDForwarder:
         }
         if req.chat:
             overrides["max_completion_tokens"] = 1
+        if "n" in req.body:
+            # One prefill serves every choice: with n > 1, P would lease one
+            # transfer per choice and D would pull only one (the rest would
+            # hold P's blocks until lease_s).
+            overrides["n"] = 1
         # min_tokens would contradict max_tokens=1.
         return req.body.encode(overrides, drop=("stream_options", "min_tokens"))
 

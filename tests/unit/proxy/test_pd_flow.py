@@ -214,3 +214,14 @@ async def test_server_timing_splits_time_to_first_byte(backend, proxy):
     samples = {smp.name: smp.value for metric in hist.collect() for smp in metric.samples}
     assert samples["vllm_pd_proxy_decode_first_byte_seconds_count"] == 2
     assert samples["vllm_pd_proxy_decode_first_byte_seconds_sum"] >= 0.2
+
+
+async def test_parallel_sampling_prefills_once(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d])
+    body = {"prompt": "hello", "max_tokens": 5, "n": 3, "temperature": 0.7, "seed": 1}
+    resp = await client.post("/v1/completions", json=body)
+    assert resp.status == 200
+    [preq], [dreq] = p.requests, d.requests
+    assert preq["body"]["n"] == 1 and dreq["body"]["n"] == 3
+    assert dreq["body"]["seed"] == 1 and preq["body"]["seed"] == 1
