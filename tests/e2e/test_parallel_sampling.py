@@ -6,7 +6,9 @@ requests sample with a fixed seed."""
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 
 import pytest
 
@@ -26,8 +28,6 @@ def test_n2_token_exact_and_no_lease_left(cluster, tokenizer, stream):
     assert expected[0] != expected[1]  # two real samples
     loaded0 = metric(cluster.D.url, "vllm:ascend_pd_loaded_tokens_total")
     if stream:
-        import json
-        import urllib.request
         req = urllib.request.Request(cluster.proxy_url + "/v1/completions",
                                      json.dumps({**body, "stream": True}).encode(),
                                      {"Content-Type": "application/json"})
