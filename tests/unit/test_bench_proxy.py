@@ -5,29 +5,20 @@ only; the timing runs hold the heavy lock)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import socket
 import sys
-from pathlib import Path
 
 os.environ.setdefault("VLLM_ASCEND_PD_PLAIN_LOGGING", "1")
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "proxy" / "bench_proxy.py"
+from bench_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_proxy", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_benchmark("proxy/bench_proxy.py")
 
 
 def _free_port() -> int:
