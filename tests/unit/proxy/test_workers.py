@@ -334,17 +334,21 @@ async def test_sigterm_drains_streams_and_exits_clean(backend, multi, target):
     assert "draining 1 in-flight requests" in _log(px)
 
 
+def _run_to_exit(host: str, port: int, **env: str) -> subprocess.CompletedProcess:
+    """A 2-worker proxy expected to exit at start-up (its port is taken)."""
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_ascend_pd.proxy", "--workers", "2", "--host", host,
+         "--port", str(port), "--prefill", "127.0.0.1:1", "--decode", "127.0.0.1:2"],
+        env=dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1", **env), capture_output=True,
+        text=True, timeout=60, start_new_session=True)
+
+
 def test_port_clash_names_the_flag(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
-        out = subprocess.run(
-            [sys.executable, "-m", "vllm_ascend_pd.proxy", "--workers", "2", "--host",
-             "127.0.0.1", "--port", str(port), "--prefill", "127.0.0.1:1", "--decode",
-             "127.0.0.1:2"], env=env, capture_output=True, text=True, timeout=60,
-            start_new_session=True)
+        out = _run_to_exit("127.0.0.1", port)
     assert out.returncode == 1, out.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
     assert "choose another --port" in out.stderr
@@ -433,13 +437,7 @@ def test_port_clash_on_a_later_address_names_the_flag(tmp_path):
     with socket.socket(socket.AF_INET6 if ":" in SECOND else socket.AF_INET) as taken:
         taken.bind((SECOND, port))
         taken.listen()
-        env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1",
-                   **_fake_resolver_env(tmp_path))
-        out = subprocess.run(
-            [sys.executable, "-m", "vllm_ascend_pd.proxy", "--workers", "2", "--host",
-             "localhost", "--port", str(port), "--prefill", "127.0.0.1:1", "--decode",
-             "127.0.0.1:2"], env=env, capture_output=True, text=True, timeout=60,
-            start_new_session=True)
+        out = _run_to_exit("localhost", port, **_fake_resolver_env(tmp_path))
     assert out.returncode == 1, out.stderr
     where = _url(SECOND, port).removeprefix("http://")
     assert (f"cannot listen on {where} (--host 'localhost'): Address already in use; "
