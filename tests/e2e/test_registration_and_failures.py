@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 
+from vllm_ascend_pd.kvclient import release_transfer_sync
 from tests.e2e.helpers import metric, post, prompt_of, wait_for
 from tests.e2e.test_pd_e2e import completion, producer_idle
 
@@ -28,7 +29,7 @@ def test_instances_register_with_the_proxy_and_serve(cluster, tokenizer):
     assert completion(cluster.dyn_proxy_url, prompt) == completion(cluster.S.url, prompt)
 
 
-def test_replayed_params_are_refused_and_recomputed_exactly(cluster, tokenizer):
+def test_replayed_params_are_computed_locally_and_refused_by_p(cluster, tokenizer):
     prompt = prompt_of(tokenizer, 70, seed=11)
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0,
             "ignore_eos": True, "return_token_ids": True}
@@ -42,11 +43,15 @@ def test_replayed_params_are_refused_and_recomputed_exactly(cluster, tokenizer):
     wait_for(lambda: producer_idle(cluster))
 
     refused_before = _failures(cluster, "refused")
+    loaded_before = metric(cluster.D.url, "vllm:ascend_pd_loaded_tokens_total")
     replay = post(cluster.D.url, "/v1/completions", {**body, "kv_transfer_params": dict(params)})
-    # The producer sends no data for an ended transfer; D recomputes (policy
-    # "recompute") and the answer is still exact.
+    # D remembers the transfers it pulled (for the sibling requests of n > 1)
+    # and computes a replay itself: no pull, no round trip to P, still exact.
     assert replay["choices"][0]["token_ids"] == expected
-    assert _failures(cluster, "refused") == refused_before + 1
+    assert metric(cluster.D.url, "vllm:ascend_pd_loaded_tokens_total") == loaded_before
+    assert _failures(cluster, "refused") == refused_before
+    # P refuses the ended transfer to anyone else.
+    assert release_transfer_sync(dict(params), timeout=5) is False
     assert producer_idle(cluster)
 
 
