@@ -40,7 +40,8 @@ class BackendClients:
                 raise RuntimeError("backend clients are closed")
             connector = aiohttp.TCPConnector(
                 limit=self._cfg.backend_connections, limit_per_host=0,
-                ttl_dns_cache=300, keepalive_timeout=60, enable_cleanup_closed=False)
+                ttl_dns_cache=300, keepalive_timeout=self._cfg.backend_keepalive,
+                enable_cleanup_closed=False)
             sess = aiohttp.ClientSession(
                 base_url=f"http://{address}",
                 connector=connector,

@@ -114,6 +114,11 @@ class ProxyConfig:
     admin_token: Optional[str] = None
     # Per-backend aiohttp connector size.
     backend_connections: int = 4096
+    # Idle pooled connections to an instance are closed after this long. It
+    # must stay below the instances' own keep-alive (vLLM: 5 s,
+    # VLLM_HTTP_TIMEOUT_KEEP_ALIVE), or a request can go out on a connection
+    # the instance is closing and fail with "connection reset".
+    backend_keepalive: float = 4.0
     release_timeout: float = 2.0
     # Environment variable holding the instances' shared secret (their
     # shared_secret_env), needed to release abandoned transfers; None: none.
@@ -190,6 +195,9 @@ class ProxyConfig:
         check(self.max_body_bytes >= 1024, "--max-body-bytes must be >= 1024")
         check(self.drain_timeout >= 0, "--drain-timeout must be >= 0")
         check(self.backend_connections >= 1, "--backend-connections must be >= 1")
+        check(self.backend_keepalive > 0,
+              "--backend-keepalive must be > 0 seconds (below the instances' "
+              "VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default)")
         check(self.release_timeout > 0, "--release-timeout must be > 0")
         check(self.kv_secret_env is None or bool(os.environ.get(self.kv_secret_env)),
               f"--kv-secret-env names ${self.kv_secret_env}, which is unset or empty: "
@@ -299,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest silence between two SSE events")
     g.add_argument("--nonstream-timeout", type=float, default=d.nonstream_timeout,
                    help="cap for a non-streaming decode answer (0 = none)")
+    g.add_argument("--backend-keepalive", type=float, default=d.backend_keepalive,
+                   help="seconds an idle connection to an instance is kept; keep it below "
+                        "the instances' VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s by default)")
     g.add_argument("--backend-connections", type=int, default=d.backend_connections,
                    help="connection pool size per backend")
     g.add_argument("--release-timeout", type=float, default=d.release_timeout)

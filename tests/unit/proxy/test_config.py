@@ -92,3 +92,22 @@ def test_kv_secret_env_must_be_set(monkeypatch):
     monkeypatch.setenv("TEST_PD_SECRET", "x" * 16)
     assert config_from_args(["--prefill", "a:1", "--decode", "b:2", "--kv-secret-env",
                              "TEST_PD_SECRET"]).validate().kv_secret_env == "TEST_PD_SECRET"
+
+
+async def test_backend_keepalive_stays_below_vllms():
+    """vLLM closes idle connections after 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
+    a pool that kept them longer could send a request on a closing one
+    (seen in CI: one 502, "Connection reset by peer")."""
+    from vllm_ascend_pd.proxy.clients import BackendClients
+
+    cfg = config_from_args(["--prefill", "a:1", "--decode", "b:2"]).validate()
+    assert 0 < cfg.backend_keepalive < 5
+    cfg = config_from_args(["--prefill", "a:1", "--decode", "b:2",
+                            "--backend-keepalive", "2.5"]).validate()
+    clients = BackendClients(cfg)
+    try:
+        assert clients.session("127.0.0.1:9").connector._keepalive_timeout == 2.5
+    finally:
+        await clients.close()
+    with pytest.raises(ConfigError, match="--backend-keepalive must be > 0"):
+        ProxyConfig(prefill=["a:1"], decode=["b:2"], backend_keepalive=0).validate()
