@@ -263,3 +263,16 @@ def test_mutated_tokens_never_pass_and_the_server_keeps_serving(secured):
     good.submit(RecvSpec("b", "127.0.0.1", port, TID, "req-p", [3, 4], [7, 8], 64))
     assert drive(server, good) == ({"b"}, set())
     assert_copied(src, dst, [3, 4], [7, 8])
+
+
+def test_log_throttle_lets_one_line_through_per_interval_and_counts_the_rest():
+    from vllm_ascend_pd.log_throttle import LogThrottle
+
+    now = [100.0]
+    t = LogThrottle(10.0, clock=lambda: now[0])
+    assert t.hit("a") == 1           # the first one logs at once
+    assert [t.hit("a") for _ in range(3)] == [0, 0, 0]
+    assert t.hit("b") == 1           # keys are throttled apart
+    now[0] += 10.0
+    assert t.hit("a") == 4           # three held back plus this one
+    assert t.hit("a") == 0

@@ -23,6 +23,7 @@ from vllm_ascend_pd.connector.zmq_links import RouterLink, router_socket
 from vllm_ascend_pd.connector.tp_map import HeadRange, TPMapError, consumers_of
 from vllm_ascend_pd.kv_layout import check_compatible
 from vllm_ascend_pd.log import get_logger
+from vllm_ascend_pd.log_throttle import LogThrottle
 from vllm_ascend_pd.protocol import LayoutDesc
 from vllm_ascend_pd.transport import Transport
 
@@ -65,8 +66,7 @@ class KVServer:
         self.transport = transport
         self.stats = stats
         self.auth = Authenticator(secret)
-        self._auth_refused = 0
-        self._auth_logged_at = -_AUTH_LOG_EVERY_S
+        self._auth_log = LogThrottle(_AUTH_LOG_EVERY_S)
         self.grace_s = registration_grace_s
         self.port = port
         self._ctx = zmq.Context()
@@ -155,17 +155,14 @@ class KVServer:
             return False
 
     def _auth_failed(self, kind: str, why: str) -> None:
-        self._auth_refused += 1
-        now = time.monotonic()
-        if now - self._auth_logged_at >= _AUTH_LOG_EVERY_S:
+        refused = self._auth_log.hit()
+        if refused:
             logger.warning(
                 "KV server rank %d: refused %d unauthenticated message(s), last a %s: %s. "
                 "Every instance of a deployment needs the same shared_secret "
                 "(or shared_secret_env).",
-                self.tp_rank, self._auth_refused, kind, why,
+                self.tp_rank, refused, kind, why,
             )
-            self._auth_refused = 0
-            self._auth_logged_at = now
 
     def _data_refused(self, reason: str, detail: str) -> None:
         """A connection to the transport's data port was turned away."""

@@ -12,7 +12,6 @@ loop (``zmq.asyncio``), so it shares the registry without locks.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Callable, Optional
 
 import msgspec
@@ -22,6 +21,7 @@ import zmq.asyncio
 from vllm_ascend_pd.announce import (ANNOUNCE_AUTH_KIND, ANNOUNCE_PROTOCOL_VERSION,
                                      Announcement, decode_announcement, signed_fields)
 from vllm_ascend_pd.auth import AuthError, Authenticator
+from vllm_ascend_pd.log_throttle import LogThrottle
 from vllm_ascend_pd.proxy.config import ConfigError, format_address, normalize_address
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.registry import Instance, Registry, Source
@@ -44,7 +44,7 @@ class RegistrationListener:
         self._registry = registry
         self._auth = Authenticator(secret)
         self._warned_unverified = False
-        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last, suppressed)
+        self._warn_log = LogThrottle(WARN_EVERY_S)
         self.endpoint = f"tcp://{format_address(host, port)}"
         self._ipv6 = ":" in host
         self._ttl = ttl
@@ -123,15 +123,11 @@ class RegistrationListener:
         return True
 
     def _warn(self, kind: str, msg: str, *args) -> None:
-        now = time.monotonic()
-        last, suppressed = self._warned.get(kind, (float("-inf"), 0))
-        if now - last < WARN_EVERY_S:
-            self._warned[kind] = (last, suppressed + 1)
-            return
-        if suppressed:
-            msg += f" ({suppressed} more like it in the last {now - last:.0f}s)"
-        self._warned[kind] = (now, 0)
-        logger.warning(msg, *args)
+        seen = self._warn_log.hit(kind)
+        if seen > 1:
+            msg += f" ({seen - 1} more like it since the last such line)"
+        if seen:
+            logger.warning(msg, *args)
 
     def evict(self) -> list[Instance]:
         gone = self._registry.evict_expired()
