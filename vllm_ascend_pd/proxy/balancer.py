@@ -18,11 +18,18 @@ from vllm_ascend_pd.proxy.registry import Instance
 
 
 class Policy:
+    """Every policy takes the same arguments, so that none is special to
+    :func:`make_policy`; each uses those that concern it.
+
+    ``load_factor``: prefix affinity's load bound (x the fair share).
+    """
+
     name = "base"
     spills = 0  # only prefix affinity passes over its first choice
 
-    def __init__(self, rng: Optional[random.Random] = None):
+    def __init__(self, rng: Optional[random.Random] = None, *, load_factor: float = 1.25):
         self._rng = rng or random.Random()
+        self.load_factor = load_factor
 
     def pick(self, candidates: Sequence[Instance], key: bytes = b"") -> Instance:
         """``key``: the request's :func:`affinity_key` (only prefix affinity uses it)."""
@@ -32,8 +39,8 @@ class Policy:
 class RoundRobin(Policy):
     name = "round_robin"
 
-    def __init__(self, rng: Optional[random.Random] = None):
-        super().__init__(rng)
+    def __init__(self, rng: Optional[random.Random] = None, **options):
+        super().__init__(rng, **options)
         # Random start so that several proxies do not march in lock step.
         self._next = self._rng.randrange(1 << 30)
 
@@ -84,9 +91,8 @@ class PrefixAffinity(Policy):
 
     name = "prefix_affinity"
 
-    def __init__(self, rng: Optional[random.Random] = None, load_factor: float = 1.25):
-        super().__init__(rng)
-        self.load_factor = load_factor
+    def __init__(self, rng: Optional[random.Random] = None, **options):
+        super().__init__(rng, **options)
         self._fallback = LeastRequests(self._rng)
         # Picks that passed over the first-ranked instance for load (a metric).
         self.spills = 0
@@ -126,14 +132,13 @@ POLICY_CLASSES = {cls.name: cls for cls in (RoundRobin, LeastRequests, LeastToke
 
 
 def make_policy(name: str, rng: Optional[random.Random] = None, **options) -> Policy:
-    """``options``: keyword arguments of that policy (``load_factor`` for
-    prefix affinity); others ignore them."""
+    """``options``: the keyword arguments of :class:`Policy`."""
     try:
         cls = POLICY_CLASSES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose one of "
                          f"{', '.join(POLICY_CLASSES)}") from None
-    return cls(rng, **options) if cls is PrefixAffinity else cls(rng)
+    return cls(rng, **options)
 
 
 def estimate_prompt_tokens(body: RequestBody) -> int:

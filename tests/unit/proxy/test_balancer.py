@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from vllm_ascend_pd.proxy.balancer import (LeastRequests, LeastTokens, RoundRobin,
-                                           estimate_prompt_tokens, make_policy)
+from vllm_ascend_pd.proxy.balancer import (POLICY_CLASSES, LeastRequests, LeastTokens,
+                                           RoundRobin, estimate_prompt_tokens, make_policy)
 from vllm_ascend_pd.proxy.codec import RequestBody
 from vllm_ascend_pd.proxy.registry import Instance, Source
 
@@ -78,6 +78,13 @@ def test_estimate_prompt_tokens():
 def test_unknown_policy():
     with pytest.raises(ValueError, match="least_requests"):
         make_policy("fastest")
+
+
+@pytest.mark.parametrize("policy", list(POLICY_CLASSES))
+def test_every_policy_takes_the_same_options(policy):
+    assert make_policy(policy, random.Random(0), load_factor=2.0).load_factor == 2.0
+    with pytest.raises(TypeError, match="load_facter"):
+        make_policy(policy, random.Random(0), load_facter=2.0)
 
 
 async def test_least_requests_spreads_concurrent_load(backend, proxy):
