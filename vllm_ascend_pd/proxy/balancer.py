@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from vllm_ascend_pd.proxy.codec import RequestBody
 from vllm_ascend_pd.proxy.registry import Instance
@@ -22,14 +22,17 @@ class Policy:
     :func:`make_policy`; each uses those that concern it.
 
     ``load_factor``: prefix affinity's load bound (x the fair share).
+    ``on_spill``: called for each pick that passed over the policy's own
+    first choice because of its load (only prefix affinity does; a metric).
     """
 
     name = "base"
-    spills = 0  # only prefix affinity passes over its first choice
 
-    def __init__(self, rng: Optional[random.Random] = None, *, load_factor: float = 1.25):
+    def __init__(self, rng: Optional[random.Random] = None, *, load_factor: float = 1.25,
+                 on_spill: Optional[Callable[[], None]] = None):
         self._rng = rng or random.Random()
         self.load_factor = load_factor
+        self._on_spill = on_spill or (lambda: None)
 
     def pick(self, candidates: Sequence[Instance], key: bytes = b"") -> Instance:
         """``key``: the request's :func:`affinity_key` (only prefix affinity uses it)."""
@@ -94,8 +97,6 @@ class PrefixAffinity(Policy):
     def __init__(self, rng: Optional[random.Random] = None, **options):
         super().__init__(rng, **options)
         self._fallback = LeastRequests(self._rng)
-        # Picks that passed over the first-ranked instance for load (a metric).
-        self.spills = 0
 
     def pick(self, candidates: Sequence[Instance], key: bytes = b"") -> Instance:
         if len(candidates) == 1:
@@ -109,7 +110,7 @@ class PrefixAffinity(Policy):
         for inst in ranked:
             if inst.inflight_requests < bound:
                 if inst is not ranked[0]:
-                    self.spills += 1
+                    self._on_spill()
                 return inst
         return ranked[0]  # unreachable: someone is at or below the mean
 

@@ -377,10 +377,7 @@ class PDForwarder:
                 or s.registry.candidates(role, exclude=tried)
             if not cands:
                 break
-            spills = policy.spills
             inst = policy.pick(cands, key)
-            if policy.spills != spills:
-                s.metrics.affinity_spills.labels(role).inc()
             tried.append(inst.address)
             if n:
                 s.metrics.failovers.labels(role).inc()

@@ -51,16 +51,17 @@ class ProxyState:
         self.registry = Registry(suspect_cooldown=cfg.suspect_cooldown,
                                  health_failures=cfg.health_failures,
                                  health_checks=cfg.health_interval > 0)
-        rng = rng or random.Random()
-        self.policies: dict[str, Policy] = {
-            role: make_policy(cfg.policy, random.Random(rng.random()),
-                              load_factor=cfg.affinity_load_factor)
-            for role in (PREFILL, DECODE)
-        }
         self.clients = BackendClients(cfg)
         self.metrics = ProxyMetrics(
             self.registry.instances,
             multiprocess_dir=worker.metrics_dir if worker is not None else None)
+        rng = rng or random.Random()
+        self.policies: dict[str, Policy] = {
+            role: make_policy(cfg.policy, random.Random(rng.random()),
+                              load_factor=cfg.affinity_load_factor,
+                              on_spill=self.metrics.affinity_spills.labels(role).inc)
+            for role in (PREFILL, DECODE)
+        }
         if self.metrics.instance_healthy is not None:  # multiprocess mode
             self.registry.observer = self.metrics.observe
         secret = cfg.kv_secret()

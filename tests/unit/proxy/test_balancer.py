@@ -150,16 +150,20 @@ def test_affinity_removing_an_instance_moves_only_its_keys():
 
 def test_affinity_spills_past_the_load_bound_and_returns():
     insts = _insts(2)
-    pol = make_policy("prefix_affinity", random.Random(0), load_factor=1.25)
+    spills = []
+    pol = make_policy("prefix_affinity", random.Random(0), load_factor=1.25,
+                      on_spill=lambda: spills.append(1))
     key = _key("hot prefix " * 60)
     home = pol.pick(insts, key)
     other = next(i for i in insts if i is not home)
     # 6 outstanding on home, 0 elsewhere: bound ceil(1.25 * 7 / 2) = 5 -> spill.
     home.inflight_requests = 6
     assert pol.pick(insts, key) is other
+    assert len(spills) == 1
     # 4 on home, 2 elsewhere: bound ceil(1.25 * 7 / 2) = 5 -> home again.
     home.inflight_requests, other.inflight_requests = 4, 2
     assert pol.pick(insts, key) is home
+    assert len(spills) == 1
 
 
 def test_affinity_without_a_prompt_falls_back_to_least_requests():
