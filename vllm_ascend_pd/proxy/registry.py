@@ -11,7 +11,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
+
+if TYPE_CHECKING:
+    import asyncio
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -51,6 +54,9 @@ class Instance:
     ttl: Optional[float] = None
     removed: bool = False
     meta: dict = field(default_factory=dict)  # engine_id, kv_address, model, ...
+    # The health probe that puts a dynamically added instance in rotation
+    # (set by the proxy state); an admin add waits for it.
+    first_probe: Optional["asyncio.Task"] = field(default=None, repr=False, compare=False)
 
     @property
     def base_url(self) -> str:

@@ -72,10 +72,6 @@ class ProxyState:
         self.idle = asyncio.Event()
         self.idle.set()
         self._background: set[asyncio.Task] = set()
-        # The probe on_instance_added started, per member: an admin add waits
-        # for it instead of probing again (a worker learns the instance it
-        # adds from the supervisor's answer, which runs on_instance_added).
-        self._first_probes: dict[tuple[str, str], tuple[Instance, asyncio.Task]] = {}
         self.health = None        # HealthChecker, set by the app
         self.registration = None  # RegistrationListener, set by the app
         self.link: Optional["SupervisorLink"] = None  # workers only, set by the app
@@ -100,24 +96,22 @@ class ProxyState:
             self.close_if_unused(inst.address)
 
     def on_instance_removed(self, inst: Instance) -> None:
-        key = (inst.role, inst.address)
-        if self._first_probes.get(key, (None,))[0] is inst:
-            del self._first_probes[key]
         if inst.inflight_requests == 0:
             self.close_if_unused(inst.address)
 
     def on_instance_added(self, inst: Instance) -> None:
         if self.health is not None and self.registry.health_checks:
-            self._first_probes[(inst.role, inst.address)] = (
-                inst, self.spawn(self.health.probe(inst)))
+            inst.first_probe = self.spawn(self.health.probe(inst))
 
     async def first_probe(self, inst: Instance) -> None:
         """Wait for the probe :meth:`on_instance_added` started for ``inst``
-        (none without health checks).  Shielded: a client leaving does not
-        cancel the probe the instance needs to enter rotation."""
-        entry = self._first_probes.get((inst.role, inst.address))
-        if entry is not None and entry[0] is inst:
-            await asyncio.shield(entry[1])
+        (none without health checks or once it was removed) instead of
+        probing again: a worker learns the instance it adds from the
+        supervisor's answer, which runs on_instance_added.  Shielded: a
+        client leaving does not cancel the probe the instance needs to enter
+        rotation."""
+        if inst.first_probe is not None and not inst.removed:
+            await asyncio.shield(inst.first_probe)
 
     def close_if_unused(self, address: str) -> None:
         if not self.registry.is_known(address):

@@ -63,3 +63,29 @@ async def test_admin_add_and_remove(backend, proxy):
                 {"role": "decode", "address": "h:99999"}):
         resp = await client.post("/admin/instances", headers=auth, json=bad)
         assert resp.status == 400, bad
+
+
+async def test_admin_remove_while_the_first_probe_runs(backend, proxy):
+    """The add answers once its probe ends, with the removed instance's
+    health (never probed healthy); adding it again probes the new one."""
+    from conftest import wait_for
+
+    p, d1, d2 = await backend("p"), await backend("d"), await backend("d")
+    client = await proxy([p], [d1], admin_token=TOKEN, health_interval=30)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    target = {"role": "decode", "address": d2.address}
+    d2.health_delay = 0.5
+    add = asyncio.ensure_future(client.post("/admin/instances", headers=auth, json=target))
+    await wait_for(lambda: d2.health_probes == 1)
+    resp = await client.delete("/admin/instances", headers=auth, json=target)
+    assert resp.status == 200
+    resp = await add
+    assert resp.status == 201
+    assert (await resp.json())["instance"]["health"] == "unknown"
+    assert [i.address for i in state_of(client).registry.instances("decode")] == [d1.address]
+
+    d2.health_delay = 0.0
+    resp = await client.post("/admin/instances", headers=auth, json=target)
+    assert resp.status == 201
+    assert (await resp.json())["instance"]["health"] == "healthy"
+    assert d2.health_probes == 2
