@@ -230,12 +230,25 @@ class _Extend(argparse.Action):
         setattr(namespace, self.dest, current)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the default is a secret (the admin token
+    read from the environment), reads wrong (a negated flag's True) or is
+    already explained in the help text."""
+
+    _NO_DEFAULT = ("admin_token", "uvloop", "heartbeat_ttl")
+
+    def _get_help_string(self, action):
+        if action.dest in self._NO_DEFAULT:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = ProxyConfig()
     p = argparse.ArgumentParser(
         prog="p2p-disagg-proxy",
         description="Prefill/decode disaggregation proxy for vLLM (xPyD).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("front end")
     g.add_argument("--host", default=d.host, help="address to listen on")
@@ -259,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bearer token for /admin/instances (admin API off without it); "
                         f"also read from ${ADMIN_TOKEN_ENV}, which keeps it out of `ps`")
     g.add_argument("--access-log", action="store_true", help="log every request")
-    g.add_argument("--log-level", default=d.log_level)
+    g.add_argument("--log-level", default=d.log_level,
+                   help="DEBUG, INFO, WARNING or ERROR")
     g.add_argument("--no-uvloop", dest="uvloop", action="store_false",
                    help="use the default asyncio loop even if uvloop is installed")
 
@@ -279,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--heartbeat-ttl", type=float, default=d.heartbeat_ttl,
                    help="evict registered instances silent this long "
                         "(default: 3x their announced interval)")
-    g.add_argument("--policy", choices=POLICIES, default=d.policy)
+    g.add_argument("--policy", choices=POLICIES, default=d.policy,
+                   help="how each leg picks its instance (docs/proxy.md, Load balancing)")
     g.add_argument("--affinity-prefix-bytes", type=int, default=d.affinity_prefix_bytes,
                    help="prefix_affinity: leading bytes of the prompt (or chat messages, as "
                         "sent) that choose the instance; about the length of the prefix "
@@ -291,16 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("health and failover")
     g.add_argument("--health-interval", type=float, default=d.health_interval,
                    help="seconds between GET /health probes (0 disables)")
-    g.add_argument("--health-timeout", type=float, default=d.health_timeout)
+    g.add_argument("--health-timeout", type=float, default=d.health_timeout,
+                   help="seconds a GET /health probe may take")
     g.add_argument("--health-failures", type=int, default=d.health_failures,
                    help="consecutive failed probes before a node is taken out")
     g.add_argument("--suspect-cooldown", type=float, default=d.suspect_cooldown,
                    help="seconds a node that failed a request is avoided")
-    g.add_argument("--prefill-attempts", type=int, default=d.prefill_attempts)
-    g.add_argument("--decode-attempts", type=int, default=d.decode_attempts)
+    g.add_argument("--prefill-attempts", type=int, default=d.prefill_attempts,
+                   help="prefill instances tried per request (never the same twice)")
+    g.add_argument("--decode-attempts", type=int, default=d.decode_attempts,
+                   help="decode instances tried per request before its first event")
 
     g = p.add_argument_group("timeouts (no total cap)")
-    g.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
+    g.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
+                   help="seconds to open a connection to an instance")
     g.add_argument("--first-byte-timeout", type=float, default=d.first_byte_timeout,
                    help="prefill answer / first decode event")
     g.add_argument("--event-gap-timeout", type=float, default=d.event_gap_timeout,
@@ -312,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the instances' VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s by default)")
     g.add_argument("--backend-connections", type=int, default=d.backend_connections,
                    help="connection pool size per backend")
-    g.add_argument("--release-timeout", type=float, default=d.release_timeout)
+    g.add_argument("--release-timeout", type=float, default=d.release_timeout,
+                   help="seconds to wait for a producer to confirm it freed the KV of "
+                        "a request that ended before decode")
     g.add_argument("--kv-secret-env", default=d.kv_secret_env, metavar="VAR",
                    help="environment variable holding the shared secret the instances "
                         "use (their shared_secret_env); the proxy signs the release of "

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_ascend_pd.proxy.config import ConfigError, ProxyConfig, config_from_args, parse_address
+from vllm_ascend_pd.proxy.config import (
+    ConfigError,
+    ProxyConfig,
+    build_parser,
+    config_from_args,
+    parse_address,
+)
 
 
 def test_flags_of_other_proxies():
@@ -111,3 +117,19 @@ async def test_backend_keepalive_stays_below_vllms():
         await clients.close()
     with pytest.raises(ConfigError, match="--backend-keepalive must be > 0"):
         ProxyConfig(prefill=["a:1"], decode=["b:2"], backend_keepalive=0).validate()
+
+
+def test_help_never_prints_the_admin_token_and_shows_every_default(monkeypatch, capsys):
+    monkeypatch.setenv("P2P_PROXY_ADMIN_TOKEN", "token-from-the-env")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "token-from-the-env" not in text
+    assert "(default: True)" not in text  # --no-uvloop
+    assert "3x their announced interval) (default" not in text
+    for shown in ("--connect-timeout CONNECT_TIMEOUT seconds to open a connection to an "
+                  "instance (default: 10.0)",
+                  "--release-timeout RELEASE_TIMEOUT seconds to wait",
+                  "(default: round_robin)", "--health-timeout HEALTH_TIMEOUT seconds a GET "
+                  "/health probe may take (default: 2.0)"):
+        assert shown in text
