@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vllm_ascend_pd.config import llmdatadist_endpoint, parse_extra_config
+from vllm_ascend_pd.config import llmdatadist_endpoint, parse_extra_config, resolve_secret
+from vllm_ascend_pd.proxy.config import config_from_args
 
 K8S = Path(__file__).resolve().parents[2] / "examples" / "k8s"
 SAMPLE = {"POD_IP": "10.244.1.17"}
+SECRET_ENV = "VLLM_ASCEND_PD_SHARED_SECRET"
+SECRET_REF = {"name": "vllm-pd-secret", "key": "secret"}
+SAMPLE_SECRET = "0123456789abcdef0123456789abcdef"
 
 
 def documents() -> list[dict]:
@@ -28,10 +32,14 @@ def by_kind(kind: str) -> dict[str, dict]:
 
 
 def container_env(container: dict) -> dict[str, str]:
-    """Env values with Kubernetes' $(VAR) references expanded (fieldRefs get SAMPLE values)."""
+    """Env values with Kubernetes' $(VAR) references expanded (fieldRefs get
+    SAMPLE values, the deployment's secret SAMPLE_SECRET)."""
     env: dict[str, str] = {}
     for e in container.get("env", []):
-        if "valueFrom" in e:
+        if "secretKeyRef" in e.get("valueFrom", {}):
+            assert e["valueFrom"]["secretKeyRef"] == SECRET_REF
+            env[e["name"]] = SAMPLE_SECRET
+        elif "valueFrom" in e:
             env[e["name"]] = SAMPLE[e["name"]]
         else:
             env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], e["value"])
@@ -54,7 +62,7 @@ def test_manifests_parse_and_have_the_expected_objects():
 
 
 @pytest.mark.parametrize("name,role", [("pd-prefill", "kv_producer"), ("pd-decode", "kv_consumer")])
-def test_kv_transfer_config_is_accepted(name, role):
+def test_kv_transfer_config_is_accepted(name, role, monkeypatch):
     from vllm.config import KVTransferConfig
 
     containers = {n: c for n, _, c in vllm_containers()}
@@ -63,8 +71,12 @@ def test_kv_transfer_config_is_accepted(name, role):
     ktc = KVTransferConfig(**raw)  # vLLM's own validation
     assert ktc.kv_connector == "AscendSimpleConnector" and ktc.kv_role == role
     assert ktc.kv_buffer_device == "npu"
+    monkeypatch.setenv(SECRET_ENV, env[SECRET_ENV])  # start-up reads it
     cfg = parse_extra_config(ktc.kv_connector_extra_config)
     assert cfg.transport == "llmdatadist" and cfg.kv_ip == SAMPLE["POD_IP"]
+    # Signed KV messages and heartbeats, with the secret from the pod's env.
+    assert cfg.shared_secret_env == SECRET_ENV and env[SECRET_ENV] == SAMPLE_SECRET
+    assert resolve_secret(cfg) == SAMPLE_SECRET
     # The port plan holds for the TP size the pod starts with.
     args = " ".join(containers[name]["args"])
     tp = int(re.search(r"--tensor-parallel-size (\d+)", args).group(1))
@@ -81,7 +93,7 @@ def test_kv_transfer_config_is_accepted(name, role):
     assert '--kv-transfer-config "$KV_TRANSFER_CONFIG"' in args
 
 
-def test_proxy_listens_where_the_service_and_instances_point():
+def test_proxy_listens_where_the_service_and_instances_point(monkeypatch):
     proxy = by_kind("Deployment")["pd-proxy"]["spec"]["template"]["spec"]["containers"][0]
     args = proxy["args"]
     flag = dict(zip(args[::2], args[1::2]))
@@ -89,5 +101,10 @@ def test_proxy_listens_where_the_service_and_instances_point():
     assert int(flag["--port"]) == service_ports["http"]
     assert int(flag["--register-port"]) == service_ports["register"]
     assert flag["--register-host"] == "0.0.0.0" and flag["--host"] == "0.0.0.0"
+    # It counts only registrations signed with the instances' secret.
+    assert flag["--kv-secret-env"] == SECRET_ENV
+    assert container_env(proxy)[SECRET_ENV] == SAMPLE_SECRET
+    monkeypatch.setenv(SECRET_ENV, SAMPLE_SECRET)
+    assert config_from_args(args).validate().kv_secret_env == SECRET_ENV
     served = {re.search(r"--served-model-name (\S+)", " ".join(c["args"])).group(1) for _, _, c in vllm_containers()}
     assert served == {flag["--model"]}
