@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_ascend_pd.testing.servers import BASE_ARGS, VllmServer, free_kv_port, free_port, kv_config
+from vllm_ascend_pd.testing.servers import (
+    BASE_ARGS, ProxyServer, VllmServer, free_kv_port, free_port, kv_config,
+)
 from vllm_ascend_pd.testing.tiny_model import build_tiny_model
 
 # Big enough that a ~4k-token prefill costs a few hundred ms on this CPU, small
@@ -67,7 +64,7 @@ class Setup:
     logs: Path
     driver: str  # "direct" | "two_step" (P then D by the client)
     proxy_args: list[str] = field(default_factory=list)
-    proxy: subprocess.Popen | None = None
+    proxy: ProxyServer | None = None
     proxy_port: int = 0
 
     @property
@@ -97,32 +94,14 @@ class Setup:
 
     def _start_proxy(self) -> None:
         self.proxy_port = free_port()
-        env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
-        self.proxy = subprocess.Popen(
-            [sys.executable, "-m", "vllm_ascend_pd.proxy", "--host", "127.0.0.1", "--port",
-             str(self.proxy_port), "--model", "tiny", *self.proxy_args],
-            stdout=open(self.logs / f"{self.name}-proxy.log", "ab"), stderr=subprocess.STDOUT,
-            start_new_session=True, env=env,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.entry + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"proxy did not become healthy; see {self.logs}")
+        # Set before start(): stop() then reaches a proxy that never got healthy.
+        self.proxy = ProxyServer(self.proxy_port, self.logs / f"{self.name}-proxy.log",
+                                 *self.proxy_args)
+        self.proxy.start(healthy=True)
 
     def stop(self) -> None:
-        if self.proxy is not None and self.proxy.poll() is None:
-            os.killpg(self.proxy.pid, 15)
-            try:
-                self.proxy.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proxy.pid, 9)
-                self.proxy.wait(5)
+        if self.proxy is not None:
+            self.proxy.stop()
         self.proxy = None
         for s in self.servers:
             s.stop()
