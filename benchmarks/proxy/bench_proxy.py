@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -56,11 +57,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pinned(cpus: set[int] | None):
-    """Popen ``preexec_fn`` that pins the child (and what it spawns) to ``cpus``."""
-    if cpus is None:
-        return None
-    return lambda: os.sched_setaffinity(0, cpus)
+def _start(procs: list[subprocess.Popen], cmd: list[str], cpus: set[int] | None,
+           **popen) -> int:
+    """Start ``cmd``, pinned with what it spawns to ``cpus`` (None: not pinned),
+    and add it to ``procs`` for teardown; returns its pid."""
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+    procs.append(subprocess.Popen(cmd, preexec_fn=pin, **popen))
+    return procs[-1].pid
 
 
 def _new_loop_factory():
@@ -721,50 +724,44 @@ def _merge(merged: dict, r: Result, hist: tuple[float, int]) -> Result:
 async def run_scenario(args, token_ms: float) -> list[Result]:
     p_port, d_port, x_port, b_port, y_port, f_port = (_free_port() for _ in range(6))
     env = dict(os.environ, VLLM_ASCEND_PD_PLAIN_LOGGING="1")
-    procs = []
-    me = str(Path(__file__).resolve())
+    procs: list[subprocess.Popen] = []
+    start = functools.partial(_start, procs, env=env)
+
+    def serve(*argv) -> list[str]:  # this script in one of its --serve-* modes
+        return [sys.executable, str(Path(__file__).resolve()), *map(str, argv)]
     # --pin: backends (and this client) on one core, relays on the other, as a
     # proxy deployed on its own cores would run.
-    side, relay_cpus = (_pinned(args.pin[0]), _pinned(args.pin[1])) if args.pin else (None, None)
+    side, relay_cpus = args.pin or (None, None)
     try:
+        backends = {"client": None}
         for role, port in (("prefill", p_port), ("decode", d_port)):
-            procs.append(subprocess.Popen([sys.executable, me, "--serve-backend", role,
-                                           str(port), str(args.tokens), str(token_ms)],
-                                          env=env, preexec_fn=side))
+            backends[role] = start(serve("--serve-backend", role, port, args.tokens, token_ms),
+                                   side)
 
         def proxy_cmd(port: int) -> list[str]:
             return [sys.executable, "-m", "vllm_ascend_pd.proxy", "--prefill",
                     f"127.0.0.1:{p_port}", "--decode", f"127.0.0.1:{d_port}", "--port",
                     str(port), "--health-interval", "0", "--max-inflight", "100000",
                     "--log-level", "WARNING"]
-        procs.append(subprocess.Popen(proxy_cmd(x_port), env=env, cwd=REPO,
-                                      preexec_fn=relay_cpus))
-        relays = {"proxy": (x_port, procs[-1].pid)}
+        relays = {"proxy": (x_port, start(proxy_cmd(x_port), relay_cpus, cwd=REPO))}
         workers: dict[str, int] = {}
         for n in args.proxy_workers:
             # CPU is counted over the supervisor and all its workers.
             port = _free_port()
-            procs.append(subprocess.Popen(proxy_cmd(port) + ["--workers", str(n)],
-                                          env=env, cwd=REPO, preexec_fn=relay_cpus))
-            relays[f"proxy-w{n}"] = (port, procs[-1].pid)
+            relays[f"proxy-w{n}"] = (port, start(proxy_cmd(port) + ["--workers", str(n)],
+                                                 relay_cpus, cwd=REPO))
             workers[f"proxy-w{n}"] = n
         if not args.no_passthrough:
-            procs.append(subprocess.Popen([sys.executable, me, "--serve-passthrough",
-                                           str(b_port), str(d_port)], env=env,
-                                          preexec_fn=relay_cpus))
-            relays["passthrough"] = (b_port, procs[-1].pid)
+            relays["passthrough"] = (b_port, start(serve("--serve-passthrough", b_port, d_port),
+                                                   relay_cpus))
         if not args.no_floor:
-            procs.append(subprocess.Popen([sys.executable, me, "--serve-floor",
-                                           str(f_port), str(d_port)], env=env,
-                                          preexec_fn=relay_cpus))
-            relays["floor"] = (f_port, procs[-1].pid)
+            relays["floor"] = (f_port, start(serve("--serve-floor", f_port, d_port), relay_cpus))
         if args.baseline:
             # The same proxy command, importing vllm_ascend_pd from another tree.
-            procs.append(subprocess.Popen(proxy_cmd(y_port), cwd=args.baseline, env=dict(
-                env, PYTHONPATH=str(Path(args.baseline).resolve())), preexec_fn=relay_cpus))
-            relays["baseline"] = (y_port, procs[-1].pid)
+            relays["baseline"] = (y_port, start(proxy_cmd(y_port), relay_cpus, cwd=args.baseline,
+                                                env=dict(env, PYTHONPATH=str(
+                                                    Path(args.baseline).resolve()))))
         await wait_ready(f"http://127.0.0.1:{d_port}/health")
-        backends = {"client": None, "decode": procs[1].pid, "prefill": procs[0].pid}
         targets = {"direct": (f"http://127.0.0.1:{d_port}/v1/completions", backends)}
         for name, (port, pid) in relays.items():
             await wait_ready(f"http://127.0.0.1:{port}/v1/completions")
