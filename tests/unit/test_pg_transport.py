@@ -436,3 +436,38 @@ def test_hostile_bytes_on_the_group_port_and_gloo_listeners_do_not_hurt(kv_port)
     finally:
         prod.close()
         cons.close()
+
+
+def test_hccl_group_teardown_thread_binds_the_npu_first(monkeypatch):
+    """Destroying an HCCL group (ProcessGroupHCCL.shutdown synchronizes its
+    streams and destroys the communicators) from a thread that never set the
+    device would create a context on NPU 0 (vllm-ascend #12126): the
+    teardown thread binds this transport's NPU first, like the build thread."""
+    import threading
+    import types
+    from concurrent.futures import Future
+
+    from vllm_ascend_pd.transport import pg_group
+
+    events = []
+
+    class FakeNpu:
+        @staticmethod
+        def set_device(device):
+            events.append(("set_device", device, threading.current_thread().name))
+
+    class FakeGroup:
+        def shutdown(self):
+            events.append(("shutdown", None, threading.current_thread().name))
+
+    monkeypatch.setattr(torch, "npu", FakeNpu, raising=False)
+    device = types.SimpleNamespace(type="npu", index=3)
+    groups = pg_group.PairGroups("hccl", device, "127.0.0.1", 1.0)
+    setup: Future = Future()
+    setup.set_result([FakeGroup()])
+    pair = pg_group.Pair(b"p1", "consumer p1", "hccl", setup, box=setup.result())
+    groups.pairs[b"p1"] = pair
+    groups.drop(pair)
+    groups.close()
+    assert [e[:2] for e in events] == [("set_device", device), ("shutdown", None)]
+    assert events[0][2] == events[1][2] != threading.current_thread().name

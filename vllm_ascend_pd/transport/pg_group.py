@@ -149,8 +149,7 @@ class PairGroups:
         communicator on the first operation)."""
         from torch.distributed import PrefixStore, TCPStore
 
-        if self.device.type == "npu":
-            torch.npu.set_device(self.device)  # threads default to device 0
+        _bind_device(self.device)
         timeout = timedelta(seconds=self.timeout_s)
         store = TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)
         pg = build_group(
@@ -172,7 +171,9 @@ class PairGroups:
             del self.pairs[pair.pair_id]
         # Tear down off the engine thread, once the build (if any) has ended.
         self._teardowns = [f for f in self._teardowns if not f.done()]
-        pair.setup.add_done_callback(lambda f: self._teardowns.append(_spawn(_teardown, f)))
+        pair.setup.add_done_callback(
+            lambda f: self._teardowns.append(_spawn(_teardown, f, self.device))
+        )
 
     def _evict(self) -> None:
         while len(self.pairs) >= _MAX_PAIRS:
@@ -191,14 +192,25 @@ class PairGroups:
         futures.wait(list(self._teardowns), timeout=_CLOSE_WAIT_S)
 
 
-def _teardown(setup: Future) -> None:
+def _bind_device(device: Any) -> None:
+    """Threads that touch an NPU set it first, or they create a context on
+    device 0 (vllm-ascend #12126)."""
+    if device.type == "npu":
+        torch.npu.set_device(device)
+
+
+def _teardown(setup: Future, device: Any) -> None:
     """Runs in a helper thread; drops the last reference to the group here,
-    where its destructor may wait out pending operations."""
+    where its destructor may wait out pending operations. ProcessGroupHCCL's
+    shutdown synchronizes its NPU streams and destroys its communicators
+    (Ascend/pytorch torch_npu/csrc/distributed/ProcessGroupHCCL.cpp), so the
+    thread binds the device first."""
     if setup.exception() is not None:
         return
     box = setup.result()
     pg = box.pop() if box else None
     if pg is not None:
+        _bind_device(device)
         shutdown(pg)
         del pg
 
