@@ -226,7 +226,7 @@ def test_pull_failure_unlinks_and_the_next_transfer_relinks(pair, fake_datadist)
     fake_datadist.pull_error = fake.LLMStatusCode.LLM_TIMEOUT
     assert pair.pull(tid(8), [3], [4]) == ({"req-d"}, {"req-d"})
     assert pair.d_stats.take()["failures"] == {"pull_failed": 1}
-    wait_for(lambda: ("unlink_clusters", D_CLUSTER, P_CLUSTER, True) in fake_datadist.calls)
+    wait_for(lambda: ("unlink_clusters", D_CLUSTER, P_CLUSTER, False) in fake_datadist.calls)
     fake_datadist.pull_error = None
     assert pair.pull(tid(9), [3], [4]) == ({"req-d"}, set())
     assert fake_datadist.names().count("link_clusters") == 2
@@ -242,7 +242,7 @@ def test_close_unlinks_then_unregisters_then_finalizes(fake_datadist):
     p.d_transport.close()
     consumer = [c[:2] if c[0] != "unlink_clusters" else c for c in fake_datadist.calls[start:]]
     assert consumer == [
-        ("unlink_clusters", D_CLUSTER, P_CLUSTER, True),
+        ("unlink_clusters", D_CLUSTER, P_CLUSTER, False),
         ("unregister_cache", D_CLUSTER),
         ("unregister_cache", D_CLUSTER),
         ("finalize", D_CLUSTER),
@@ -257,6 +257,92 @@ def test_close_unlinks_then_unregisters_then_finalizes(fake_datadist):
     assert fake_datadist.names().count("finalize") == 2
     with pytest.raises(TransferError, match="closed"):
         run_both(None, p.d_transport.recv_blocks(OfferLink(tid(11)), tid(11), [1]))
+
+
+def test_remote_cache_access_is_enabled_at_init(pair, fake_datadist):
+    # vllm-ascend's LLMDataDistCMgrConnector enabled it too; CANN's LLMConfig
+    # reference: without it A3 moves KV over RDMA only (no HCCS).
+    inits = [c for c in fake_datadist.calls if c[0] == "init"]
+    assert [c[3].get("llm.EnableRemoteCacheAccessible") for c in inits] == ["1", "1"]
+
+
+def test_dropping_a_link_also_tears_down_the_producers_end(pair, fake_datadist):
+    """A forced unlink only clears the caller's end; the consumer (the client
+    of link_clusters) must send a normal unlink so the producer's end goes too."""
+    producer = pair.p_transport._datadist
+    assert pair.pull(tid(30), [1], [2]) == ({"req-d"}, set())
+    assert producer.inbound == {D_CLUSTER}
+    fake_datadist.pull_error = fake.LLMStatusCode.LLM_TIMEOUT
+    assert pair.pull(tid(31), [3], [4]) == ({"req-d"}, {"req-d"})
+    wait_for(lambda: "unlink_clusters" in fake_datadist.names())
+    wait_for(lambda: not producer.inbound)
+    assert ("unlink_clusters", D_CLUSTER, P_CLUSTER, False) in fake_datadist.calls
+    fake_datadist.pull_error = None
+    assert pair.pull(tid(32), [3], [4]) == ({"req-d"}, set())
+    assert producer.inbound == {D_CLUSTER}
+    pair.d_transport.close()
+    assert producer.inbound == set()
+
+
+def test_an_unlink_the_producer_did_not_hear_falls_back_to_a_forced_one(pair, fake_datadist):
+    assert pair.pull(tid(33), [1], [2]) == ({"req-d"}, set())
+    fake_datadist.unlink_status = fake.LLMStatusCode.LLM_NOTIFY_PROMPT_UNLINK_FAILED
+    pair.d_transport.close()
+    unlinks = [c for c in fake_datadist.calls if c[0] == "unlink_clusters"]
+    assert unlinks == [
+        ("unlink_clusters", D_CLUSTER, P_CLUSTER, False),
+        ("unlink_clusters", D_CLUSTER, P_CLUSTER, True),
+    ]
+    assert pair.d_transport._datadist.links == {}
+
+
+def test_close_during_a_pull_returns_at_once_and_finalizes_after_it(fake_datadist):
+    """LLMDataDist's finalize must not run concurrently with other calls (and
+    takes the package's exclusive lock): close() hands teardown to the helper
+    thread, behind the pull, instead of finalizing under it."""
+    fake_datadist.pull_gate = gate = __import__("threading").Event()
+    src, dst = mha_cache(1.0), mha_cache(0.0)
+    prod = create_transport("llmdatadist", src, options("producer", P_IP))
+    cons = create_transport("llmdatadist", dst, options("consumer", D_IP))
+    link = MemLink()
+    try:
+        send = prod.send_blocks(link.a, tid(34), [1])
+        recv = cons.recv_blocks(link.b, tid(34), [2])
+        deadline = time.monotonic() + 5
+        while cons._datadist._busy == 0 or "pull_blocks" not in fake_datadist.names():
+            next(send), next(recv)
+            assert time.monotonic() < deadline, "the pull never started"
+            time.sleep(0.001)
+        start = time.monotonic()
+        cons.close()
+        assert time.monotonic() - start < 2.0
+        assert ("finalize", D_CLUSTER) not in fake_datadist.calls
+        gate.set()
+        wait_for(lambda: ("finalize", D_CLUSTER) in fake_datadist.calls)
+        names = fake_datadist.names()
+        assert names.index("unlink_clusters") < names.index("unregister_cache")
+        assert cons._datadist._manager is None, "finalize failed"
+        # The pull that was running completed before the teardown: its
+        # transfer still ends normally.
+        run_both(send, recv)
+        check = cons.cache.tensors[0][2], src.tensors[0][1]
+        assert torch.equal(*check)
+    finally:
+        gate.set()
+        prod.close()
+        cons.close()
+
+
+def test_timeouts_stay_within_llm_datadists_int32_milliseconds(fake_datadist):
+    # A very long transfer_timeout_s must not overflow sync_kv_timeout (int32
+    # ms in the real package): start-up would fail with a bare ValueError.
+    src = mha_cache(1.0)
+    prod = create_transport("llmdatadist", src, options("producer", P_IP, timeout=1e7))
+    try:
+        init = [c for c in fake_datadist.calls if c[0] == "init"][0]
+        assert init[3]["llm.SyncKvCacheWaitTime"] == str(2**31 - 1)
+    finally:
+        prod.close()
 
 
 def test_a_pull_that_could_outlive_the_producers_hold_never_starts(fake_datadist):

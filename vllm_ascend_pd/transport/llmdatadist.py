@@ -23,8 +23,15 @@ starts no pull that could still run after that.
 
 llm_datadist's link and pull calls block, so they run on one helper thread
 bound to this rank's NPU; the transfer generators only poll their futures and
-the engine thread never blocks. ``llm_datadist`` (and torch_npu) are imported
-when the transport is created, never at module load.
+the engine thread never blocks. Teardown runs on that thread too, behind any
+call in flight: LLMDataDist's finalize must not run concurrently with other
+calls. ``llm_datadist`` (and torch_npu) are imported when the transport is
+created, never at module load.
+
+API reference: CANN's llm_datadist Python package (hicann/hixl,
+src/python/llm_datadist and docs/zh/api/python), and vllm-ascend's
+LLMDataDistCMgrConnector (vllm_ascend/distributed/llmdatadist_c_mgr_connector.py,
+v0.9.1 to v0.11.0), which used the same cache-manager calls.
 """
 
 from __future__ import annotations
@@ -69,6 +76,14 @@ _DTYPES = {
     torch.int8: "DT_INT8",
 }
 _ROLES = {"producer": "PROMPT", "consumer": "DECODER", "both": "MIX"}
+# LLMDataDist takes its timeouts as int32 milliseconds.
+_MAX_MS = 2**31 - 1
+# Longest time close() waits for the helper thread's teardown.
+_CLOSE_WAIT_S = 1.0
+
+
+def _ms(seconds: float, floor: int = 1) -> int:
+    return min(_MAX_MS, max(floor, int(seconds * 1000)))
 
 
 def cluster_id_for(device_ip: str) -> int:
@@ -158,6 +173,8 @@ class LlmDataDistTransport(Transport):
         )
         # remote cluster id -> future of the link (result: its LLMClusterInfo)
         self._links: dict[int, concurrent.futures.Future] = {}
+        # link and pull calls queued or running on the helper thread
+        self._queued: set[concurrent.futures.Future] = set()
         self._closed = False
 
     # ---------------- set-up ----------------
@@ -206,7 +223,11 @@ class LlmDataDistTransport(Transport):
         conf.device_id = self._device_id
         conf.enable_cache_manager = True
         # Pull timeout in ms; our own waits are longer (see _await).
-        conf.sync_kv_timeout = max(1, int(self._pull_timeout_s * 1000))
+        conf.sync_kv_timeout = _ms(self._pull_timeout_s)
+        # Pull straight from the producer's registered cache (as vllm-ascend's
+        # connector did); without it A3 moves KV over RDMA only, not HCCS.
+        # Safe here: caches are registered once, before any link.
+        conf.enable_remote_cache_accessible = True
         if opt.role != "consumer":
             conf.listen_ip_info = f"{self.device_ip}:{opt.comm_port}"
         datadist.init(conf.generate_options())
@@ -326,7 +347,8 @@ class LlmDataDistTransport(Transport):
         info.append_remote_ip_info(ip, port)
         where = f"{self.device_ip} -> {ip}:{port}"
         try:
-            ret, rets = self._datadist.link_clusters([info], int(self._link_timeout_s * 1000))
+            # LLMDataDist advises at least 200 ms (2 s with TLS).
+            ret, rets = self._datadist.link_clusters([info], _ms(self._link_timeout_s, 200))
         except dd.LLMException as e:
             raise _link_error(where, getattr(e, "status_code", e)) from None
         ok = (dd.LLMStatusCode.LLM_SUCCESS, dd.LLMStatusCode.LLM_ALREADY_LINK)
@@ -361,11 +383,22 @@ class LlmDataDistTransport(Transport):
             self._executor.submit(self._unlink, info)
 
     def _unlink(self, info: Any) -> None:
-        try:
-            self._datadist.unlink_clusters([info], int(self._link_timeout_s * 1000), force=True)
-        except self._dd.LLMException as e:
+        """Helper thread. A normal unlink is sent by the client (this side) and
+        also ends the producer's side of the link; a forced one ends only
+        ours, so it is the fallback when the producer cannot be told."""
+        dd, timeout = self._dd, _ms(self._link_timeout_s, 200)
+        for force in (False, True):
+            try:
+                ret, rets = self._datadist.unlink_clusters([info], timeout, force=force)
+            except dd.LLMException as e:
+                ret, rets = getattr(e, "status_code", e), []
+            bad = [r for r in (*rets, ret) if r != dd.LLMStatusCode.LLM_SUCCESS]
+            if not bad:
+                return
             logger.warning(
-                "llmdatadist: unlinking cluster %d failed: %s", info.remote_cluster_id, e
+                "llmdatadist: %sunlinking cluster %d failed (%s)%s", "force-" if force else "",
+                info.remote_cluster_id, getattr(bad[0], "name", bad[0]),
+                "" if force else "; unlinking this side only",
             )
 
     def _check_open(self) -> None:
@@ -374,7 +407,10 @@ class LlmDataDistTransport(Transport):
 
     def _submit(self, fn: Callable, *args) -> concurrent.futures.Future:
         self._check_open()
-        return self._executor.submit(fn, *args)
+        fut = self._executor.submit(fn, *args)
+        self._queued.add(fut)
+        fut.add_done_callback(self._queued.discard)
+        return fut
 
     def _await(self, fut: concurrent.futures.Future, what: str, timeout_s: float):
         # llm_datadist enforces its own timeout; ours only catches a call
@@ -387,6 +423,8 @@ class LlmDataDistTransport(Transport):
                     "timeout",
                 )
             yield False
+        if fut.cancelled():
+            raise TransferError("the transport is closed", "shutdown")
         exc = fut.exception()
         if isinstance(exc, TransferError):
             raise exc
@@ -396,27 +434,38 @@ class LlmDataDistTransport(Transport):
 
     # ---------------- teardown ----------------
     def close(self) -> None:
-        """Unlink every peer, unregister the caches, finalize. Never blocks on
-        a pull in flight: teardown does not wait for the helper thread."""
+        """Unlink every peer, unregister the caches, finalize: on the helper
+        thread, after the call in flight (finalize must not run beside it).
+        Waits for that at most _CLOSE_WAIT_S; a pull still running ends
+        within sync_kv_timeout and the teardown follows it."""
         if self._closed:
             return
         self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for fut in list(self._queued):
+            fut.cancel()  # queued links and pulls never start
         links, self._links = self._links, {}
+        teardown = self._executor.submit(self._teardown, links)
+        self._executor.shutdown(wait=False)
+        done, _ = concurrent.futures.wait([teardown], timeout=_CLOSE_WAIT_S)
+        if not done:
+            logger.info("llmdatadist: a call in flight delays the teardown; it follows that call")
+
+    def _teardown(self, links: dict[int, concurrent.futures.Future]) -> None:
         for fut in links.values():
             info = _linked(fut)
             if info is not None:
                 self._unlink(info)
+        dd = self._dd
         manager = self._datadist.cache_manager
         for cache in self._caches:
             try:
                 manager.unregister_cache(cache.cache_id)
-            except self._dd.LLMException as e:
+            except dd.LLMException as e:
                 logger.warning("llmdatadist: unregistering cache %s failed: %s", cache.cache_id, e)
         self._caches.clear()
         try:
             self._datadist.finalize()
-        except self._dd.LLMException as e:
+        except dd.LLMException as e:
             logger.warning("llmdatadist: finalize failed: %s", e)
 
 

@@ -11,7 +11,17 @@ argument checks where they matter, and:
 * records every call in ``FABRIC.calls`` so tests can check the sequence;
 * really moves bytes: ``pull_blocks`` copies the requested blocks between
   the registered (CPU) tensors by address, so tests can check data exactly;
-* injects failures: ``FABRIC.link_status`` / ``FABRIC.pull_error``.
+* injects failures: ``FABRIC.link_status`` / ``FABRIC.pull_error`` /
+  ``FABRIC.unlink_status``, and holds pulls at ``FABRIC.pull_gate``;
+* models both ends of a link: ``unlink_clusters(force=False)`` is sent by
+  the client and also removes the server's end, ``force=True`` removes only
+  the caller's end (CANN's LLMDataDist API reference);
+* refuses ``finalize`` while another call of the same instance runs (the
+  reference forbids calling it concurrently with other interfaces).
+
+Argument checks follow the package's own Python layer (hicann/hixl,
+src/python/llm_datadist): TypeError / ValueError for wrong types and
+ranges, LLMException(status_code=LLM_PARAM_INVALID) for its raise_if checks.
 
 Unlike the real package, several LLMDataDist instances may live in one
 process (producer and consumer of one test).
@@ -24,6 +34,7 @@ import enum
 import itertools
 import math
 import socket
+import threading
 
 
 class LLMRole(enum.Enum):
@@ -32,21 +43,49 @@ class LLMRole(enum.Enum):
     MIX = 3
 
 
-class LLMStatusCode(enum.Enum):
+class LLMStatusCode(enum.IntEnum):
+    # The names the transport may meet; the real values come from the C++ layer.
     LLM_SUCCESS = 0
     LLM_FAILED = 1
     LLM_PARAM_INVALID = 2
-    LLM_TIMEOUT = 3
-    LLM_LINK_FAILED = 4
+    LLM_KV_CACHE_NOT_EXIST = 3
+    LLM_NOT_YET_LINK = 4
     LLM_ALREADY_LINK = 5
-    LLM_NOT_YET_LINK = 6
-    LLM_KV_CACHE_NOT_EXIST = 7
+    LLM_LINK_FAILED = 6
+    LLM_UNLINK_FAILED = 7
+    LLM_NOTIFY_PROMPT_UNLINK_FAILED = 8
+    LLM_CLUSTER_NUM_EXCEED_LIMIT = 9
+    LLM_EXIST_LINK = 10
+    LLM_TIMEOUT = 11
+    LLM_LINK_BUSY = 12
+    LLM_UNKNOWN_ERROR = -1
 
 
 class LLMException(RuntimeError):
-    def __init__(self, message: str, status_code: LLMStatusCode = LLMStatusCode.LLM_FAILED):
-        super().__init__(message)
-        self.status_code = status_code
+    # As in the real package: status_code is keyword-only.
+    def __init__(self, *args, status_code: LLMStatusCode = LLMStatusCode.LLM_SUCCESS):
+        super().__init__(*args)
+        self._status_code = status_code
+
+    @property
+    def status_code(self) -> LLMStatusCode:
+        return self._status_code
+
+
+def _param(ok: bool, message: str) -> None:
+    if not ok:
+        raise LLMException(message, status_code=LLMStatusCode.LLM_PARAM_INVALID)
+
+
+def _int_in(name: str, value, lo: int, hi: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} only support ['int'], but got {type(value)}.")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}'s value is out of range, {value}.")
+
+
+def _int32(name: str, value) -> None:
+    _int_in(name, value, -(2**31), 2**31 - 1)
 
 
 class DataType(enum.Enum):
@@ -62,12 +101,13 @@ class DataType(enum.Enum):
 
 class CacheDesc:
     def __init__(self, num_tensors: int, shape: list[int], data_type: DataType):
-        if not isinstance(shape, list) or not all(isinstance(x, int) for x in shape):
-            raise TypeError("shape must be a list of int")
+        _int_in("num_tensors", num_tensors, 0, 2**32 - 1)
+        if not isinstance(shape, (list, tuple)) or not all(isinstance(x, int) for x in shape):
+            raise TypeError("shape only support ['tuple', 'list'] of int")
         if not isinstance(data_type, DataType):
-            raise TypeError("data_type must be a DataType")
+            raise TypeError("data_type only support ['DataType']")
         self.num_tensors = num_tensors
-        self.shape = shape
+        self.shape = list(shape)
         self.data_type = data_type
 
     @property
@@ -76,8 +116,10 @@ class CacheDesc:
 
 
 class BlocksCacheKey:
-    def __init__(self, prompt_cluster_id: int, model_id: int = 0):
-        self.cluster_id = prompt_cluster_id
+    def __init__(self, cluster_id: int, model_id: int = 0):
+        if not isinstance(cluster_id, int) or not isinstance(model_id, int):
+            raise TypeError("cluster_id and model_id only support ['int']")
+        self.cluster_id = cluster_id
         self.model_id = model_id
 
 
@@ -90,7 +132,12 @@ class Cache:
 
 
 def _check_ip(ip: str) -> None:
-    socket.inet_aton(ip)  # the real package converts with inet_aton too
+    if not isinstance(ip, str):
+        raise TypeError("ip only support ['str', 'int']")
+    try:
+        socket.inet_aton(ip)  # the real package converts with inet_aton too
+    except OSError:
+        raise RuntimeError(f"Can not parse ip str:{ip}") from None
 
 
 class LLMClusterInfo:
@@ -105,40 +152,98 @@ class LLMClusterInfo:
 
     @remote_cluster_id.setter
     def remote_cluster_id(self, value: int):
-        if not isinstance(value, int) or not 0 <= value < 2**64:
-            raise ValueError("remote_cluster_id must be a uint64")
+        _int_in("remote_cluster_id", value, 0, 2**64 - 1)
         self._remote_cluster_id = value
 
     def append_local_ip_info(self, ip: str, port: int) -> None:
         _check_ip(ip)
+        _int_in("port", port, 0, 2**16 - 1)
         self.local_ip_info_list.append((ip, port))
 
     def append_remote_ip_info(self, ip: str, port: int) -> None:
         _check_ip(ip)
+        _int_in("port", port, 0, 2**16 - 1)
         self.remote_ip_info_list.append((ip, port))
 
 
 class LLMConfig:
+    """The setters check like the real ones; an attribute the real class does
+    not have is refused (the real one would silently ignore it)."""
+
+    __slots__ = ("_device_id", "_sync_kv_timeout", "_enable_cache_manager",
+                 "_enable_remote_cache_accessible", "_listen_ip_info")
+
     def __init__(self):
-        self.device_id = None
-        self.sync_kv_timeout = None
-        self.enable_cache_manager = None
-        self.listen_ip_info = ""
+        self._device_id = None
+        self._sync_kv_timeout = None
+        self._enable_cache_manager = None
+        self._enable_remote_cache_accessible = None
+        self._listen_ip_info = ""
+
+    @property
+    def device_id(self):
+        return self._device_id
+
+    @device_id.setter
+    def device_id(self, value):
+        _int32("device_id", value)
+        _param(value >= 0, "device_id should be greater than or equal to zero.")
+        self._device_id = value
+
+    @property
+    def sync_kv_timeout(self):
+        return self._sync_kv_timeout
+
+    @sync_kv_timeout.setter
+    def sync_kv_timeout(self, value):
+        if not isinstance(value, (int, str)):
+            raise TypeError("sync_kv_timeout only support ['int', 'str']")
+        _param(int(value) > 0, "sync_kv_timeout should be greater than zero.")
+        _int32("sync_kv_timeout", int(value))
+        self._sync_kv_timeout = value
+
+    @property
+    def enable_cache_manager(self):
+        return bool(self._enable_cache_manager)
+
+    @enable_cache_manager.setter
+    def enable_cache_manager(self, value):
+        if not isinstance(value, bool):
+            raise TypeError("enable_cache_manager only support ['bool']")
+        self._enable_cache_manager = value
+
+    @property
+    def enable_remote_cache_accessible(self):
+        return bool(self._enable_remote_cache_accessible)
+
+    @enable_remote_cache_accessible.setter
+    def enable_remote_cache_accessible(self, value):
+        if not isinstance(value, bool):
+            raise TypeError("enable_remote_cache_accessible only support ['bool']")
+        self._enable_remote_cache_accessible = value
+
+    @property
+    def listen_ip_info(self):
+        return self._listen_ip_info
+
+    @listen_ip_info.setter
+    def listen_ip_info(self, value):
+        if not isinstance(value, str):
+            raise TypeError("listen_ip_info only support ['str']")
+        self._listen_ip_info = value
 
     def generate_options(self) -> dict[str, str]:
         opts: dict[str, str] = {}
-        if self.device_id is not None:
-            if not isinstance(self.device_id, int) or self.device_id < 0:
-                raise TypeError("device_id must be an int >= 0")
-            opts["ge.exec.deviceId"] = str(self.device_id)
-        if self.sync_kv_timeout is not None:
-            if int(self.sync_kv_timeout) <= 0:
-                raise ValueError("sync_kv_timeout should be greater than zero.")
-            opts["llm.SyncKvCacheWaitTime"] = str(self.sync_kv_timeout)
-        if self.enable_cache_manager is not None:
-            opts["llm.EnableCacheManager"] = "1" if self.enable_cache_manager else "0"
-        if self.listen_ip_info:
-            opts["llm.listenIpInfo"] = str(self.listen_ip_info)
+        if self._listen_ip_info:
+            opts["llm.listenIpInfo"] = self._listen_ip_info
+        if self._device_id is not None:
+            opts["ge.exec.deviceId"] = str(self._device_id)
+        if self._sync_kv_timeout is not None:
+            opts["llm.SyncKvCacheWaitTime"] = str(self._sync_kv_timeout)
+        if self._enable_cache_manager is not None:
+            opts["llm.EnableCacheManager"] = "1" if self._enable_cache_manager else "0"
+        if self._enable_remote_cache_accessible is not None:
+            opts["llm.EnableRemoteCacheAccessible"] = "1" if self._enable_remote_cache_accessible else "0"
         return opts
 
 
@@ -153,6 +258,9 @@ class Fabric:
         self.calls: list[tuple] = []
         self.link_status: LLMStatusCode | None = None  # force link_clusters' result
         self.pull_error: LLMStatusCode | None = None  # make pull_blocks raise
+        # force the per-cluster result of a non-forced unlink_clusters
+        self.unlink_status: LLMStatusCode | None = None
+        self.pull_gate: threading.Event | None = None  # pull_blocks waits for it
         self._ids = itertools.count(1)
 
     def names(self) -> list[str]:
@@ -173,7 +281,7 @@ class CacheManager:
         if not addrs or len(addrs) != cache_desc.num_tensors or 0 in addrs:
             raise ValueError("addrs must hold num_tensors non-zero addresses")
         if self._owner.linked:
-            raise LLMException("register before link", LLMStatusCode.LLM_FAILED)
+            raise LLMException("register before link", status_code=LLMStatusCode.LLM_FAILED)
         cache = Cache(next(FABRIC._ids), cache_desc, list(addrs))
         model_id = blocks_cache_key.model_id if blocks_cache_key is not None else -1
         if blocks_cache_key is not None:
@@ -185,24 +293,34 @@ class CacheManager:
         return cache
 
     def pull_blocks(self, src_cache_key: BlocksCacheKey, dst_cache: Cache, src_blocks=(), dst_blocks=()) -> None:
+        with self._owner.call("pull_blocks"):
+            self._pull_blocks(src_cache_key, dst_cache, src_blocks, dst_blocks)
+
+    def _pull_blocks(self, src_cache_key, dst_cache, src_blocks, dst_blocks) -> None:
         FABRIC.calls.append(("pull_blocks", self._owner.cluster_id, src_cache_key.cluster_id,
                              src_cache_key.model_id, list(src_blocks), list(dst_blocks)))
-        if not dst_blocks or len(src_blocks) != len(dst_blocks):
-            raise ValueError("src_blocks and dst_blocks must be non-empty and equally long")
+        for name, b in (("src_blocks", src_blocks), ("dst_blocks", dst_blocks)):
+            if not isinstance(b, (list, tuple)) or not all(isinstance(x, int) for x in b):
+                raise TypeError(f"{name} only support ['list', 'tuple'] of int")
+        _param(len(dst_blocks) > 0, "dst_blocks can not be empty.")
+        _param(len(src_blocks) > 0, "src_blocks can not be empty.")
+        _param(len(src_blocks) == len(dst_blocks), "src_blocks and dst_blocks differ in length")
+        if FABRIC.pull_gate is not None:
+            FABRIC.pull_gate.wait(10)
         remote = self._owner.links.get(src_cache_key.cluster_id)
         if remote is None:
-            raise LLMException("not linked", LLMStatusCode.LLM_NOT_YET_LINK)
+            raise LLMException("not linked", status_code=LLMStatusCode.LLM_NOT_YET_LINK)
         if FABRIC.pull_error is not None:
-            raise LLMException("injected pull failure", FABRIC.pull_error)
+            raise LLMException("injected pull failure", status_code=FABRIC.pull_error)
         src_cache = remote.cache_manager.registered.get(src_cache_key.model_id)
         if src_cache is None:
-            raise LLMException("no such remote cache", LLMStatusCode.LLM_KV_CACHE_NOT_EXIST)
+            raise LLMException("no such remote cache", status_code=LLMStatusCode.LLM_KV_CACHE_NOT_EXIST)
         s, d = src_cache.cache_desc, dst_cache.cache_desc
         if (s.num_tensors, s.shape[1:], s.data_type) != (d.num_tensors, d.shape[1:], d.data_type):
-            raise LLMException("cache descs differ", LLMStatusCode.LLM_PARAM_INVALID)
+            raise LLMException("cache descs differ", status_code=LLMStatusCode.LLM_PARAM_INVALID)
         for b, limit in ((src_blocks, s.shape[0]), (dst_blocks, d.shape[0])):
             if any(not 0 <= x < limit for x in b):
-                raise LLMException("block id out of range", LLMStatusCode.LLM_PARAM_INVALID)
+                raise LLMException("block id out of range", status_code=LLMStatusCode.LLM_PARAM_INVALID)
         n = s.block_bytes
         for sa, da in zip(src_cache.tensor_addrs, dst_cache.tensor_addrs):
             for sb, db in zip(src_blocks, dst_blocks):
@@ -218,26 +336,43 @@ class CacheManager:
 class LLMDataDist:
     def __init__(self, role: LLMRole, cluster_id: int):
         if not isinstance(role, LLMRole):
-            raise TypeError("role must be an LLMRole")
-        if not isinstance(cluster_id, int) or not 0 <= cluster_id < 2**64:
-            raise ValueError("cluster_id must be a uint64")
+            raise TypeError("role only support ['LLMRole']")
+        _int_in("cluster_id", cluster_id, 0, 2**64 - 1)
         self.role = role
         self.cluster_id = cluster_id
         self.options: dict[str, str] | None = None
-        self.links: dict[int, LLMDataDist] = {}
+        self.links: dict[int, LLMDataDist] = {}  # our client ends, by server cluster id
+        self.inbound: set[int] = set()  # server ends: client cluster ids linked to us
         self.linked = False
         self._manager: CacheManager | None = None
         self._listen: tuple[str, int] | None = None
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+
+    class _Call:
+        def __init__(self, owner: "LLMDataDist"):
+            self.owner = owner
+
+        def __enter__(self):
+            with self.owner._busy_lock:
+                self.owner._busy += 1
+
+        def __exit__(self, *exc):
+            with self.owner._busy_lock:
+                self.owner._busy -= 1
+
+    def call(self, name: str) -> "LLMDataDist._Call":
+        return LLMDataDist._Call(self)
 
     def init(self, options: dict[str, str]) -> None:
         FABRIC.calls.append(("init", self.cluster_id, self.role, dict(options)))
         if options.get("llm.EnableCacheManager") != "1":
-            raise LLMException("this fake only models cache-manager mode")
+            raise LLMException("this fake only models cache-manager mode", status_code=LLMStatusCode.LLM_FAILED)
         if "llm.listenIpInfo" in options:
             ip, port = options["llm.listenIpInfo"].rsplit(":", 1)
             _check_ip(ip)
             if (ip, int(port)) in FABRIC.listeners:
-                raise LLMException("listen address in use", LLMStatusCode.LLM_FAILED)
+                raise LLMException("listen address in use", status_code=LLMStatusCode.LLM_FAILED)
             self._listen = (ip, int(port))
             FABRIC.listeners[self._listen] = self
         self.options = dict(options)
@@ -249,37 +384,68 @@ class LLMDataDist:
             raise RuntimeError("llm datadist is not initialized")
         return self._manager
 
+    @staticmethod
+    def _check_clusters(clusters, timeout) -> None:
+        _int32("timeout", timeout)
+        _param(timeout > 0, "Param timeout should be greater than 0.")
+        if not isinstance(clusters, (list, tuple)) or not all(isinstance(c, LLMClusterInfo) for c in clusters):
+            raise TypeError("clusters only support ['list', 'tuple'] of LLMClusterInfo")
+
     def link_clusters(self, clusters, timeout=3000):
-        if not isinstance(timeout, int) or timeout <= 0:
-            raise ValueError("timeout must be a positive int (ms)")
-        rets = []
-        for c in clusters:
-            remote_addr = c.remote_ip_info_list[0]
-            FABRIC.calls.append(("link_clusters", self.cluster_id, c.remote_cluster_id, remote_addr))
-            if not c.local_ip_info_list:
-                raise LLMException("local_ip_info_list is empty", LLMStatusCode.LLM_PARAM_INVALID)
-            server = FABRIC.listeners.get(remote_addr)
-            if FABRIC.link_status is not None:
-                rets.append(FABRIC.link_status)
-            elif server is None or server.cluster_id != c.remote_cluster_id:
-                rets.append(LLMStatusCode.LLM_LINK_FAILED)
-            else:
-                self.links[c.remote_cluster_id] = server
-                self.linked = True
-                rets.append(LLMStatusCode.LLM_SUCCESS)
-        ok = all(r == LLMStatusCode.LLM_SUCCESS for r in rets)
-        return (LLMStatusCode.LLM_SUCCESS if ok else LLMStatusCode.LLM_FAILED), rets
+        self._check_clusters(clusters, timeout)
+        with self.call("link_clusters"):
+            rets = []
+            for c in clusters:
+                _param(bool(c.local_ip_info_list), "local_ip_info_list is empty.")
+                _int_in("remote_cluster_id", c.remote_cluster_id, 0, 2**64 - 1)
+                remote_addr = c.remote_ip_info_list[0]
+                FABRIC.calls.append(("link_clusters", self.cluster_id, c.remote_cluster_id, remote_addr))
+                server = FABRIC.listeners.get(remote_addr)
+                if FABRIC.link_status is not None:
+                    rets.append(FABRIC.link_status)
+                elif server is None or server.cluster_id != c.remote_cluster_id:
+                    rets.append(LLMStatusCode.LLM_LINK_FAILED)
+                else:
+                    self.links[c.remote_cluster_id] = server
+                    server.inbound.add(self.cluster_id)
+                    self.linked = True
+                    rets.append(LLMStatusCode.LLM_SUCCESS)
+            ok = all(r == LLMStatusCode.LLM_SUCCESS for r in rets)
+            return (LLMStatusCode.LLM_SUCCESS if ok else LLMStatusCode.LLM_FAILED), rets
 
     def unlink_clusters(self, clusters, timeout=3000, force=False):
-        rets = []
-        for c in clusters:
-            FABRIC.calls.append(("unlink_clusters", self.cluster_id, c.remote_cluster_id, force))
-            rets.append(LLMStatusCode.LLM_SUCCESS if self.links.pop(c.remote_cluster_id, None)
-                        else LLMStatusCode.LLM_NOT_YET_LINK)
-        return LLMStatusCode.LLM_SUCCESS, rets
+        """force=False: sent by the client, tears down both ends. force=True:
+        tears down only this end; the other end must unlink too."""
+        self._check_clusters(clusters, timeout)
+        if not isinstance(force, bool):
+            raise TypeError("force only support ['bool']")
+        with self.call("unlink_clusters"):
+            rets = []
+            for c in clusters:
+                _int_in("remote_cluster_id", c.remote_cluster_id, 0, 2**64 - 1)
+                FABRIC.calls.append(("unlink_clusters", self.cluster_id, c.remote_cluster_id, force))
+                if not force and FABRIC.unlink_status is not None:
+                    rets.append(FABRIC.unlink_status)
+                    continue
+                server = self.links.pop(c.remote_cluster_id, None)
+                if force:
+                    self.inbound.discard(c.remote_cluster_id)
+                    rets.append(LLMStatusCode.LLM_SUCCESS)
+                elif server is None:
+                    rets.append(LLMStatusCode.LLM_NOT_YET_LINK)
+                else:
+                    server.inbound.discard(self.cluster_id)
+                    rets.append(LLMStatusCode.LLM_SUCCESS)
+            ok = all(r == LLMStatusCode.LLM_SUCCESS for r in rets)
+            return (LLMStatusCode.LLM_SUCCESS if ok else LLMStatusCode.LLM_FAILED), rets
 
     def finalize(self) -> None:
         FABRIC.calls.append(("finalize", self.cluster_id))
+        if self._busy:
+            raise LLMException("finalize must not run concurrently with other calls",
+                               status_code=LLMStatusCode.LLM_FAILED)
         if self._listen is not None:
             FABRIC.listeners.pop(self._listen, None)
+        # Our client ends go with us; the servers' ends stay until they notice.
+        self.links.clear()
         self._manager = None
