@@ -21,7 +21,12 @@ DecodeError = msgspec.DecodeError
 
 
 def loads(data: bytes | str) -> Any:
-    return _decoder.decode(data)
+    try:
+        return _decoder.decode(data)
+    except RecursionError:
+        # msgspec raises RecursionError, not DecodeError, for JSON nested
+        # deeper than it recurses (~1000 levels): hostile input, not a bug.
+        raise DecodeError("JSON is nested too deeply") from None
 
 
 def dumps(obj: Any) -> bytes:
@@ -48,6 +53,8 @@ class RequestBody:
             raise BodyError("request body must be a JSON object") from None
         except msgspec.DecodeError as exc:
             raise BodyError(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:  # skipping a value recurses too (see loads)
+            raise BodyError("request body is not valid JSON: nested too deeply") from None
 
     @classmethod
     def from_dict(cls, obj: dict) -> "RequestBody":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
 from conftest import state_of, wait_for
 
 
@@ -35,6 +38,46 @@ async def test_invalid_json_400(backend, proxy):
         body = await resp.json()
         assert body["error"]["code"] == 400 and body["error"]["type"] == "BadRequestError"
     assert p.requests == []
+
+
+async def test_deeply_nested_json_is_a_400_not_a_500(backend, proxy):
+    # msgspec raises RecursionError (not DecodeError) past ~1000 levels: it
+    # escaped the handler as aiohttp's text/plain 500 (and a 500 instead of
+    # failover for such a prefill answer).
+    p, d = await backend("p"), await backend("d")
+    deep = b"[" * 5000 + b"]" * 5000
+    client = await proxy([p], [d], admin_token="s3cret-token")
+    resp = await client.post("/v1/completions", data=b'{"prompt": ' + deep + b"}",
+                             headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"]["code"] == 400 and "nested too deeply" in body["error"]["message"]
+    assert p.requests == []
+    resp = await client.post("/admin/instances", data=deep,
+                             headers={"Authorization": "Bearer s3cret-token"})
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == 400
+    # A prefill instance answering such JSON is a failed attempt: 502 and
+    # failover, like any other invalid answer.
+    async def nested_answer(request):
+        return web.Response(body=b'{"kv_transfer_params": ' + deep + b"}",
+                            content_type="application/json")
+    app = web.Application()
+    app.router.add_post("/v1/completions", nested_answer)
+    bad = TestServer(app, host="127.0.0.1")
+    await bad.start_server()
+    try:
+        client = await proxy([f"127.0.0.1:{bad.port}"], [d], prefill_attempts=1)
+        resp = await client.post("/v1/completions", json={"prompt": "x"})
+        assert resp.status == 502
+        assert "invalid JSON" in (await resp.json())["error"]["message"]
+        errors = state_of(client).metrics.errors
+        assert errors.labels("prefill_protocol")._value.get() == 1
+        client = await proxy([f"127.0.0.1:{bad.port}", p], [d], prefill_attempts=2)
+        for _ in range(2):  # round robin: one of the two starts at the bad one
+            resp = await client.post("/v1/completions", json={"prompt": "x"})
+            assert resp.status == 200
+    finally:
+        await bad.close()
 
 
 async def test_unknown_model_404(backend, proxy):
