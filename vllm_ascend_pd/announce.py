@@ -81,7 +81,12 @@ def encode_announcement(ann: Announcement) -> bytes:
 
 def decode_announcement(data: bytes) -> Announcement:
     """Decode and validate; raises ``msgspec.ValidationError``/``DecodeError``."""
-    return _decoder.decode(data)
+    try:
+        return _decoder.decode(data)
+    except RecursionError:
+        # msgspec recurses to skip unknown fields: a few KB of nested
+        # arrays raise RecursionError, which is no DecodeError.
+        raise msgspec.DecodeError("announcement nested too deeply") from None
 
 
 def _zmq_endpoint(proxy_address: str) -> str:

@@ -101,8 +101,9 @@ class Authenticator:
         if not token:
             raise AuthError("no authentication token (the peer has no shared secret set)")
         parts = token.split(".")
+        # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
         if len(parts) != 4 or parts[0] != _VERSION or len(parts[1]) != 32 \
-                or not parts[2].isdigit() or len(parts[2]) > 15:
+                or not (parts[2].isascii() and parts[2].isdigit()) or len(parts[2]) > 15:
             raise AuthError("malformed authentication token (different vllm-ascend-pd version?)")
         _, nonce, ts_text, mac = parts
         ts = int(ts_text)

@@ -55,6 +55,7 @@ def test_wrong_or_missing_secret_is_refused():
 @pytest.mark.parametrize("token", [
     "x", "a1.", "a1...", "a1." + "0" * 32 + ".12.", "b1." + "0" * 32 + ".1.ff",
     "a1." + "0" * 32 + "." + "9" * 5000 + ".ff", "a1." + "0" * 31 + ".1.ff", "a1.é.1.ff",
+    "a1." + "0" * 32 + ".\u00b2\u0663.ff",  # isdigit() but not int()-able: was ValueError
 ])
 def test_malformed_tokens_raise_auth_error_only(token):
     with pytest.raises(AuthError):

@@ -144,7 +144,13 @@ class RegistrationListener:
                 continue
             for payload in frames[1:]:
                 if payload:
-                    self.handle(payload)
+                    try:
+                        self.handle(payload)
+                    except Exception as exc:  # noqa: BLE001
+                        # Ending this task would end registration for good
+                        # (and evict every registered instance at its TTL).
+                        self.rejected += 1
+                        self._warn("error", "error handling an announcement: %r", exc)
 
     async def _evict_loop(self) -> None:
         period = min(0.25, (self._ttl or DEFAULT_INTERVAL) / 3)

@@ -210,3 +210,28 @@ async def test_a_flood_of_bad_announcements_is_logged_once(proxy, caplog):
     logged = [r for r in caplog.records if "malformed announcement" in r.getMessage()]
     assert len(logged) == 1, len(logged)
     assert _addresses(client, "decode") == []
+
+
+async def test_hostile_frames_do_not_stop_the_listener(backend, proxy, monkeypatch):
+    # Each of these used to raise out of handle() (RecursionError from
+    # msgspec skipping an unknown field nested deeper than it recurses;
+    # ValueError from int() of a token timestamp of non-ASCII digits, which
+    # str.isdigit() accepts) and end the receive task: registration stopped
+    # for good, and every registered instance was evicted when its TTL ran out.
+    monkeypatch.setenv("TEST_PD_SECRET", SECRET)
+    d = await backend("d")
+    port = free_port()
+    client = await proxy(register_port=port, kv_secret_env="TEST_PD_SECRET")
+    reg = state_of(client).registration
+    nested = (b"\x82" + msgspec.msgpack.encode("role") + msgspec.msgpack.encode("decode")
+              + msgspec.msgpack.encode("extra") + b"\x91" * 5000 + b"\x90")
+    odd_digits = msgspec.msgpack.encode({
+        "role": "decode", "http_address": d.address,
+        "token": "a1." + "0" * 32 + ".\u00b2\u00b3." + "f" * 64})
+    with registration_dealer(port) as peer:
+        for frame in (nested, odd_digits):
+            peer.send(frame)
+        await wait_for(lambda: reg.rejected == 2)
+        peer.send(_signed(Announcement(role="decode", http_address=d.address)))
+        await wait_for(lambda: _addresses(client, "decode") == [d.address])
+    assert reg.received == 1
