@@ -273,8 +273,12 @@ class Handlers:
                                   "--admin-token to enable it")
         auth = request.headers.get("Authorization", "")
         scheme, _, given = auth.partition(" ")
+        # surrogateescape: aiohttp keeps a header's non-UTF-8 bytes as lone
+        # surrogates, which plain .encode() refuses (a 500, not a 401); so
+        # does Python with argv (--admin-token).
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), token.encode()):
+                given.strip().encode("utf-8", "surrogateescape"),
+                token.encode("utf-8", "surrogateescape")):
             return error_response(401, "missing or wrong admin bearer token",
                                   headers={"WWW-Authenticate": "Bearer"})
         return None

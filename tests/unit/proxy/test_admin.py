@@ -32,6 +32,15 @@ async def test_admin_requires_bearer_token(backend, proxy):
             assert resp.headers["WWW-Authenticate"] == "Bearer"
             assert (await resp.json())["error"]["code"] == 401
     assert [i.address for i in state_of(client).registry.instances("decode")] == [d.address]
+    # A token of non-UTF-8 bytes was a text/plain 500 (UnicodeEncodeError).
+    body = b'{"role": "decode", "address": "127.0.0.1:1"}'
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"POST /admin/instances HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe"
+                 b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:100]
+    assert b'"code": 401' in answer or b'"code":401' in answer
 
 
 async def test_admin_add_and_remove(backend, proxy):
