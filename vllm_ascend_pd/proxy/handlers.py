@@ -208,7 +208,8 @@ class Handlers:
                 try:
                     sess = s.clients.session(inst.address)
                     async with asyncio.timeout(self.cfg.health_timeout + 1):
-                        async with sess.get("/v1/models", headers=headers) as resp:
+                        async with sess.get("/v1/models", headers=headers,
+                                            allow_redirects=False) as resp:
                             data = await resp.read()
                             if resp.status == 200 or 400 <= resp.status < 500:
                                 return web.Response(status=resp.status, body=data,

@@ -26,7 +26,8 @@ class HealthChecker:
         """Probe one instance and record the result.  Never raises."""
         try:
             sess = self._clients.session(inst.address)
-            async with sess.get("/health", timeout=self._timeout) as resp:
+            async with sess.get("/health", timeout=self._timeout,
+                                allow_redirects=False) as resp:
                 await resp.read()
                 ok = resp.status == 200
         except asyncio.CancelledError:

@@ -8,7 +8,8 @@
 
 Failover happens only while nothing has been sent to the client, and never
 retries a node already tried for the same request.  Only instances in the
-registry are contacted.
+registry are contacted: redirects are not followed (``allow_redirects=False``
+on every backend request), an instance answering 3xx failed the attempt.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class PDForwarder:
         try:
             async with asyncio.timeout(self.cfg.first_byte_timeout):
                 async with sess.post(s.clients.url(inst.address, req.path), data=payload,
-                                     headers=req.headers) as resp:
+                                     headers=req.headers, allow_redirects=False) as resp:
                     data = await resp.read()
                     status = resp.status
                     ctype = resp.content_type
@@ -171,7 +172,7 @@ class PDForwarder:
             raise _classify(exc, "prefill", inst.address, "before answering") from exc
         finally:
             s.release_instance(inst, req.tokens)
-        if status >= 500:
+        if not (200 <= status < 300 or 400 <= status < 500):
             raise UpstreamError("prefill_status", f"prefill instance {inst.address} "
                                 f"answered {status}: {data[:200]!r}", 502)
         if status >= 400:
@@ -219,10 +220,11 @@ class PDForwarder:
             try:
                 async with asyncio.timeout(first_byte):
                     resp = await sess.post(s.clients.url(inst.address, req.path),
-                                           data=payload, headers=req.headers)
-                    if resp.status >= 400:
+                                           data=payload, headers=req.headers,
+                                           allow_redirects=False)
+                    if not 200 <= resp.status < 300:
                         data = await resp.read()
-                        if resp.status >= 500:
+                        if not 400 <= resp.status < 500:
                             raise UpstreamError(
                                 "decode_status", f"decode instance {inst.address} answered "
                                 f"{resp.status}: {data[:200]!r}", 502)

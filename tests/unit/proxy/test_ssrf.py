@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import state_of
+from conftest import state_of, wait_for
 
 TOKEN = "s3cret-token"
 
@@ -60,3 +60,46 @@ async def test_admin_token_only_in_the_authorization_header(backend, proxy):
     resp = await client.post("/v1/completions", json={"prompt": "x"})
     assert resp.status == 200
     assert evil.requests == [] and evil.health_probes == 0
+
+
+async def test_backend_redirects_are_not_followed(backend, proxy):
+    # aiohttp follows redirects by default: an instance answering 307 made
+    # the proxy POST the client's prompt to an address of its choosing.
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    evil = await backend("evil")
+
+    async def redirect(request):
+        raise web.HTTPTemporaryRedirect(f"http://{evil.address}{request.path}")
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", redirect)
+    red = TestServer(app, host="127.0.0.1")
+    await red.start_server()
+    red_addr = f"127.0.0.1:{red.port}"
+    try:
+        p, d = await backend("p"), await backend("d")
+        for prefill, decode in (([red_addr], [d]), ([p], [red_addr])):
+            client = await proxy(prefill, decode, prefill_attempts=1, decode_attempts=1)
+            for stream in (False, True):
+                resp = await client.post("/v1/completions",
+                                         json={"prompt": "x", "stream": stream})
+                assert resp.status == 502, await resp.text()
+                body = await resp.json()
+                assert "answered 307" in body["error"]["message"]
+            assert state_of(client).inflight == 0
+        # With a second instance the attempt fails over to it.
+        client = await proxy([red_addr, p], [red_addr, d])
+        for _ in range(4):
+            resp = await client.post("/v1/completions", json={"prompt": "x"})
+            assert resp.status == 200
+            assert (await resp.json())["choices"][0]["text"] == f"answer from {d.name}"
+        # Health probes and /v1/models do not follow them either.
+        client = await proxy([red_addr], [red_addr], health_interval=0.05)
+        await wait_for(lambda: all(i.health.value == "unhealthy"
+                                   for i in state_of(client).registry.instances()))
+        resp = await client.get("/v1/models")
+        assert resp.status == 503
+        assert evil.requests == [] and evil.health_probes == 0
+    finally:
+        await red.close()
