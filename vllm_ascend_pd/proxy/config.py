@@ -109,6 +109,9 @@ class ProxyConfig:
     max_inflight: int = 4096
     retry_after: int = 1
     max_body_bytes: int = 32 * 1024 * 1024
+    # The whole request body must arrive within this (408 otherwise): a
+    # client trickling its body holds one of --max-inflight's slots.
+    body_timeout: float = 60.0
     drain_timeout: float = 30.0
     # Admin API (POST/DELETE /admin/instances); disabled when None.
     admin_token: Optional[str] = None
@@ -193,6 +196,7 @@ class ProxyConfig:
               "--workers")
         check(self.retry_after >= 0, "--retry-after must be >= 0")
         check(self.max_body_bytes >= 1024, "--max-body-bytes must be >= 1024")
+        check(self.body_timeout > 0, "--body-timeout must be > 0 seconds")
         check(self.drain_timeout >= 0, "--drain-timeout must be >= 0")
         check(self.backend_connections >= 1, "--backend-connections must be >= 1")
         check(self.backend_keepalive > 0,
@@ -266,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Retry-After seconds sent with 503")
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                    help="largest accepted request body (413 above)")
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help="seconds a client has to send its whole request body (408 after)")
     g.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
                    help="seconds to let in-flight requests finish on SIGTERM")
     g.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV, d.admin_token),

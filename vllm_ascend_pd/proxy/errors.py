@@ -14,6 +14,7 @@ _TYPES = {
     401: "AuthenticationError",
     403: "PermissionDeniedError",
     404: "NotFoundError",
+    408: "RequestTimeoutError",
     413: "RequestTooLargeError",
     499: "ClientClosedRequest",
     502: "BadGatewayError",

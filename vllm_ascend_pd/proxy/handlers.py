@@ -91,11 +91,20 @@ class Handlers:
             return error_response(413, f"request body exceeds {cfg.max_body_bytes} bytes",
                                   headers=hdr)
         try:
-            raw = await request.read()
+            # Admitted requests count against --max-inflight: a client that
+            # trickles its body must not hold a slot for ever.
+            async with asyncio.timeout(cfg.body_timeout):
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             self.s.metrics.errors.labels("body_too_large").inc()
             return error_response(413, f"request body exceeds {cfg.max_body_bytes} bytes",
                                   headers=hdr)
+        except TimeoutError:
+            self.s.metrics.errors.labels("body_timeout").inc()
+            resp = error_response(408, f"request body not received within "
+                                  f"{cfg.body_timeout:g} s (--body-timeout)", headers=hdr)
+            resp.force_close()  # the rest of the body may still be on its way
+            return resp
         try:
             body = RequestBody.parse(raw)
         except BodyError as exc:

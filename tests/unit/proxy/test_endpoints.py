@@ -80,6 +80,33 @@ async def test_deeply_nested_json_is_a_400_not_a_500(backend, proxy):
         await bad.close()
 
 
+async def test_trickled_body_gets_408_and_frees_its_slot(backend, proxy):
+    # Admission happens before the body is read: without a deadline, a few
+    # clients sending a byte of their body and then nothing held every
+    # --max-inflight slot for ever (503 for everyone else).
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d], max_inflight=1, body_timeout=0.3)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    await writer.drain()
+    await wait_for(lambda: state_of(client).inflight == 1)
+    resp = await client.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status == 503  # the slow client holds the only slot ...
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # ... until its deadline
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert b"Connection: close" in head
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    body = await reader.readexactly(length)
+    writer.close()
+    error = __import__("json").loads(body)["error"]
+    assert error["code"] == 408 and "--body-timeout" in error["message"]
+    assert state_of(client).inflight == 0
+    assert state_of(client).metrics.errors.labels("body_timeout")._value.get() == 1
+    resp = await client.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status == 200
+    assert len(p.requests) == 1
+
+
 async def test_unknown_model_404(backend, proxy):
     p, d = await backend("p"), await backend("d")
     client = await proxy([p], [d], model="served")
