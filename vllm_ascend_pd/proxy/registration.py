@@ -33,6 +33,9 @@ DEFAULT_INTERVAL = 3.0
 # A sender of bad announcements must not flood the log: one warning per kind
 # of refusal per this many seconds, with the count of those left out.
 WARN_EVERY_S = 10.0
+# An announcement is a few hundred bytes. ZMQ drops the connection of a peer
+# sending a larger frame before buffering it (memory, unauthenticated).
+MAX_FRAME_BYTES = 64 * 1024
 
 
 class RegistrationListener:
@@ -163,6 +166,7 @@ class RegistrationListener:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 10000)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         if self._ipv6:
             sock.setsockopt(zmq.IPV6, 1)
         try:

@@ -235,3 +235,18 @@ async def test_hostile_frames_do_not_stop_the_listener(backend, proxy, monkeypat
         peer.send(_signed(Announcement(role="decode", http_address=d.address)))
         await wait_for(lambda: _addresses(client, "decode") == [d.address])
     assert reg.received == 1
+
+
+async def test_oversized_frames_are_dropped_unread(backend, proxy):
+    # Without a size limit the listener buffered (and decoded) frames of any
+    # size from anyone who reaches the port, before any authentication.
+    d = await backend("d")
+    port = free_port()
+    client = await proxy(register_port=port)
+    reg = state_of(client).registration
+    with registration_dealer(port) as big, registration_dealer(port) as peer:
+        big.send(b"\x00" * (4 << 20))
+        await asyncio.sleep(0.3)
+        peer.send(encode_announcement(Announcement(role="decode", http_address=d.address)))
+        await wait_for(lambda: _addresses(client, "decode") == [d.address])
+    assert reg.rejected == 0 and reg.received == 1
