@@ -27,7 +27,8 @@ def error_body(status: int, message: str, err_type: Optional[str] = None) -> byt
     return codec.dumps({
         "error": {
             "message": message,
-            "type": err_type or _TYPES.get(status, "InternalServerError"),
+            "type": err_type or _TYPES.get(
+                status, "BadRequestError" if 400 <= status < 500 else "InternalServerError"),
             "code": status,
         }
     })

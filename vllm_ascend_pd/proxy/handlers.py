@@ -35,6 +35,22 @@ def _request_id(request: web.Request) -> str:
     return uuid.uuid4().hex
 
 
+def _relayed_client_error(err: UpstreamClientError, rid: str) -> web.Response:
+    """A backend's 4xx for the client: its JSON error object as is; anything
+    else (an empty body, the HTML of a server in front of vLLM) becomes a
+    JSON error with the same status, so clients can always parse it."""
+    try:
+        is_object = isinstance(codec.loads(err.body), dict)
+    except codec.DecodeError:
+        is_object = False
+    if is_object:
+        return web.Response(status=err.status, body=err.body, content_type="application/json",
+                            headers={"X-Request-Id": rid})
+    text = err.body[:200].decode("utf-8", "replace")
+    return error_response(err.status, f"an instance answered {err.status} without a JSON "
+                          f"error: {text!r}", headers={"X-Request-Id": rid})
+
+
 class Handlers:
     def __init__(self, state: ProxyState):
         self.s = state
@@ -180,9 +196,7 @@ class Handlers:
                 return web.Response(status=499)  # nobody reads it
             return await self.pd.decode(req, request)
         except UpstreamClientError as err:
-            return web.Response(status=err.status, body=err.body or None,
-                                content_type=err.content_type or "application/json",
-                                headers={"X-Request-Id": rid})
+            return _relayed_client_error(err, rid)
         except UpstreamError as err:
             if req.abandoned:
                 logger.info("request %s (client gone) failed: %s", rid, err.message)

@@ -225,3 +225,42 @@ async def test_parallel_sampling_prefills_once(backend, proxy):
     [preq], [dreq] = p.requests, d.requests
     assert preq["body"]["n"] == 1 and dreq["body"]["n"] == 3
     assert dreq["body"]["seed"] == 1 and preq["body"]["seed"] == 1
+
+
+async def test_non_json_client_errors_become_json_errors(backend, proxy, release):
+    # A 4xx was relayed verbatim: an empty body (with aiohttp's
+    # application/octet-stream) or the HTML of a server in front of vLLM
+    # reached OpenAI clients, which expect {"error": {...}}.
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    answers = [(413, b"<html>too big</html>", "text/html"), (400, b"", None),
+               (422, b"[1]", "application/json")]
+
+    def answering(status, body, ctype):
+        async def handler(request):
+            await request.read()
+            return web.Response(status=status, body=body, content_type=ctype)
+        return handler
+    servers = []
+    for answer in answers:
+        app = web.Application()
+        app.router.add_post("/v1/completions", answering(*answer))
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+    p, d = await backend("p"), await backend("d")
+    try:
+        for (status, body, _), server in zip(answers, servers):
+            bad = f"127.0.0.1:{server.port}"
+            for prefill, decode in (([bad], [d]), ([p], [bad])):
+                client = await proxy(prefill, decode)
+                resp = await client.post("/v1/completions", json={"prompt": "x"})
+                assert resp.status == status
+                error = (await resp.json())["error"]
+                assert error["code"] == status and repr(body.decode()) in error["message"]
+                assert error["type"] == {413: "RequestTooLargeError"}.get(status,
+                                                                          "BadRequestError")
+    finally:
+        for server in servers:
+            await server.close()
