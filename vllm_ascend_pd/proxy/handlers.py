@@ -134,7 +134,11 @@ class Handlers:
 
     async def _run(self, request: web.Request, chat: bool, rid: str) -> web.StreamResponse:
         s = self.s
-        body = await self._read_body(request, rid)
+        try:
+            body = await self._read_body(request, rid)
+        except asyncio.CancelledError:  # the client left while sending its body
+            s.metrics.errors.labels("client_disconnect").inc()
+            raise
         if isinstance(body, web.StreamResponse):
             return body
         # Built once for both legs (aiohttp would convert a dict per leg).

@@ -137,3 +137,19 @@ async def test_default_release_is_lazy_and_injectable(monkeypatch):
     cfg = ProxyConfig(prefill=["a:1"], decode=["b:2"], kv_secret_env="TEST_PD_SECRET").validate()
     assert await state.ProxyState(cfg).release_transfer({"transfer_id": "u"}, timeout=0.5) is True
     assert calls[-1] == ({"transfer_id": "u"}, 0.5, "s" * 20)
+
+
+async def test_disconnect_while_sending_the_body_is_counted(backend, proxy):
+    # It was a 499 without errors_total{kind=client_disconnect}.
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d])
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    await writer.drain()
+    await wait_for(lambda: state_of(client).inflight == 1)
+    writer.close()
+    await wait_for(lambda: state_of(client).inflight == 0)
+    metrics = state_of(client).metrics
+    await wait_for(lambda: metrics.requests.labels("completions", "499")._value.get() == 1)
+    assert metrics.errors.labels("client_disconnect")._value.get() == 1
+    assert p.requests == []
