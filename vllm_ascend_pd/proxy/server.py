@@ -56,8 +56,15 @@ class ProxyServer:
         else:  # every address cfg.host resolves to, like the supervisor
             self._sites = [web.TCPSite(self._runner, self.cfg.host, self.cfg.port,
                                        backlog=4096, reuse_address=True)]
-        for site in self._sites:
-            await site.start()
+        try:
+            for site in self._sites:
+                await site.start()
+        except BaseException:
+            # A taken port: close the backend sessions and tasks setup() made.
+            self._sites = []
+            await self._runner.cleanup()
+            self._runner = None
+            raise
         addresses = self._runner.addresses
         self.port = addresses[0][1] if addresses else self.cfg.port
         logger.info("proxy listening on %s", ", ".join(

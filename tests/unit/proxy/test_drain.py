@@ -101,3 +101,21 @@ async def test_sigterm_drains_then_exits(backend):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_taken_port_fails_start_and_leaves_no_open_backend_session(backend, release):
+    import socket
+
+    p, d = await backend("p"), await backend("d")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = ProxyConfig(prefill=[p.address], decode=[d.address], port=port,
+                          health_interval=0)
+        server = ProxyServer(cfg, release_transfer=release)
+        sessions = server.state.clients._sessions  # opened by the app's start-up
+        with pytest.raises(OSError, match="address already in use"):
+            await server.start()
+    assert len(sessions) == 2 and all(s.closed for s in sessions.values())
+    await server.shutdown()  # still safe: nothing left to stop
