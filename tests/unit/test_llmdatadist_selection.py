@@ -73,3 +73,23 @@ def test_auto_falls_back_to_tcp_and_says_why(monkeypatch, caplog):
         name, t = open_transport(cfg, "llmdatadist", cache(), opts("consumer"), kv_port=20000, tp_size=2)
     assert name == "tcp" and t.name == "tcp"
     assert "transport auto chose llmdatadist" in caplog.text and "set_env.sh" in caplog.text
+
+
+def test_a_listen_port_clash_at_init_is_a_config_error_and_auto_falls_back(with_fake, caplog):
+    """LLMDataDist.init reports a failure as LLMException (a RuntimeError, not
+    a ValueError): it must become a ConfigError naming the port, so `auto`
+    falls back to tcp as docs/ascend.md promises and an explicit choice says
+    what to change."""
+    squatter = fake.LLMDataDist(fake.LLMRole.PROMPT, 1)
+    squatter.init({"llm.EnableCacheManager": "1", "llm.listenIpInfo": "10.30.0.2:27001"})
+    cfg = parse_extra_config({"transport": "llmdatadist", "prefill_device_ips": IPS, "llmdatadist_comm_port": 27000})
+    with pytest.raises(ConfigError, match="llmdatadist_comm_port"):
+        open_transport(cfg, "llmdatadist", cache(), opts("producer"), kv_port=20000, tp_size=2)
+    cfg = parse_extra_config({"prefill_device_ips": IPS, "llmdatadist_comm_port": 27000})
+    with caplog.at_level(logging.WARNING):
+        name, t = open_transport(cfg, "llmdatadist", cache(), opts("producer"), kv_port=20000, tp_size=2)
+    try:
+        assert name == "tcp" and "transport auto chose llmdatadist" in caplog.text
+    finally:
+        t.close()
+        squatter.finalize()

@@ -160,12 +160,19 @@ class LlmDataDistTransport(Transport):
         # here, not on the engine thread.
         self._pull_timeout_s = options.idle_timeout_s
         self._link_timeout_s = options.idle_timeout_s
-        self._datadist = self._init_datadist()
+        # LLMDataDist reports failures as LLMException (a RuntimeError): make
+        # them ConfigErrors, which name the fix and let `auto` fall back.
+        try:
+            self._datadist = self._init_datadist()
+        except self._dd.LLMException as e:
+            raise self._start_error("init", e) from None
         self._caches: list[Any] = []
         try:
             self._register()
-        except BaseException:
+        except BaseException as e:
             self._datadist.finalize()
+            if isinstance(e, self._dd.LLMException):
+                raise self._start_error("register_blocks_cache", e) from None
             raise
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"ascend-pd-llmdd-{options.local_rank}",
@@ -178,6 +185,22 @@ class LlmDataDistTransport(Transport):
         self._closed = False
 
     # ---------------- set-up ----------------
+    def _start_error(self, what: str, e: Exception) -> ConfigError:
+        opt = self.options
+        status = getattr(getattr(e, "status_code", None), "name", "")
+        hint = (
+            f"check that {self.device_ip}:{opt.comm_port} is this NPU's device IP and that "
+            "the port is free (llmdatadist_comm_port + rank; another instance on this NPU's "
+            "IP may hold it)"
+            if opt.role != "consumer" else
+            f"check that {self.device_ip} is this NPU's device IP"
+        )
+        return ConfigError(
+            f"LLMDataDist {what} failed on device {self._device_id} ({status or 'error'}: {e}): "
+            f"{hint}, and that no other LLMDataDist runs in this process; or choose "
+            "transport hccl or tcp"
+        )
+
     def _check_registrable(self) -> None:
         total = 0
         unaligned = []
