@@ -20,6 +20,7 @@ _TYPES = {
     502: "BadGatewayError",
     503: "ServiceUnavailableError",
     504: "GatewayTimeoutError",
+    508: "LoopDetectedError",
 }
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import socket
 import time
 import uuid
+from typing import Optional
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +29,18 @@ logger = init_logger(__name__)
 
 _PASS_HEADERS = ("Authorization", "traceparent", "tracestate")
 _MAX_REQUEST_ID = 256
+# Requests this proxy sends carry its mark in a Via header (RFC 9110 7.6.3),
+# kept by proxies down the line: a request that comes back with it is in a
+# routing loop (an instance address naming this proxy, or a proxy routing
+# back to it), which would otherwise recurse until --max-inflight is full.
+_MAX_HOPS = 8
+
+
+def _via_mark(state: ProxyState) -> str:
+    """This proxy's pseudonym: the same in every worker of one proxy."""
+    owner = state.worker.parent_pid if state.worker is not None else state.pid
+    digest = hashlib.blake2b(f"{socket.gethostname()}/{owner}".encode(), digest_size=6)
+    return f"vllm-ascend-pd-{digest.hexdigest()}"
 
 
 def _request_id(request: web.Request) -> str:
@@ -57,6 +72,7 @@ class Handlers:
         self.cfg = state.cfg
         self.pd = PDForwarder(state)
         self._started = time.time()
+        self._via_mark = _via_mark(state)
 
     # ------------------------------------------------------------ completions
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -87,6 +103,9 @@ class Handlers:
             return error_response(503, "the proxy is shutting down; retry on another "
                                   "replica", headers={"Retry-After": str(cfg.retry_after),
                                                       **rid_hdr})
+        looped = self._looped(request, rid_hdr)
+        if looped is not None:
+            return looped
         if s.inflight >= s.max_inflight:
             s.metrics.errors.labels("overloaded").inc()
             return error_response(
@@ -97,6 +116,22 @@ class Handlers:
             return await self._run(request, chat, rid)
         finally:
             s.leave()
+
+    def _via(self, request: web.Request) -> str:
+        """The Via header of a request this proxy sends on ``request``'s behalf."""
+        via = ", ".join(request.headers.getall("Via", ()))
+        return f"{via}, 1.1 {self._via_mark}" if via else f"1.1 {self._via_mark}"
+
+    def _looped(self, request: web.Request, headers: Optional[dict] = None):
+        """A 508 response if ``request`` is in a routing loop, else None."""
+        via = ", ".join(request.headers.getall("Via", ()))
+        if not via or (self._via_mark not in via and via.count(",") < _MAX_HOPS):
+            return None
+        self.s.metrics.errors.labels("loop_detected").inc()
+        return error_response(
+            508, f"routing loop: this request already passed through this proxy (or "
+            f"{_MAX_HOPS} proxies); an instance address names the proxy itself or a "
+            "proxy that routes back to it", headers=headers)
 
     async def _read_body(self, request: web.Request, rid: str):
         """Returns the parsed body dict or an error response."""
@@ -147,6 +182,7 @@ class Handlers:
             value = request.headers.get(name)
             if value is not None:
                 headers[name] = value
+        headers["Via"] = self._via(request)
         # Client-supplied kv_transfer_params are never honoured: both legs
         # overwrite the key (see PDForwarder.prefill_body/decode_body).
         req = PDRequest(path=request.path, body=body, chat=chat,
@@ -227,7 +263,10 @@ class Handlers:
     # ------------------------------------------------------------ models
     async def models(self, request: web.Request) -> web.Response:
         s = self.s
-        headers = {}
+        looped = self._looped(request)
+        if looped is not None:
+            return looped
+        headers = {"Via": self._via(request)}
         if "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
         for role in (DECODE, PREFILL):

@@ -32,7 +32,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 ERROR_KINDS = (
     "bad_request", "body_too_large", "body_timeout", "unknown_model", "overloaded",
-    "draining",
+    "draining", "loop_detected",
     "prefill_connect", "prefill_timeout", "prefill_status", "prefill_no_params",
     "prefill_protocol", "prefill_client_error", "no_prefill",
     "decode_connect", "decode_timeout", "decode_status", "decode_empty",

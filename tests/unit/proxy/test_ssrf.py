@@ -103,3 +103,45 @@ async def test_backend_redirects_are_not_followed(backend, proxy):
         assert evil.requests == [] and evil.health_probes == 0
     finally:
         await red.close()
+
+
+async def test_a_proxy_among_its_own_instances_is_a_loop_not_a_storm(backend, release):
+    # The proxy's own address as an instance (a typo, or two proxies routing
+    # to each other): each hop admitted the request again, so one client
+    # request recursed until --max-inflight was full (and /v1/models until
+    # its timeout), failing everyone else with 503 meanwhile.
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from conftest import free_port
+    from vllm_ascend_pd.proxy.app import create_app
+    from vllm_ascend_pd.proxy.config import ProxyConfig
+    from vllm_ascend_pd.proxy.registry import Health
+
+    d = await backend("d")
+    port = free_port()
+    cfg = ProxyConfig(prefill=[f"127.0.0.1:{port}"], decode=[d.address], health_interval=0,
+                      max_inflight=50, prefill_attempts=1)
+    client = TestClient(TestServer(create_app(cfg, release_transfer=release),
+                                   host="127.0.0.1", port=port))
+    await client.start_server()
+    try:
+        resp = await client.post("/v1/completions", json={"prompt": "x"},
+                                 headers={"Via": "1.1 edge"})
+        assert resp.status == 502
+        assert "routing loop" in (await resp.json())["error"]["message"]
+        metrics = state_of(client).metrics
+        assert metrics.errors.labels("loop_detected")._value.get() == 1
+        assert metrics.requests.labels("completions", "508")._value.get() == 1
+        assert metrics.requests.labels("completions", "502")._value.get() == 1
+        assert d.requests == [] and state_of(client).inflight == 0
+        # /v1/models asks D first: with D out, it asks itself.
+        state_of(client).registry.get("decode", d.address).health = Health.UNHEALTHY
+        resp = await client.get("/v1/models")
+        assert resp.status == 503
+        assert metrics.errors.labels("loop_detected")._value.get() == 2
+        # Other proxies' marks pass through, up to a hop limit.
+        resp = await client.post("/v1/completions", json={"prompt": "x"},
+                                 headers={"Via": ", ".join(["1.1 p"] * 9)})
+        assert resp.status == 508
+    finally:
+        await client.close()
