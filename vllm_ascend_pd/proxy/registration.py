@@ -12,6 +12,7 @@ loop (``zmq.asyncio``), so it shares the registry without locks.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Callable, Optional
 
 import msgspec
@@ -62,7 +63,9 @@ class RegistrationListener:
     def ttl_for(self, ann: Announcement) -> float:
         if self._ttl is not None:
             return self._ttl
-        return 3.0 * (ann.interval if ann.interval > 0 else DEFAULT_INTERVAL)
+        # isfinite: an interval of inf (or nan) would never expire.
+        ok = 0 < ann.interval and math.isfinite(ann.interval)
+        return 3.0 * (ann.interval if ok else DEFAULT_INTERVAL)
 
     def handle(self, payload: bytes) -> list[Instance]:
         """Apply one announcement to the registry.  Returns touched instances."""

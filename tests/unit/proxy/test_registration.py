@@ -250,3 +250,17 @@ async def test_oversized_frames_are_dropped_unread(backend, proxy):
         peer.send(encode_announcement(Announcement(role="decode", http_address=d.address)))
         await wait_for(lambda: _addresses(client, "decode") == [d.address])
     assert reg.rejected == 0 and reg.received == 1
+
+
+async def test_an_infinite_interval_still_expires(backend, proxy):
+    # ttl = 3 x interval: an announced interval of inf made an instance that
+    # never expired once its heartbeats stopped.
+    d = await backend("d")
+    port = free_port()
+    client = await proxy(register_port=port)
+    reg = state_of(client).registration
+    for interval in (float("inf"), float("nan"), -1.0):
+        assert reg.ttl_for(Announcement(role="decode", http_address=d.address,
+                                        interval=interval)) == 9.0
+    assert reg.ttl_for(Announcement(role="decode", http_address=d.address,
+                                    interval=0.5)) == 1.5
