@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -21,6 +22,10 @@ ADMIN_TOKEN_ENV = "P2P_PROXY_ADMIN_TOKEN"
 
 class ConfigError(ValueError):
     """Raised when the proxy configuration is unusable."""
+
+
+_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 
 
 def parse_address(value: str, *, what: str = "address") -> tuple[str, int]:
@@ -47,6 +52,12 @@ def parse_address(value: str, *, what: str = "address") -> tuple[str, int]:
         host, sep, port_s = text.rpartition(":")
         if not sep or not host or ":" in host:
             raise ConfigError(f"invalid {what} {value!r}: expected host:port")
+        # The host goes into every URL of that instance: anything but a
+        # hostname or IPv4 address (userinfo "u@h", "\\", "?", spaces) made
+        # each request to it, and the health checker, fail with ValueError.
+        if len(host) > 253 or not _HOSTNAME.fullmatch(host):
+            raise ConfigError(f"invalid {what} {value!r}: the host must be a hostname "
+                              "(letters, digits, '-', '_', '.') or an IP address")
     try:
         port = int(port_s)
     except ValueError:

@@ -98,3 +98,41 @@ async def test_admin_remove_while_the_first_probe_runs(backend, proxy):
     assert resp.status == 201
     assert (await resp.json())["instance"]["health"] == "healthy"
     assert d2.health_probes == 2
+
+
+async def test_addresses_that_are_no_host_are_refused(backend, proxy):
+    # parse_address took any host: "a\\b:80" then broke every URL of that
+    # instance (ValueError): the admin add answered 500, the health loop died
+    # for every instance, and requests routed to it got 500; with "u@host"
+    # requests carrying Authorization did.
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d], admin_token=TOKEN, health_interval=0.05)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for address in ("a\\b:80", f"u@{d.address}", "a?b:80"):
+        resp = await client.post("/admin/instances", json={"role": "decode",
+                                                           "address": address}, headers=auth)
+        assert resp.status == 400, address
+        assert "the host must be a hostname" in (await resp.json())["error"]["message"]
+    assert [i.address for i in state_of(client).registry.instances("decode")] == [d.address]
+    probes = d.health_probes
+    await asyncio.sleep(0.3)
+    assert d.health_probes > probes
+    resp = await client.post("/v1/completions", json={"prompt": "x"}, headers=auth)
+    assert resp.status == 200
+
+
+async def test_a_probe_that_raises_does_not_end_the_health_loop(backend, proxy):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d], health_interval=0.05)
+    state = state_of(client)
+    real = state.clients.session
+
+    def session(address):
+        if address == p.address:
+            raise ValueError("no URL for you")
+        return real(address)
+    state.clients.session = session
+    probes = d.health_probes
+    await asyncio.sleep(0.3)
+    assert d.health_probes >= probes + 3
+    assert state.registry.get("prefill", p.address).health.value == "unhealthy"

@@ -69,7 +69,9 @@ def test_parse_address(text, expected):
     assert parse_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["h", ":1", "h:x", "h:70000", "::1:80", "h:1/path", ""])
+@pytest.mark.parametrize("text", ["h", ":1", "h:x", "h:70000", "::1:80", "h:1/path", "",
+                                  "a\\b:80", "u@127.0.0.1:80", "a?b:80", "a b:80", "-:80", "..:1",
+                                  "\u00e9:80"])
 def test_parse_address_rejects(text):
     with pytest.raises(ConfigError):
         parse_address(text)
