@@ -88,6 +88,16 @@ def test_proxy_doc_quotes_only_real_flags():
     assert quoted - _proxy_flags() == {"--native"}
 
 
+def test_proxy_doc_mentions_every_flag():
+    text = (ROOT / "docs" / "proxy.md").read_text()
+    from vllm_ascend_pd.proxy.config import build_parser
+
+    missing = [a.option_strings[0] for a in build_parser()._actions
+               if a.option_strings and not isinstance(a, argparse._HelpAction)
+               and not any(re.search(re.escape(o) + r"(?![\w-])", text) for o in a.option_strings)]
+    assert missing == [], "document these proxy flags in docs/proxy.md"
+
+
 def test_proxy_doc_lists_every_error_kind():
     from vllm_ascend_pd.proxy.metrics import ERROR_KINDS
 
