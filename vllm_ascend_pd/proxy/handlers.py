@@ -28,6 +28,11 @@ from vllm_ascend_pd.proxy.state import ProxyState
 logger = init_logger(__name__)
 
 _PASS_HEADERS = ("Authorization", "traceparent", "tracestate")
+# Set when a write to the client failed mid-answer: the handler returns the
+# prepared response, but the request counts as a 499.
+_CLIENT_LEFT = (web.RequestKey("vllm_ascend_pd_client_left", bool)
+                if hasattr(web, "RequestKey")  # aiohttp >= 3.13
+                else "vllm_ascend_pd_client_left")
 _MAX_REQUEST_ID = 256
 # Requests this proxy sends carry its mark in a Via header (RFC 9110 7.6.3),
 # kept by proxies down the line: a request that comes back with it is in a
@@ -90,7 +95,9 @@ class Handlers:
             status = resp.status
             return resp
         finally:
-            if status == 499 and request.get(STREAM_DELIVERED):
+            if request.get(_CLIENT_LEFT):
+                status = 499
+            elif status == 499 and request.get(STREAM_DELIVERED):
                 status = 200
             s.metrics.requests.labels(endpoint, str(status)).inc()
 
@@ -203,6 +210,14 @@ class Handlers:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
             if work.done():
+                # It ended before this handler resumed (the client hung up
+                # right after the end): a streamed answer went out in full,
+                # any other is never sent.
+                if not work.cancelled() and work.exception() is None:
+                    if work.result().prepared:
+                        request[STREAM_DELIVERED] = True
+                    else:
+                        s.metrics.errors.labels("client_disconnect").inc()
                 raise
             if req.kv_params is None:
                 # Prefill in flight: _serve lets it finish, releases its KV
@@ -244,6 +259,7 @@ class Handlers:
                 logger.error("request %s failed: %s", rid, err.message)
             return error_response(err.status, err.message, headers={"X-Request-Id": rid})
         except ClientGone as gone:
+            request[_CLIENT_LEFT] = True
             s.metrics.errors.labels("client_disconnect").inc()
             logger.info("request %s: client disconnected; decode leg cancelled", rid)
             return gone.response
