@@ -252,7 +252,9 @@ def _consumer_process(kind: str, kv_port: int, blocks: list[int], ready) -> None
     """Pulls, then is SIGKILLed after its first chunk arrives."""
     from vllm_ascend_pd.transport import pg
 
-    cons = Consumer(kind, "D")
+    # Generous: at load 10 a 5 s pull timeout expired before the first chunk,
+    # and a consumer that never gets a chunk never dies.
+    cons = Consumer(kind, "D", timeout=60.0)
     real_finish = pg._finish
     seen = [0]
 
