@@ -112,6 +112,9 @@ class ProxyConfig:
     connect_timeout: float = 10.0
     first_byte_timeout: float = 300.0
     event_gap_timeout: float = 120.0
+    # A client that stops reading: one write to it may wait this long for
+    # room in its connection's buffers before the request is cut.
+    client_write_timeout: float = 60.0
     # Non-streaming decode returns its whole answer at the end; 0 = no cap.
     nonstream_timeout: float = 0.0
     prefill_attempts: int = 3
@@ -193,7 +196,8 @@ class ProxyConfig:
         check(self.health_timeout > 0, "--health-timeout must be > 0")
         check(self.health_failures >= 1, "--health-failures must be >= 1")
         check(self.suspect_cooldown >= 0, "--suspect-cooldown must be >= 0")
-        for name in ("connect_timeout", "first_byte_timeout", "event_gap_timeout"):
+        for name in ("connect_timeout", "first_byte_timeout", "event_gap_timeout",
+                     "client_write_timeout"):
             check(getattr(self, name) > 0,
                   f"--{name.replace('_', '-')} must be > 0 seconds")
         check(self.nonstream_timeout >= 0, "--nonstream-timeout must be >= 0 (0 = no cap)")
@@ -341,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill answer / first decode event")
     g.add_argument("--event-gap-timeout", type=float, default=d.event_gap_timeout,
                    help="longest silence between two SSE events")
+    g.add_argument("--client-write-timeout", type=float, default=d.client_write_timeout,
+                   help="longest a write to a client that stopped reading may wait; "
+                        "then the request is cut and D's stream aborted")
     g.add_argument("--nonstream-timeout", type=float, default=d.nonstream_timeout,
                    help="cap for a non-streaming decode answer (0 = none)")
     g.add_argument("--backend-keepalive", type=float, default=d.backend_keepalive,

@@ -260,8 +260,8 @@ class Handlers:
             return error_response(err.status, err.message, headers={"X-Request-Id": rid})
         except ClientGone as gone:
             request[_CLIENT_LEFT] = True
-            s.metrics.errors.labels("client_disconnect").inc()
-            logger.info("request %s: client disconnected; decode leg cancelled", rid)
+            s.metrics.errors.labels(gone.kind).inc()
+            logger.info("request %s: %s; decode leg cancelled", rid, gone)
             return gone.response
         except asyncio.CancelledError:
             if request.get(STREAM_DELIVERED):

@@ -37,7 +37,7 @@ ERROR_KINDS = (
     "prefill_protocol", "prefill_client_error", "no_prefill",
     "decode_connect", "decode_timeout", "decode_status", "decode_empty",
     "decode_protocol", "decode_client_error", "decode_midstream", "no_decode",
-    "client_disconnect",
+    "client_disconnect", "client_stalled",
 )
 
 

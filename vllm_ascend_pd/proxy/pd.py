@@ -99,11 +99,14 @@ _UPSTREAM_EXC = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 
 class ClientGone(Exception):
-    """Writing to the client failed: it disconnected."""
+    """Writing to the client failed: it disconnected (``kind``
+    ``client_disconnect``) or stopped reading (``client_stalled``)."""
 
-    def __init__(self, response: web.StreamResponse):
-        super().__init__("client disconnected")
+    def __init__(self, response: web.StreamResponse, kind: str = "client_disconnect"):
+        super().__init__("client disconnected" if kind == "client_disconnect"
+                         else "client stopped reading")
         self.response = response
+        self.kind = kind
 
 
 _CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
@@ -302,7 +305,7 @@ class PDForwarder:
         if eof:
             await _send(out, b"", eof=True)
             return out
-        watchdog = GapWatchdog(self.cfg.event_gap_timeout)
+        watchdog = GapWatchdog(self.cfg.event_gap_timeout, self.cfg.client_write_timeout)
         readany = resp.content.readany
         take = buf.take
         write = out.write
@@ -318,19 +321,29 @@ class PDForwarder:
                 events = take(chunk)
                 if events:
                     # The client's own pace must not count as backend silence.
-                    watchdog.paused = True
+                    watchdog.pause()
                     try:
                         await write(events)
                     except _CLIENT_GONE as exc:
                         raise ClientGone(out) from exc
                     last = events
-                    watchdog.paused = False
-                    watchdog.progress()
+                    watchdog.resume()
         except asyncio.CancelledError:
             if not watchdog.claim():
                 if _ends_stream(last):
                     request[STREAM_DELIVERED] = True
                 raise
+            if watchdog.client_stalled:
+                logger.warning("request %s: a write to the client waited %gs for it to read "
+                               "(--client-write-timeout); closing its connection and "
+                               "aborting the decode stream", req.request_id,
+                               self.cfg.client_write_timeout)
+                # Its buffers are full: nothing more can be sent, not even an
+                # error event.
+                transport = request.transport
+                if transport is not None:
+                    transport.abort()
+                raise ClientGone(out, "client_stalled") from None
             await self._midstream_failure(out, req, inst, asyncio.TimeoutError())
             return out
         except _UPSTREAM_EXC as exc:

@@ -237,3 +237,49 @@ async def test_a_client_gone_before_its_answer_is_sent_is_a_disconnect(backend, 
         pass
     await wait_for(lambda: metrics.requests.labels("completions", "499")._value.get() == 1)
     assert metrics.errors.labels("client_disconnect")._value.get() == 1
+
+
+async def test_a_client_that_stops_reading_is_cut_after_the_write_timeout(backend, proxy,
+                                                                          release):
+    # It held its --max-inflight slot and D's stream for ever: the gap
+    # watchdog pauses while the proxy writes to the client, and nothing else
+    # timed the write.
+    p, d = await backend("p"), await backend("d")
+    d.events = [b"data: " + b"x" * 65536 + b"\n\n"] * 400  # 26 MB: more than any buffer
+    client = await proxy([p], [d], client_write_timeout=0.5)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    body = b'{"prompt": "x", "stream": true}'
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    try:
+        await wait_for(lambda: d.handler_started.is_set())
+        s = state_of(client)
+        await wait_for(lambda: s.inflight == 0, timeout=10)
+        await wait_for(lambda: d.cancelled == 1)
+        assert d.completed == 0
+        assert s.registry.instances("decode")[0].inflight_requests == 0
+        assert s.metrics.errors.labels("client_stalled")._value.get() == 1
+        assert s.metrics.errors.labels("client_disconnect")._value.get() == 0
+        assert s.metrics.requests.labels("completions", "499")._value.get() == 1
+        # The proxy closed the connection: what the client reads now ends.
+        got = 0
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
+            got += len(chunk)
+        assert got < 400 * 65536
+    finally:
+        writer.close()
+
+
+async def test_a_slow_reader_is_not_cut(backend, proxy, release):
+    # Each write makes progress within the timeout: the stream completes.
+    p, d = await backend("p"), await backend("d")
+    d.events = [b"data: " + b"y" * 65536 + b"\n\n"] * 100 + [b"data: [DONE]\n\n"]
+    client = await proxy([p], [d], client_write_timeout=1.0)
+    resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+    got = b""
+    while chunk := await resp.content.read(1 << 20):
+        got += chunk
+        await asyncio.sleep(0.02)
+    assert got == b"".join(d.events)
+    assert state_of(client).metrics.errors.labels("client_stalled")._value.get() == 0
