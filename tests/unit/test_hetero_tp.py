@@ -9,7 +9,9 @@ import time
 
 import pytest
 import torch
+import zmq
 
+from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.connector.kv_server import KVServer
 from vllm_ascend_pd.connector.metadata import RecvSpec, ReleaseSpec
 from vllm_ascend_pd.connector.puller import Puller
@@ -428,4 +430,33 @@ def test_equal_tp_needs_no_head_slices(group_factory):
     for c, (_, d_raw, _) in enumerate(g.consumers):
         p_raw = g.producers[c][2]
         assert torch.equal(d_raw["layer.0"][DST], p_raw["layer.0"][SRC])
+    check_all_freed(g)
+
+
+def test_a_pull_naming_an_absurd_consumer_tp_is_refused_at_once(group_factory):
+    """The head map costs time in the consumer's TP size; a pull claiming
+    millions of consumer ranks (no lease or secret needed to send one) held
+    the producer's engine thread for minutes. It is refused before the map."""
+    g = group_factory(1, 1, heads=2)
+    server = g.producers[0][0]
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://127.0.0.1:{g.kv_port}")
+    for tp, rank in [(2 * 10**6, 0), (0, 0), (-1, 0), (1, -1), (2, 2)]:
+        s.send(wire.encode(wire.PullRequest(TID, "req-p", SRC, consumer_rank=rank, consumer_tp=tp)))
+    start = time.monotonic()
+    replies = []
+    while len(replies) < 5 and time.monotonic() - start < 5:
+        server.pump(0.01)
+        if s.poll(10):
+            replies.append(wire.decode(s.recv()))
+    assert time.monotonic() - start < 2
+    assert [r.ok for r in replies] == [False] * 5
+    assert all("port plan" in r.error for r in replies), replies
+    s.close(0)
+    ctx.term()
+    # The lease is untouched and a real consumer still gets its blocks.
+    g.lease()
+    assert g.pull() == [({"req-d"}, set())]
     check_all_freed(g)

@@ -16,6 +16,7 @@ import zmq
 
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.auth import Authenticator, AuthError
+from vllm_ascend_pd.config import MAX_RANKS
 from vllm_ascend_pd.connector.pump import Pump, Task
 from vllm_ascend_pd.connector.stats import TransferStats
 from vllm_ascend_pd.connector.transfers import LeaseTable
@@ -264,6 +265,12 @@ class KVServer:
         """The consumer ranks that pull from this rank, and the heads this
         consumer rank must ask for (see tp_map.py); a reason if it asks wrong."""
         lay = self.layout
+        if not 0 <= req.consumer_rank < req.consumer_tp <= MAX_RANKS:
+            # Checked before the map, whose cost grows with consumer_tp.
+            return (
+                f"consumer rank {req.consumer_rank}/{req.consumer_tp} is outside the "
+                f"{MAX_RANKS}-rank port plan"
+            )
         if lay.tp_size == req.consumer_tp and lay.num_kv_heads <= 0:
             # Same TP and heads unknown: rank r serves rank r whole.
             if req.consumer_rank != self.tp_rank or req.heads is not None:
