@@ -199,7 +199,13 @@ def control_port(kv_port: int, rank: int) -> int:
 
 
 def group_port(kv_port: int, rank: int) -> int:
-    return control_port(kv_port, rank) + GROUP_PORT_OFFSET
+    port = control_port(kv_port, rank) + GROUP_PORT_OFFSET
+    if port >= 65536:
+        raise ConfigError(
+            f"kv_port {kv_port} + {GROUP_PORT_OFFSET} + rank {rank} (this rank's KV data "
+            f"port) exceeds 65535; lower kv_port to at most {65535 - KV_PORT_SPAN + 1}"
+        )
+    return port
 
 
 def llmdatadist_endpoint(

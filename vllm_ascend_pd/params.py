@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 
+from vllm_ascend_pd.config import MAX_RANKS, ConfigError, group_port
+
 
 class ProducerParams(msgspec.Struct, forbid_unknown_fields=False):
     """Returned by the producer in ``request_finished``; read by the consumer."""
@@ -58,6 +60,12 @@ def parse_producer_params(raw: Any) -> ProducerParams:
         raise InvalidParams(f"remote_port {p.remote_port} is out of range")
     if p.block_size <= 0 or p.tp_size <= 0 or p.num_tokens <= 0:
         raise InvalidParams("block_size, tp_size and num_tokens must be positive")
+    if p.tp_size > MAX_RANKS:
+        raise InvalidParams(f"tp_size {p.tp_size} exceeds the {MAX_RANKS}-rank port plan")
+    try:  # every producer rank's ports exist (a producer cannot start otherwise)
+        group_port(p.remote_port, p.tp_size - 1)
+    except ConfigError as e:
+        raise InvalidParams(f"remote_port {p.remote_port} with tp_size {p.tp_size}: {e}") from None
     expected = -(-p.num_tokens // p.block_size)
     if len(p.remote_block_ids) != expected:
         raise InvalidParams(

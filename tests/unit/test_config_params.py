@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_ascend_pd import protocol as wire
-from vllm_ascend_pd.config import ConfigError, control_port, parse_extra_config
+from vllm_ascend_pd.config import ConfigError, control_port, group_port, parse_extra_config
 from vllm_ascend_pd.params import InvalidParams, parse_producer_params, prompt_hash
 
 
@@ -41,6 +41,10 @@ def test_port_plan():
     assert control_port(20000, 3) == 20003
     with pytest.raises(ConfigError):
         control_port(65535, 1)
+    assert group_port(20000, 3) == 20067
+    # Not OverflowError from bind() at start-up: say which setting to lower.
+    with pytest.raises(ConfigError, match="lower kv_port to at most 65408"):
+        group_port(65500, 0)
 
 
 def test_params_roundtrip():
@@ -56,6 +60,9 @@ def test_params_roundtrip():
     good_params(remote_block_ids=[1, -2]),
     good_params(transfer_id="short"),
     good_params(num_tokens=0),
+    good_params(tp_size=65),
+    good_params(tp_size=2, remote_port=65535),
+    good_params(remote_port=65500),  # its data port, kv_port + 64, would not exist
 ])
 def test_malformed_params_rejected(bad):
     with pytest.raises(InvalidParams):

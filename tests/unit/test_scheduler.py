@@ -117,6 +117,27 @@ def test_consumer_bad_params_prefill_locally(mutate):
     assert c.get_num_new_matched_tokens(req, 0) == (0, False)
 
 
+@pytest.mark.parametrize("over", [
+    {"tp_size": 2, "remote_port": 65535},  # producer rank 1's control port would be 65536
+    {"tp_size": 65},  # beyond the 64-rank port plan
+    {"tp_size": 10**9},  # the puller's per-rank loops would never end
+])
+def test_params_naming_producer_ports_that_cannot_exist_never_reach_a_worker(over):
+    # The worker derives a port per producer rank from these; before they were
+    # checked here, that raised ConfigError out of start_load_kv (killing the
+    # engine) or looped over a billion ranks, for the pull and for the release
+    # of a request that finished before allocation alike.
+    prompt = list(range(10))
+    _, _, params = produce(prompt)
+    c = side(consumer=True)
+    req = FakeRequest("d", prompt, {**params, **over})
+    assert c.get_num_new_matched_tokens(req, 0) == (0, False)
+    gone = FakeRequest("d2", prompt, {**params, **over}, RequestStatus.FINISHED_ABORTED)
+    assert c.request_finished(gone, []) == (False, None)
+    meta = c.build_connector_meta()
+    assert meta.recvs == [] and meta.releases == []
+
+
 def test_params_for_another_prompt_are_not_applied():
     _, _, params = produce(list(range(10)))
     c = side(consumer=True)
