@@ -15,13 +15,15 @@ Version history:
      DataHello and DataHeader on that stream; ChunkHeader is gone.
   5: DataHello.auth: with a shared secret the data stream's preamble is
      signed like the control messages.
+  6: PullRequest.prompt_hash (signed): the producer serves a transfer only
+     to a pull for the prompt it leased.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 # Decoding is bounded before anything is parsed (see MAX_CONTROL_BYTES users).
 MAX_CONTROL_BYTES = 4 * 1024 * 1024
@@ -74,6 +76,8 @@ class PullRequest(msgspec.Struct, tag="pull"):
     consumer_tp: int = 1
     # Producer-local KV heads [start, stop) to send; None: all (see tp_map.py).
     heads: tuple[int, int] | None = None
+    # params.prompt_hash of the consumer's prompt; must match the lease's.
+    prompt_hash: str = ""
 
 
 class PullReply(msgspec.Struct, tag="pull_reply"):

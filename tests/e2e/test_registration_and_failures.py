@@ -110,3 +110,49 @@ def test_decode_rejection_releases_producer(cluster, tokenizer):
     assert err.value.code == 400
     wait_for(lambda: producer_idle(cluster), timeout=5)
     assert metric(cluster.P.url, "vllm:ascend_pd_leases_released_total") == released_before + 1
+
+
+def test_params_rebound_to_another_prompt_never_fill_the_prefix_cache(cluster, tokenizer):
+    """kv_transfer_params are client data and ``prompt_hash`` is not signed:
+    a client that got a transfer for prompt X from P could post prompt Y to D
+    with X's transfer and Y's hash. D then loaded X's KV into Y's blocks and
+    cached them under Y's block hashes, so every later request sharing Y's
+    prefix, anyone's, decoded from X's KV. P now checks the pull's prompt
+    hash against the one it leased."""
+    from vllm_ascend_pd.params import prompt_hash
+
+    x = prompt_of(tokenizer, 130, seed=41)
+    y = prompt_of(tokenizer, 130, seed=42)
+    expected = completion(cluster.S.url, y, 8)
+    params = _prefill(cluster, x)
+    forged = {**params, "prompt_hash": prompt_hash(y)}
+    refused_before = _failures(cluster, "refused")
+    body = {"model": "tiny", "prompt": y, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    out = post(cluster.D.url, "/v1/completions", {**body, "kv_transfer_params": forged})
+    assert out["choices"][0]["token_ids"] == expected  # recomputed after P refused
+    assert _failures(cluster, "refused") == refused_before + 1
+    # An honest request for Y hits D's prefix cache: it must hold Y's KV.
+    assert completion(cluster.D.url, y, 8) == expected
+    # P kept the lease for the pull of X (no data went out): free it.
+    assert release_transfer_sync(dict(params), timeout=5) is True
+    wait_for(lambda: producer_idle(cluster))
+
+
+def test_params_naming_producer_ports_that_cannot_exist_prefill_locally(cluster, tokenizer):
+    """tp_size 2 at remote_port 65535 names a control port 65536; D's worker
+    raised ConfigError out of start_load_kv for it, killing D's engine."""
+    from vllm_ascend_pd import protocol as wire
+    from vllm_ascend_pd.params import prompt_hash
+
+    prompt = prompt_of(tokenizer, 70, seed=43)
+    params = {"do_remote_prefill": True, "remote_engine_id": "P", "remote_host": "127.0.0.1",
+              "remote_port": 65535, "remote_block_ids": [0, 1, 2], "remote_request_id": "r",
+              "transfer_id": "x" * 32, "tp_size": 2, "block_size": 32, "num_tokens": len(prompt),
+              "prompt_hash": prompt_hash(prompt), "protocol": wire.PROTOCOL_VERSION}
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "kv_transfer_params": params}
+    out = post(cluster.D.url, "/v1/completions", body)
+    assert out["choices"][0]["token_ids"] == completion(cluster.S.url, prompt, 8)
+    other = prompt_of(tokenizer, 40, seed=44)
+    assert completion(cluster.D.url, other, 4) == completion(cluster.S.url, other, 4)

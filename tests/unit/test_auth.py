@@ -181,7 +181,7 @@ def _raw(port: int, msg) -> object:
 def test_replayed_signed_pull_is_refused(secured):
     src, dst, leases, stats, server, port, _ = secured
     leases.register("req-p", TID, [3])
-    tok = Authenticator(SECRET).sign("pull", TID, "req-p", [3], "D", 0, 1, None)
+    tok = Authenticator(SECRET).sign("pull", TID, "req-p", [3], "D", 0, 1, None, "")
     pull = wire.PullRequest(TID, "req-p", [3], "D", 0, tok)
     with pumped(server):
         assert _raw(port, pull).ok  # the legitimate pull (its data is not read here)
@@ -242,7 +242,7 @@ def test_mutated_tokens_never_pass_and_the_server_keeps_serving(secured):
     try:
         for i in range(2000):
             if i % 2:
-                tok = signer.sign("pull", TID, "req-p", [3, 4], "D", 0, 1, None)
+                tok = signer.sign("pull", TID, "req-p", [3, 4], "D", 0, 1, None, "")
                 msg_of = lambda t: wire.PullRequest(TID, "req-p", [3, 4], "D", 0, t)  # noqa: E731
             else:
                 tok = signer.sign("release", TID, "req-p")

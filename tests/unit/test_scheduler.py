@@ -54,6 +54,8 @@ def test_producer_leases_blocks_and_returns_params():
     assert parsed.remote_block_ids == [7, 8, 9] and parsed.num_tokens == 10
     meta = p.build_connector_meta()
     assert [s.block_ids for s in meta.sends] == [[7, 8, 9]]
+    # The lease is bound to the prompt the params name (P checks each pull).
+    assert [s.prompt_hash for s in meta.sends] == [parsed.prompt_hash]
     assert p.build_connector_meta().sends == []  # per-step state resets
 
 
@@ -76,6 +78,7 @@ def test_consumer_pulls_only_missing_blocks_after_prefix_hit():
     meta = c.build_connector_meta()
     (r,) = meta.recvs
     assert r.remote_block_ids == [8, 9] and r.local_block_ids == [101, 102] and r.num_tokens == 6
+    assert r.prompt_hash == params["prompt_hash"]
     # A second call after the load does not start another transfer.
     c.update_state_after_alloc(req, FakeBlocks([100, 101, 102]), 0)
     assert c.build_connector_meta().recvs == [] and req.kv_transfer_params["do_remote_prefill"] is False

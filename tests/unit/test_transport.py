@@ -54,6 +54,25 @@ def test_wrong_request_or_foreign_blocks_get_no_data(pair):
     assert leases.pending() == 1  # still leased for the legitimate pull
 
 
+def test_a_pull_for_another_prompt_gets_no_data(pair):
+    """The consumer caches pulled blocks under its own prompt's block hashes,
+    so blocks leased for one prompt must never be served to a pull naming
+    another (kv_transfer_params are client data: a client holding a
+    transfer id could rebind it to any prompt)."""
+    src, dst, leases, server, puller, ep, stats = pair
+    leases.register("req-p", TID, [1, 2], prompt_hash="a" * 32)
+    for rid, ph in [("a", "b" * 32), ("b", "")]:
+        puller.submit(RecvSpec(rid, "127.0.0.1", ep, TID, "req-p", [1, 2], [5, 6], 64, prompt_hash=ph))
+        assert drive(server, puller) == ({rid}, {rid})
+    assert torch.count_nonzero(dst.tensors[0][[5, 6]]) == 0
+    assert stats.take()["failures"] == {"refused": 2}
+    assert leases.pending() == 1  # still leased for the legitimate pull
+    puller.submit(RecvSpec("c", "127.0.0.1", ep, TID, "req-p", [1, 2], [5, 6], 64, prompt_hash="a" * 32))
+    assert drive(server, puller) == ({"c"}, set())
+    assert torch.equal(dst.tensors[0][[5, 6]], src.tensors[0][[1, 2]])
+    assert leases.pending() == 0
+
+
 def test_unknown_transfer_fails_after_grace(pair):
     _, _, _, server, puller, ep, stats = pair
     puller.submit(RecvSpec("a", "127.0.0.1", ep, "u" * 24, "req", [1], [1], 32))

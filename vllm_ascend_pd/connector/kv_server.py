@@ -197,7 +197,8 @@ class KVServer:
 
     def _pull(self, identity: bytes, req: wire.PullRequest, deadline: float) -> None:
         if not self._authorized(req, "pull", req.transfer_id, req.request_id, req.block_ids,
-                                req.consumer_engine_id, req.consumer_rank, req.consumer_tp, req.heads):
+                                req.consumer_engine_id, req.consumer_rank, req.consumer_tp, req.heads,
+                                req.prompt_hash):
             self._reply(identity, self._signed_pull_reply(req, False, "authentication failed"))
             return
         self._claim(identity, req, deadline)
@@ -216,7 +217,8 @@ class KVServer:
         else:
             expected, heads = plan
             claim = self.leases.begin_send(
-                req.transfer_id, req.request_id, req.block_ids, req.consumer_rank, expected
+                req.transfer_id, req.request_id, req.block_ids, req.consumer_rank, expected,
+                prompt_hash=req.prompt_hash,
             )
         if isinstance(claim, str):
             if (

@@ -14,6 +14,7 @@ class SendSpec:
     request_id: str
     transfer_id: str
     block_ids: list[int]
+    prompt_hash: str = ""  # params.prompt_hash: pulls must name the same prompt
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class RecvSpec:
     local_block_ids: list[int]
     num_tokens: int
     remote_tp_size: int = 0  # 0: same as this instance
+    prompt_hash: str = ""  # of this request's prompt, checked by the producer
 
 
 @dataclass(frozen=True)

@@ -316,12 +316,12 @@ class Puller:
         heads = None if piece.src is None else (piece.src.start, piece.src.stop)
         token = self.auth.sign(
             "pull", job.transfer_id, job.remote_request_id, job.remote_block_ids,
-            self.engine_id, self.tp_rank, self.tp_size, heads,
+            self.engine_id, self.tp_rank, self.tp_size, heads, job.prompt_hash,
         )
         req = wire.PullRequest(
             job.transfer_id, job.remote_request_id, job.remote_block_ids,
             self.engine_id, self.tp_rank, token,
-            consumer_tp=self.tp_size, heads=heads,
+            consumer_tp=self.tp_size, heads=heads, prompt_hash=job.prompt_hash,
         )
         yield from wait_send(link, [wire.encode(req)], self.connect_timeout_s)
         reply = yield from self._expect(link, wire.PullReply, "pull")

@@ -177,7 +177,7 @@ class SchedulerSide:
             RecvSpec(
                 request.request_id, p.remote_host, p.remote_port, p.transfer_id,
                 p.remote_request_id, remote_ids, local_ids, num_external_tokens,
-                remote_tp_size=p.tp_size,
+                remote_tp_size=p.tp_size, prompt_hash=p.prompt_hash,
             )
         )
 
@@ -256,7 +256,8 @@ class SchedulerSide:
             return False, None
         block_ids = list(block_ids[:n_blocks])
         transfer_id = secrets.token_urlsafe(24)
-        self._meta.sends.append(SendSpec(request.request_id, transfer_id, block_ids))
+        bound_to = prompt_hash(request.prompt_token_ids or [])
+        self._meta.sends.append(SendSpec(request.request_id, transfer_id, block_ids, bound_to))
         out = ProducerParams(
             remote_engine_id=self.engine_id,
             remote_host=self.kv_host,
@@ -267,7 +268,7 @@ class SchedulerSide:
             tp_size=self.tp_size,
             block_size=self.block_size,
             num_tokens=num_tokens,
-            prompt_hash=prompt_hash(request.prompt_token_ids or []),
+            prompt_hash=bound_to,
             protocol=wire.PROTOCOL_VERSION,
         )
         return True, msgspec.structs.asdict(out)

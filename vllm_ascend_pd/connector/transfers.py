@@ -28,6 +28,8 @@ class Lease:
     expected: frozenset[int] = frozenset({0})
     claimed: set[int] = field(default_factory=set)
     pulled: set[int] = field(default_factory=set)
+    # The prompt the blocks hold (params.prompt_hash); "": not checked.
+    prompt_hash: str = ""
 
 
 class LeaseTable:
@@ -39,13 +41,16 @@ class LeaseTable:
         # Recently ended transfers, to tell a replay from a bogus id.
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
 
-    def register(self, request_id: str, transfer_id: str, block_ids: list[int]) -> None:
+    def register(
+        self, request_id: str, transfer_id: str, block_ids: list[int], prompt_hash: str = ""
+    ) -> None:
         self._by_transfer[transfer_id] = Lease(
             request_id,
             transfer_id,
             list(block_ids),
             self._clock() + self._lease_s,
             block_set=frozenset(block_ids),
+            prompt_hash=prompt_hash,
         )
 
     def _check(self, transfer_id: str, request_id: str) -> Lease | str:
@@ -63,12 +68,17 @@ class LeaseTable:
         block_ids: list[int],
         puller: int = 0,
         expected: frozenset[int] = frozenset({0}),
+        prompt_hash: str = "",
     ) -> Lease | str:
         """Claim a lease for one pull by consumer rank ``puller`` out of the
         ``expected`` ranks; return it, or the reason it is refused."""
         lease = self._check(transfer_id, request_id)
         if isinstance(lease, str):
             return lease
+        if lease.prompt_hash and prompt_hash != lease.prompt_hash:
+            # The consumer would cache these blocks under its own prompt's
+            # block hashes: another prompt's KV would poison its prefix cache.
+            return "the pull names another prompt than the one this transfer holds"
         if puller not in expected:
             return "this consumer rank has nothing to pull from this producer rank"
         if lease.claimed and expected != lease.expected:

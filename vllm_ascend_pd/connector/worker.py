@@ -206,7 +206,7 @@ class WorkerSide:
     def start_load_kv(self, meta: AscendConnectorMetadata) -> None:
         with self._lock:
             for s in meta.sends:
-                self.leases.register(s.request_id, s.transfer_id, s.block_ids)
+                self.leases.register(s.request_id, s.transfer_id, s.block_ids, s.prompt_hash)
             if self.puller is not None:
                 for spec in (*meta.recvs, *meta.releases):
                     self.puller.submit(spec)
