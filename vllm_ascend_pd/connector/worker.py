@@ -153,7 +153,8 @@ class WorkerSide:
             idle_timeout_s=self.cfg.transfer_timeout_s,
             device=device,
             local_rank=self.tp_rank,
-            group_port=group_port(self.kv_port, self.tp_rank),
+            # Only a producer listens there; a consumer's kv_port may sit higher.
+            group_port=group_port(self.kv_port, self.tp_rank) if self.is_producer else 0,
             host=host,
             role=role,
             bind_host=self.cfg.kv_bind_host,
