@@ -8,6 +8,7 @@ rejected at start-up so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import ipaddress
+import math
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -134,6 +135,15 @@ def parse_extra_config(extra: dict[str, Any] | None) -> ConnectorConfig:
             f"invalid kv_connector_extra_config for AscendSimpleConnector: {e}. "
             f"Known keys: {known}"
         ) from None
+    for key in ConnectorConfig.__struct_fields__:
+        value = getattr(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            # JSON as vLLM parses it allows Infinity; an infinite lease or
+            # timeout never ends, an infinite pool size fails deep in start-up.
+            raise ConfigError(
+                f"kv_connector_extra_config {key} is {value}: give a finite number "
+                f"(default {getattr(ConnectorConfig(), key)})"
+            )
     if bool(cfg.proxy_ip) != bool(cfg.proxy_port):
         raise ConfigError("set both proxy_ip and proxy_port to register with a proxy")
     if cfg.proxy_ip and not cfg.http_port:

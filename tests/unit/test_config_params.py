@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from vllm_ascend_pd import protocol as wire
@@ -35,6 +37,16 @@ def test_bad_values():
         parse_extra_config({"proxy_ip": "127.0.0.1", "proxy_port": 9000})
     with pytest.raises(ConfigError, match="buffer_pool_mb"):
         parse_extra_config({"chunk_mb": 8, "buffer_pool_mb": 8})
+
+
+@pytest.mark.parametrize("key", ["lease_s", "registration_grace_s", "connect_timeout_s",
+                                 "transfer_timeout_s", "buffer_pool_mb", "heartbeat_s"])
+def test_infinite_values_are_refused_at_start_up(key):
+    # vLLM parses --kv-transfer-config with json.loads, which takes Infinity:
+    # a lease or timeout that never ends, a pool that fails start-up with
+    # OverflowError, an announcer thread that dies at its first wait.
+    with pytest.raises(ConfigError, match=f"{key} is inf: give a finite number"):
+        parse_extra_config(json.loads('{"%s": Infinity}' % key))
 
 
 def test_port_plan():
