@@ -96,6 +96,8 @@ def _zmq_endpoint(proxy_address: str) -> str:
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"proxy_address must be 'host:port', got {proxy_address!r}")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 proxy_ip; the connector joins it unbracketed
     return f"tcp://{host}:{port}"
 
 
