@@ -4,6 +4,7 @@ legitimate transfer must still be served exactly."""
 from __future__ import annotations
 
 import random
+import time
 
 import msgspec
 import zmq
@@ -66,6 +67,61 @@ def test_fuzzed_kv_port_survives_and_serves(pair):  # noqa: F811
     # Nothing the fuzzer sent released or pulled the real lease.
     leases.register("req-p", TID, [3, 4])
     assert leases.pending() == 1
+    puller.submit(RecvSpec("d", "127.0.0.1", port, TID, "req-p", [3, 4], [20, 21], 64))
+    assert drive(server, puller) == ({"d"}, set())
+    assert_copied(src, dst, [3, 4], [20, 21])
+
+
+def _dealer(ctx, port: int) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    return s
+
+
+def test_a_flood_of_maximal_pulls_neither_stalls_nor_fills_the_producer(pair, monkeypatch):  # noqa: F811
+    """Unsigned pulls of the largest size the control port takes (4 MiB, 4M
+    block ids) for transfers nobody leased: each took ~0.1-0.3 s to decode,
+    256 were read per pump (a minute of the engine thread), and each was
+    parked for registration_grace_s holding a ~35 MB list (1024 of them:
+    35 GB). Now a pump stops reading when its budget is spent, a pull naming
+    more blocks than the cache has is refused at once, and parked pulls are
+    bounded by the block ids they hold."""
+    from vllm_ascend_pd.connector import kv_server
+
+    src, dst, leases, server, puller, port, stats = pair
+    ctx = zmq.Context()
+    s = _dealer(ctx, port)
+    try:
+        huge = wire.encode(wire.PullRequest("z" * 24, "req-p", [1] * (wire.MAX_CONTROL_BYTES - 200)))
+        for _ in range(12):
+            s.send(huge)
+        time.sleep(1.0)  # all queued at the producer
+        server.pump(0.01)  # one message alone outlasts this budget
+        replies = []
+        while s.poll(200):
+            replies.append(wire.decode(s.recv()))
+        assert len(replies) == 1
+        deadline = time.monotonic() + 60
+        while len(replies) < 12 and time.monotonic() < deadline:
+            server.pump(0.01)
+            while s.poll(10):
+                replies.append(wire.decode(s.recv()))
+        assert not server.has_parked()
+        assert len(replies) == 12 and all("more than this instance's 64" in r.error for r in replies)
+
+        # Pulls within the cache's size park, up to the id bound.
+        monkeypatch.setattr(kv_server, "_MAX_WAITING_IDS", 100)
+        for i in range(3):
+            s.send(wire.encode(wire.PullRequest(f"{i}" * 24, "req-p", list(range(40)))))
+        time.sleep(0.3)
+        pump_for(server, 0.2)
+        assert sum(len(w.req.block_ids) for w in server._waiting) == 80
+    finally:
+        s.close(0)
+        ctx.term()
+    # A legitimate pull is still served exactly.
+    leases.register("req-p", TID, [3, 4])
     puller.submit(RecvSpec("d", "127.0.0.1", port, TID, "req-p", [3, 4], [20, 21], 64))
     assert drive(server, puller) == ({"d"}, set())
     assert_copied(src, dst, [3, 4], [20, 21])

@@ -32,6 +32,9 @@ logger = get_logger(__name__)
 
 # Pulls parked while their lease is not yet registered (bounded: peers are untrusted).
 _MAX_WAITING = 1024
+# Block ids all parked pulls may name together: a 4 MiB pull decodes to a
+# list of 4M ids (~35 MB), and 1024 of them would exhaust memory.
+_MAX_WAITING_IDS = 1 << 20
 # Messages read per pump, so a flood cannot monopolise the engine thread.
 _MAX_MESSAGES = 256
 # At most one "refused: authentication" log line per this many seconds.
@@ -88,7 +91,12 @@ class KVServer:
         """Answer peers and advance sends; True if all that is left waits on
         peers (see ``Pump.run``), so the caller may wait for ``socket``."""
         drained = False
+        # A maximal message takes ~0.1-0.3 s to decode: bound the reading
+        # by time too, or a flood of them holds the engine thread for minutes.
+        stop_reading = time.perf_counter() + budget_s
         for _ in range(_MAX_MESSAGES):
+            if time.perf_counter() >= stop_reading:
+                break
             try:
                 frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -212,6 +220,9 @@ class KVServer:
     def _claim(self, identity: bytes, req: wire.PullRequest, deadline: float) -> None:
         plan = self._tp_plan(req)
         heads = None
+        num_blocks = self.transport.cache.num_blocks
+        if len(req.block_ids) > num_blocks:
+            plan = f"the pull names {len(req.block_ids)} blocks, more than this instance's {num_blocks}"
         if isinstance(plan, str):
             claim: object = plan
         else:
@@ -225,6 +236,7 @@ class KVServer:
                 claim == "unknown transfer id"
                 and time.monotonic() < deadline
                 and len(self._waiting) < _MAX_WAITING
+                and self._parked_ids() + len(req.block_ids) <= _MAX_WAITING_IDS
             ):
                 # The pull may race ahead of the engine registering the lease.
                 self._waiting.append(_Waiting(identity, req, deadline))
@@ -294,6 +306,9 @@ class KVServer:
                 f"{lay.tp_size} -> {req.consumer_tp} needs; use transport hccl or tcp (gloo on the CPU)"
             )
         return frozenset(by_rank), piece.src
+
+    def _parked_ids(self) -> int:
+        return sum(len(w.req.block_ids) for w in self._waiting if isinstance(w.req, wire.PullRequest))
 
     def _release(self, identity: bytes, msg: wire.Release, deadline: float) -> None:
         if not self._authorized(msg, "release", msg.transfer_id, msg.request_id):
