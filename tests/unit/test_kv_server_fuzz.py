@@ -85,8 +85,8 @@ def test_a_flood_of_maximal_pulls_neither_stalls_nor_fills_the_producer(pair, mo
     256 were read per pump (a minute of the engine thread), and each was
     parked for registration_grace_s holding a ~35 MB list (1024 of them:
     35 GB). Now a pump stops reading when its budget is spent, a pull naming
-    more blocks than the cache has is refused at once, and parked pulls are
-    bounded by the block ids they hold."""
+    more blocks than the cache has is refused at once, and parked messages
+    are bounded by the memory they hold."""
     from vllm_ascend_pd.connector import kv_server
 
     src, dst, leases, server, puller, port, stats = pair
@@ -110,13 +110,15 @@ def test_a_flood_of_maximal_pulls_neither_stalls_nor_fills_the_producer(pair, mo
         assert not server.has_parked()
         assert len(replies) == 12 and all("more than this instance's 64" in r.error for r in replies)
 
-        # Pulls within the cache's size park, up to the id bound.
-        monkeypatch.setattr(kv_server, "_MAX_WAITING_IDS", 100)
+        # Pulls within the cache's size, and releases, park up to a memory
+        # bound (a 1 MB id counts too).
+        monkeypatch.setattr(kv_server, "_MAX_WAITING_BYTES", 1000)
+        s.send(wire.encode(wire.Release("r" * 24, "x" * 1_000_000)))
         for i in range(3):
             s.send(wire.encode(wire.PullRequest(f"{i}" * 24, "req-p", list(range(40)))))
         time.sleep(0.3)
         pump_for(server, 0.2)
-        assert sum(len(w.req.block_ids) for w in server._waiting) == 80
+        assert [type(w.req).__name__ for w in server._waiting] == ["PullRequest"] * 2
     finally:
         s.close(0)
         ctx.term()

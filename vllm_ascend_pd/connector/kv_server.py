@@ -32,9 +32,10 @@ logger = get_logger(__name__)
 
 # Pulls parked while their lease is not yet registered (bounded: peers are untrusted).
 _MAX_WAITING = 1024
-# Block ids all parked pulls may name together: a 4 MiB pull decodes to a
-# list of 4M ids (~35 MB), and 1024 of them would exhaust memory.
-_MAX_WAITING_IDS = 1 << 20
+# Memory all parked messages may hold together (estimated, see _weight): a
+# 4 MiB pull decodes to 4M block ids (~35 MB), a 4 MiB id to a 4 MB string,
+# and 1024 of them would exhaust memory.
+_MAX_WAITING_BYTES = 32 << 20
 # Messages read per pump, so a flood cannot monopolise the engine thread.
 _MAX_MESSAGES = 256
 # At most one "refused: authentication" log line per this many seconds.
@@ -236,7 +237,7 @@ class KVServer:
                 claim == "unknown transfer id"
                 and time.monotonic() < deadline
                 and len(self._waiting) < _MAX_WAITING
-                and self._parked_ids() + len(req.block_ids) <= _MAX_WAITING_IDS
+                and self._parked_bytes() + _weight(req) <= _MAX_WAITING_BYTES
             ):
                 # The pull may race ahead of the engine registering the lease.
                 self._waiting.append(_Waiting(identity, req, deadline))
@@ -307,8 +308,8 @@ class KVServer:
             )
         return frozenset(by_rank), piece.src
 
-    def _parked_ids(self) -> int:
-        return sum(len(w.req.block_ids) for w in self._waiting if isinstance(w.req, wire.PullRequest))
+    def _parked_bytes(self) -> int:
+        return sum(_weight(w.req) for w in self._waiting)
 
     def _release(self, identity: bytes, msg: wire.Release, deadline: float) -> None:
         if not self._authorized(msg, "release", msg.transfer_id, msg.request_id):
@@ -322,6 +323,7 @@ class KVServer:
             why == "unknown transfer id"
             and time.monotonic() < deadline
             and len(self._waiting) < _MAX_WAITING
+            and self._parked_bytes() + _weight(msg) <= _MAX_WAITING_BYTES
         ):
             # Like a pull, a release can race ahead of the engine registering
             # the lease (the proxy releases as soon as P's answer arrives);
@@ -351,3 +353,11 @@ class KVServer:
             self._sock.send_multipart([identity, wire.encode(msg)], flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
             logger.warning("KV server rank %d: could not reply %s: %s", self.tp_rank, type(msg).__name__, e)
+
+
+def _weight(msg: wire.PullRequest | wire.Release) -> int:
+    """Roughly the memory a parked message holds (a block id: 8 bytes)."""
+    n = len(msg.transfer_id) + len(msg.request_id) + len(msg.auth)
+    if isinstance(msg, wire.PullRequest):
+        n += 8 * len(msg.block_ids) + len(msg.consumer_engine_id) + len(msg.prompt_hash)
+    return n
