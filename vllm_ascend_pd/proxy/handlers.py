@@ -48,6 +48,17 @@ def _via_mark(state: ProxyState) -> str:
     return f"vllm-ascend-pd-{digest.hexdigest()}"
 
 
+# vLLM validates requests with pydantic, whose lax mode takes these strings
+# for booleans: "stream": "false" is a non-streaming request there.
+_FALSE_STRINGS = frozenset(("0", "off", "f", "false", "n", "no"))
+
+
+def _is_stream(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in _FALSE_STRINGS and bool(value.strip())
+    return bool(value)
+
+
 def _request_id(request: web.Request) -> str:
     rid = request.headers.get("X-Request-Id")
     if rid and len(rid) <= _MAX_REQUEST_ID and rid.isprintable():
@@ -193,7 +204,7 @@ class Handlers:
         # Client-supplied kv_transfer_params are never honoured: both legs
         # overwrite the key (see PDForwarder.prefill_body/decode_body).
         req = PDRequest(path=request.path, body=body, chat=chat,
-                        stream=bool(body.get("stream")), request_id=rid, headers=headers,
+                        stream=_is_stream(body.get("stream")), request_id=rid, headers=headers,
                         tokens=estimate_prompt_tokens(body))
         if self.cfg.policy == "prefix_affinity":
             req.affinity = affinity_key(body, self.cfg.affinity_prefix_bytes)

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 # The unit suite never needs vLLM's logger (importing it loads torch).
 os.environ.setdefault("VLLM_ASCEND_PD_PLAIN_LOGGING", "1")
 
+import pydantic
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -58,6 +59,10 @@ def sse_events(n: int, *, usage: bool = False, tag: str = "tok") -> list[bytes]:
                       b'"completion_tokens":%d,"total_tokens":%d}}\n\n' % (n, n + 3))
     events.append(b"data: [DONE]\n\n")
     return events
+
+
+# vLLM reads request fields with pydantic (lax mode): "stream": "false" is False.
+_VLLM_BOOL = pydantic.TypeAdapter(bool)
 
 
 class FakeBackend:
@@ -134,7 +139,7 @@ class FakeBackend:
                     answer["kv_transfer_params"] = self.params(n)
                 self.completed += 1
                 return web.json_response(answer)
-            if not body.get("stream"):
+            if not _VLLM_BOOL.validate_python(body.get("stream") or False):
                 if self.empty_body:
                     self.completed += 1
                     return web.Response(status=200)

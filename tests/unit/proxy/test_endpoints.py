@@ -229,3 +229,26 @@ async def test_draining_answers_503_and_health_says_so(backend, proxy):
     resp = await client.get("/health")
     assert resp.status == 503 and (await resp.json())["status"] == "draining"
     assert p.requests == []
+
+
+async def test_stream_given_as_a_string_is_read_as_vllm_reads_it(backend, proxy):
+    # "stream": "false" was a streaming request to the proxy (bool("false")),
+    # so a long non-streaming answer was cut by --first-byte-timeout.
+    p, d = await backend("p"), await backend("d")
+    d.header_delay = 0.6
+    client = await proxy([p], [d], first_byte_timeout=0.3)
+    resp = await client.post("/v1/completions", json={"prompt": "x", "stream": "false"})
+    assert resp.status == 200
+    assert (await resp.json())["choices"][0]["text"] == f"answer from {d.name}"
+    resp = await client.post("/v1/completions", json={"prompt": "x", "stream": "true"})
+    assert resp.status == 504  # a stream: D's first event is late
+
+
+def test_stream_flag_parsing_matches_pydantic():
+    import pydantic
+
+    from vllm_ascend_pd.proxy.handlers import _is_stream
+    lax = pydantic.TypeAdapter(bool)
+    for value in (True, False, None, 0, 1, "true", "True", "false", "FALSE", "0", "1",
+                  "yes", "no", "on", "off", "t", "f", "y", "n"):
+        assert _is_stream(value) == lax.validate_python(value or False), value
