@@ -76,6 +76,8 @@ class ProxyServer:
         for site in self._sites:
             await site.stop()  # no new connections
         self._sites = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.drain_timeout
         if state.inflight:
             logger.info("draining %d in-flight requests (up to %.0fs)", state.inflight,
                         self.cfg.drain_timeout)
@@ -83,6 +85,13 @@ class ProxyServer:
                 await asyncio.wait_for(state.idle.wait(), self.cfg.drain_timeout)
             except asyncio.TimeoutError:
                 logger.warning("drain timeout: cancelling %d requests", state.inflight)
+        # Prefills whose clients left still run: only their answers name the
+        # KV to free on the producers. Cut, that KV waits for its lease.
+        left = await state.settle_background(max(0.0, deadline - loop.time()))
+        if left:
+            logger.warning("drain timeout: cancelling %d background tasks (prefills of "
+                           "departed clients, KV releases); their producers free that KV "
+                           "when its lease expires", left)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

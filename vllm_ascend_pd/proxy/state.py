@@ -143,6 +143,18 @@ class ProxyState:
         logger.info("released KV of transfer %s (%s): %s",
                     params.get("transfer_id", "?"), reason, "ok" if ok else "not confirmed")
 
+    async def settle_background(self, timeout: float) -> int:
+        """Let background work finish, including what it starts meanwhile
+        (an adopted prefill ends in a release); returns how many are left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._background:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            await asyncio.wait(list(self._background), timeout=left)
+        return len(self._background)
+
     async def close_background(self, timeout: float = 3.0) -> None:
         if self._background:
             await asyncio.wait(list(self._background), timeout=timeout)
