@@ -1,6 +1,10 @@
 """Tell a producer to free a lease without pulling it (used by the proxy when
 a client leaves between prefill and decode). Idempotent: releasing an
-already-freed transfer is a no-op on the producer."""
+already-freed transfer is a no-op on the producer.
+
+The proxy runs this in the background, so it never raises: whatever goes
+wrong (an unreachable producer, an answer that is not a ReleaseReply) is
+logged and answered False; the lease then ends at ``lease_s``."""
 
 from __future__ import annotations
 
@@ -11,35 +15,54 @@ import zmq
 
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.auth import Authenticator
-from vllm_ascend_pd.params import InvalidParams, parse_producer_params
+from vllm_ascend_pd.connector.zmq_links import dealer_socket, tcp_endpoint
+from vllm_ascend_pd.log import get_logger
+from vllm_ascend_pd.params import InvalidParams, ProducerParams, parse_producer_params
+
+logger = get_logger(__name__)
 
 
 def release_transfer_sync(kv_transfer_params: dict[str, Any], *, timeout: float = 2.0, secret: str = "") -> bool:
-    """``secret``: the deployment's shared secret, if the producers have one."""
-    auth = Authenticator(secret)
+    """``secret``: the deployment's shared secret, if the producers have one.
+    True if every producer rank freed the lease."""
     try:
         p = parse_producer_params(kv_transfer_params)
     except InvalidParams:
         return False
+    try:
+        return _release(p, timeout, Authenticator(secret))
+    except Exception as e:  # noqa: BLE001 - see the module docstring
+        logger.warning(
+            "could not release transfer %s on %s:%d (its lease will expire instead): %s",
+            p.transfer_id, p.remote_host, p.remote_port, e,
+        )
+        return False
+
+
+def _release(p: ProducerParams, timeout: float, auth: Authenticator) -> bool:
     ctx = zmq.Context()
     ok = True
     try:
         for rank in range(p.tp_size):
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
+            sock = dealer_socket(ctx, tcp_endpoint(p.remote_host, p.remote_port + rank))
             try:
-                sock.connect(f"tcp://{p.remote_host}:{p.remote_port + rank}")
                 token = auth.sign("release", p.transfer_id, p.remote_request_id)
                 sock.send(wire.encode(wire.Release(p.transfer_id, p.remote_request_id, token)))
                 if not sock.poll(int(timeout * 1000)):
                     ok = False
                     continue
-                reply = wire.decode(sock.recv())
+                frames = sock.recv_multipart()
+                try:
+                    reply = wire.decode(frames[0]) if len(frames) == 1 else None
+                except wire.ProtocolError as e:
+                    logger.warning("producer %s:%d answered a release with garbage: %s",
+                                   p.remote_host, p.remote_port + rank, e)
+                    reply = None
                 ok = ok and isinstance(reply, wire.ReleaseReply) and reply.ok
             finally:
                 sock.close(0)
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # also closes a socket whose connect raised
     return ok
 
 

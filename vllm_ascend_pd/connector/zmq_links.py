@@ -118,6 +118,8 @@ def router_socket(ctx: zmq.Context, bind_host: str, port: int, role_hint: str) -
     sock.setsockopt(zmq.LINGER, 0)
     # Bounded before parsing: a hostile peer cannot make us buffer huge frames.
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
+    if ":" in bind_host:
+        sock.setsockopt(zmq.IPV6, 1)  # ZMQ refuses IPv6 addresses without it
     try:
         sock.bind(f"tcp://{_bracket(bind_host)}:{port}")
     except zmq.ZMQError as e:
@@ -145,6 +147,8 @@ def dealer_socket(ctx: zmq.Context, endpoint: str, rcvhwm: int = CONSUMER_RCVHWM
     # (group transports key their per-pair groups on it). A leading zero byte
     # is reserved by ZMQ.
     sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
+    if endpoint.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
     sock.connect(endpoint)
     return sock
 
