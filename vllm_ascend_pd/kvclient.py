@@ -46,8 +46,9 @@ def _release(p: ProducerParams, timeout: float, auth: Authenticator) -> bool:
         for rank in range(p.tp_size):
             sock = dealer_socket(ctx, tcp_endpoint(p.remote_host, p.remote_port + rank))
             try:
-                token = auth.sign("release", p.transfer_id, p.remote_request_id)
-                sock.send(wire.encode(wire.Release(p.transfer_id, p.remote_request_id, token)))
+                token = auth.sign("release", p.transfer_id, p.remote_request_id, p.prompt_hash)
+                msg = wire.Release(p.transfer_id, p.remote_request_id, token, p.prompt_hash)
+                sock.send(wire.encode(msg))
                 if not sock.poll(int(timeout * 1000)):
                     ok = False
                     continue

@@ -17,13 +17,16 @@ Version history:
      signed like the control messages.
   6: PullRequest.prompt_hash (signed): the producer serves a transfer only
      to a pull for the prompt it leased.
+  7: Release.prompt_hash (signed): the producer frees a lease only for a
+     release naming the prompt it holds; a release from the consumer link
+     that claimed the pull also stops that pull's send.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 # Decoding is bounded before anything is parsed (see MAX_CONTROL_BYTES users).
 MAX_CONTROL_BYTES = 4 * 1024 * 1024
@@ -130,6 +133,8 @@ class Release(msgspec.Struct, tag="release"):
     transfer_id: str
     request_id: str
     auth: str = ""
+    # params.prompt_hash of the releaser's prompt; must match the lease's.
+    prompt_hash: str = ""
 
 
 class ReleaseReply(msgspec.Struct, tag="release_reply"):

@@ -112,6 +112,21 @@ def test_decode_rejection_releases_producer(cluster, tokenizer):
     assert metric(cluster.P.url, "vllm:ascend_pd_leases_released_total") == released_before + 1
 
 
+def test_unusable_params_of_this_prompt_release_the_producer_at_once(cluster, tokenizer):
+    """Params D cannot use (here another protocol version; a block size
+    mismatch goes the same way) are prefilled locally, and D tells P to free
+    the blocks instead of P holding them until lease_s (120 s)."""
+    released_before = metric(cluster.P.url, "vllm:ascend_pd_leases_released_total")
+    prompt = prompt_of(tokenizer, 60, seed=45)
+    params = _prefill(cluster, prompt)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "kv_transfer_params": {**params, "protocol": params["protocol"] - 1}}
+    out = post(cluster.D.url, "/v1/completions", body)
+    assert out["choices"][0]["token_ids"] == completion(cluster.S.url, prompt, 8)
+    wait_for(lambda: producer_idle(cluster), timeout=5)
+    assert metric(cluster.P.url, "vllm:ascend_pd_leases_released_total") == released_before + 1
+
+
 def test_params_rebound_to_another_prompt_never_fill_the_prefix_cache(cluster, tokenizer):
     """kv_transfer_params are client data and ``prompt_hash`` is not signed:
     a client that got a transfer for prompt X from P could post prompt Y to D

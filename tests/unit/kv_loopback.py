@@ -81,12 +81,14 @@ def drive(server, puller, timeout=10.0):
     raise AssertionError("no result")
 
 
-def pump_for(server, seconds: float) -> None:
-    """Keep serving for a while: delivery is asynchronous and pump() returns as
-    soon as nothing is waiting."""
+def pump_for(server, seconds: float, puller=None) -> None:
+    """Keep serving (and pulling) for a while: delivery is asynchronous and
+    pump() returns as soon as nothing is waiting."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         server.pump(0.01)
+        if puller is not None:
+            puller.pump(0.01)
         time.sleep(0.001)
 
 

@@ -99,9 +99,71 @@ def test_consumer_rejected_before_alloc_releases_producer():
     prompt = list(range(8))
     _, _, params = produce(prompt)
     c = side(consumer=True)
-    req = FakeRequest("d", [0], dict(params), RequestStatus.FINISHED_ABORTED)
+    req = FakeRequest("d", prompt, dict(params), RequestStatus.FINISHED_ABORTED)
     assert c.request_finished(req, []) == (False, None)
-    assert len(c.build_connector_meta().releases) == 1
+    (r,) = c.build_connector_meta().releases
+    assert (r.transfer_id, r.prompt_hash) == (params["transfer_id"], params["prompt_hash"])
+    # Params of another prompt: not this request's blocks to free.
+    other = FakeRequest("x", [1, 2], dict(params), RequestStatus.FINISHED_ABORTED)
+    assert c.request_finished(other, []) == (False, None)
+    assert c.build_connector_meta().releases == []
+
+
+def test_a_request_rejected_before_admission_releases_by_the_params_hash():
+    # vLLM's rejection hook passes a stand-in request with prompt [0]: the
+    # release names the params' hash, which P checks against its lease.
+    _, _, params = produce(list(range(8)))
+    c = side(consumer=True)
+    stub = FakeRequest("d", [0], dict(params), RequestStatus.FINISHED_ABORTED)
+    assert c.request_finished(stub, []) == (False, None)
+    (r,) = c.build_connector_meta().releases
+    assert (r.transfer_id, r.prompt_hash) == (params["transfer_id"], params["prompt_hash"])
+
+
+@pytest.mark.parametrize("mutate,block_size", [
+    (lambda p: None, 16),  # D runs another --block-size than P
+    (lambda p: p.update(protocol=p["protocol"] - 1), 4),
+])
+def test_unusable_params_of_this_prompt_release_the_producer(mutate, block_size):
+    # D prefills locally; before, P kept the blocks until lease_s (120 s).
+    prompt = list(range(10))
+    _, _, params = produce(prompt)
+    params = dict(params)
+    mutate(params)
+    c = side(consumer=True)
+    c.block_size = block_size
+    req = FakeRequest("d", prompt, params)
+    assert c.get_num_new_matched_tokens(req, 0) == (0, False)
+    c.update_state_after_alloc(req, FakeBlocks([1, 2, 3]), 0)
+    meta = c.build_connector_meta()
+    assert meta.recvs == []
+    (r,) = meta.releases
+    assert (r.transfer_id, r.remote_request_id, r.prompt_hash, r.remote_port) == (
+        params["transfer_id"], params["remote_request_id"], params["prompt_hash"], params["remote_port"]
+    )
+    c.update_state_after_alloc(req, FakeBlocks([1, 2, 3]), 0)  # asked again: once only
+    assert c.build_connector_meta().releases == []
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda p: p.update(prompt_hash="0" * 32),  # params rebound to this prompt's length
+    lambda p: p.update(remote_port="nope"),
+    lambda p: p.pop("transfer_id"),
+])
+def test_params_that_are_not_this_prompts_release_nothing(mutate):
+    prompt = list(range(10))
+    _, _, params = produce(prompt)
+    params = dict(params)
+    mutate(params)
+    c = side(consumer=True)
+    req = FakeRequest("d", prompt, params)
+    assert c.get_num_new_matched_tokens(req, 0) == (0, False)
+    c.update_state_after_alloc(req, FakeBlocks([1, 2, 3]), 0)
+    other = FakeRequest("o", list(range(1, 11)), dict(produce(prompt)[2]))  # another prompt's params
+    assert c.get_num_new_matched_tokens(other, 0) == (0, False)
+    c.update_state_after_alloc(other, FakeBlocks([4, 5, 6]), 0)
+    meta = c.build_connector_meta()
+    assert meta.recvs == [] and meta.releases == []
 
 
 @pytest.mark.parametrize("mutate", [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 # Re-exported: test_tcp_stream.py imports these from this module.
-from kv_loopback import NB, TID, drive, make_cache, pair, tcp_puller  # noqa: F401 - pair is a fixture
+from kv_loopback import NB, TID, drive, make_cache, pair, pump_for, tcp_puller  # noqa: F401 - pair is a fixture
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.connector.metadata import RecvSpec, ReleaseSpec
 from vllm_ascend_pd.connector.transfers import LeaseTable
@@ -45,11 +45,12 @@ def test_replayed_transfer_is_refused(pair):
 
 def test_wrong_request_or_foreign_blocks_get_no_data(pair):
     src, dst, leases, server, puller, ep, _ = pair
-    leases.register("req-p", TID, [1, 2])
-    puller.submit(RecvSpec("a", "127.0.0.1", ep, TID, "other-request", [1, 2], [5, 6], 64))
+    leases.register("req-p", TID, [1, 2], prompt_hash="a" * 32)
+    puller.submit(RecvSpec("a", "127.0.0.1", ep, TID, "other-request", [1, 2], [5, 6], 64, prompt_hash="a" * 32))
     assert drive(server, puller) == ({"a"}, {"a"})
-    puller.submit(RecvSpec("b", "127.0.0.1", ep, TID, "req-p", [1, 33], [5, 6], 64))
+    puller.submit(RecvSpec("b", "127.0.0.1", ep, TID, "req-p", [1, 33], [5, 6], 64, prompt_hash="b" * 32))
     assert drive(server, puller) == ({"b"}, {"b"})
+    pump_for(server, 0.3, puller)  # the releases that follow the refusals are refused too
     assert torch.count_nonzero(dst.tensors[0][[5, 6]]) == 0
     assert leases.pending() == 1  # still leased for the legitimate pull
 
@@ -64,6 +65,7 @@ def test_a_pull_for_another_prompt_gets_no_data(pair):
     for rid, ph in [("a", "b" * 32), ("b", "")]:
         puller.submit(RecvSpec(rid, "127.0.0.1", ep, TID, "req-p", [1, 2], [5, 6], 64, prompt_hash=ph))
         assert drive(server, puller) == ({rid}, {rid})
+    pump_for(server, 0.3, puller)  # their releases name another prompt: refused too
     assert torch.count_nonzero(dst.tensors[0][[5, 6]]) == 0
     assert stats.take()["failures"] == {"refused": 2}
     assert leases.pending() == 1  # still leased for the legitimate pull
@@ -107,10 +109,15 @@ def test_incompatible_layout_is_refused_at_handshake(pair):
     other = make_cache(0.0, torch.float16)
     puller = tcp_puller(other, engine_id="D2")
     try:
-        leases.register("req-p", TID, [1])
-        puller.submit(RecvSpec("a", "127.0.0.1", ep, TID, "req-p", [1], [1], 32))
+        leases.register("req-p", TID, [1], prompt_hash="a" * 32)
+        puller.submit(RecvSpec("a", "127.0.0.1", ep, TID, "req-p", [1], [1], 32, prompt_hash="a" * 32))
         assert drive(server, puller) == ({"a"}, {"a"})
-        assert leases.pending() == 1
+        # The consumer cannot use these blocks: it releases them at once, on
+        # a link of its own (the producer refuses its handshake).
+        deadline = time.monotonic() + 5
+        while leases.pending() and time.monotonic() < deadline:
+            pump_for(server, 0.01, puller)
+        assert leases.pending() == 0 and leases.take_finished() == {"req-p"}
     finally:
         puller.close()
 

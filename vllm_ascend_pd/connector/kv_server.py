@@ -274,7 +274,7 @@ class KVServer:
             gen = self.transport.send_blocks(link, req.transfer_id, req.block_ids)
         else:
             gen = self.transport.send_blocks(link, req.transfer_id, req.block_ids, heads=heads)
-        self._sends.add(Task(req.transfer_id, gen, done, failed))
+        self._sends.add(Task(req.transfer_id, gen, done, failed, owner=req.transfer_id))
 
     def _tp_plan(self, req: wire.PullRequest) -> tuple[frozenset[int], HeadRange | None] | str:
         """The consumer ranks that pull from this rank, and the heads this
@@ -312,13 +312,19 @@ class KVServer:
         return sum(_weight(w.req) for w in self._waiting)
 
     def _release(self, identity: bytes, msg: wire.Release, deadline: float) -> None:
-        if not self._authorized(msg, "release", msg.transfer_id, msg.request_id):
+        if not self._authorized(msg, "release", msg.transfer_id, msg.request_id, msg.prompt_hash):
             self._reply(identity, wire.ReleaseReply(False, msg.transfer_id, "authentication failed"))
             return
         self._free(identity, msg, deadline)
 
     def _free(self, identity: bytes, msg: wire.Release, deadline: float) -> None:
-        why = self.leases.release(msg.transfer_id, msg.request_id)
+        # The consumer link that claimed the pull may end it before its data
+        # flows (it was cancelled there): no send then waits for it until
+        # transfer_timeout_s. Only that link: the routing id is unguessable.
+        puller = (identity, msg.transfer_id) in self._inbound
+        why = self.leases.release(msg.transfer_id, msg.request_id, msg.prompt_hash, puller=puller)
+        if why is None and puller:
+            self._stop_sends(msg.transfer_id)
         if (
             why == "unknown transfer id"
             and time.monotonic() < deadline
@@ -333,6 +339,14 @@ class KVServer:
         if why is None:
             self.stats.record_release()
         self._reply(identity, wire.ReleaseReply(why is None, msg.transfer_id, why or ""))
+
+    def _stop_sends(self, transfer_id: str) -> None:
+        """End the sends of a released transfer (its lease already ended;
+        counted as released, not as a failed send)."""
+        self._sends.cancel(transfer_id)
+        for key in [k for k in self._inbound if k[1] == transfer_id]:
+            del self._inbound[key]
+        logger.info("KV server rank %d: consumer stopped pulling transfer %s", self.tp_rank, transfer_id)
 
     def _retry_waiting(self) -> None:
         if not self._waiting:

@@ -43,6 +43,7 @@ class ReleaseSpec:
     transfer_id: str
     remote_request_id: str
     remote_tp_size: int = 0  # 0: same as this instance
+    prompt_hash: str = ""  # of this request's prompt, checked by the producer
 
 
 @dataclass

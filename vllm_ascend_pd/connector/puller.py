@@ -37,6 +37,11 @@ from vllm_ascend_pd.transport.base import wait_recv, wait_send
 
 logger = get_logger(__name__)
 
+# Pull failures after which the producer is there but its blocks cannot be
+# used: tell it to free them now rather than at lease_s. (A producer that is
+# gone, silent or refuses our secret would not take a release either.)
+_RELEASE_AFTER = frozenset({"refused", "incompatible"})
+
 
 @dataclass
 class _Recv:
@@ -88,9 +93,15 @@ class Puller:
         args = (self.tp_rank, self.tp_size, producer_tp, lay.num_kv_heads, lay.is_mla)
         return pieces_for(*args), releases_for(*args)
 
-    def _queue(self, spec: RecvSpec | ReleaseSpec, producer_rank: int, piece: Piece | None) -> None:
+    def _queue(
+        self, spec: RecvSpec | ReleaseSpec, producer_rank: int, piece: Piece | None,
+        link: DealerLink | None = None,
+    ) -> None:
         endpoint = tcp_endpoint(spec.remote_host, control_port(spec.remote_port, producer_rank))
-        self._queues[endpoint].append((endpoint, spec, piece))
+        if link is None:
+            self._queues[endpoint].append((endpoint, spec, piece, None))
+        else:  # a cancelled pull's link: its producer may be waiting on it
+            self._queues[endpoint].appendleft((endpoint, spec, piece, link))
 
     def submit(self, spec: RecvSpec | ReleaseSpec) -> None:
         """Queue the pulls or releases of one request (see tp_map.py)."""
@@ -109,14 +120,12 @@ class Puller:
             )
             self.stats.record_recv_failure("incompatible")
             self._failed.add(spec.request_id)
+            self.submit(_release_of(spec))  # nobody here will pull it
             return
         self._recvs[spec.request_id] = _Recv(spec, len(pieces), time.perf_counter())
         for piece in pieces:
             self._queue(spec, piece.producer_rank, piece)
-        release = ReleaseSpec(
-            spec.request_id, spec.remote_host, spec.remote_port, spec.transfer_id,
-            spec.remote_request_id, spec.remote_tp_size,
-        )
+        release = _release_of(spec)
         for p in unused:  # producer ranks nobody pulls from: free their blocks now
             self._queue(release, p, None)
 
@@ -133,21 +142,29 @@ class Puller:
         for queue in self._queues.values():
             for item in [i for i in queue if isinstance(i[1], RecvSpec) and i[1].request_id == request_id]:
                 queue.remove(item)
+        held: dict[str, DealerLink] = {}
         for task in self._pump.cancel(request_id):
-            self._drop(task.key)  # maybe mid-transfer: that link and stream are void
+            # Maybe mid-transfer: that link and stream are void. The link is
+            # kept for one message: the producer may have granted the pull
+            # and be waiting for our data stream; a release on the link that
+            # claimed it ends that send at once (kv_server.py).
+            link = self._links.pop(task.key, None)
+            if link is not None:
+                self.transport.drop_pair(link.pair_id)
+                held[task.key] = link
         self.stats.record_cancelled()
         self._done.add(request_id)
         # Release every producer rank this rank pulls from, not only the ranks
         # it is the designated releaser of: another consumer rank may have
         # finished its own pull before the abort and will release nothing.
         spec = recv.spec
-        release = ReleaseSpec(
-            request_id, spec.remote_host, spec.remote_port, spec.transfer_id,
-            spec.remote_request_id, spec.remote_tp_size,
-        )
+        release = _release_of(spec)
         pieces, _ = self._plan(spec.remote_tp_size or self.tp_size)
         for rank in sorted({p.producer_rank for p in pieces}):
-            self._queue(release, rank, None)
+            endpoint = tcp_endpoint(spec.remote_host, control_port(spec.remote_port, rank))
+            self._queue(release, rank, None, held.pop(endpoint, None))
+        for link in held.values():  # not expected: every cancelled task is a piece
+            link.close()
         logger.info("AscendSimpleConnector: request %s aborted; its KV pull stopped", request_id)
 
     def pump(self, budget_s: float) -> bool:
@@ -212,7 +229,9 @@ class Puller:
             )
             self._done.add(job.request_id)
 
-    def _start(self, endpoint: str, job: RecvSpec | ReleaseSpec, piece: Piece | None) -> None:
+    def _start(
+        self, endpoint: str, job: RecvSpec | ReleaseSpec, piece: Piece | None, link: DealerLink | None
+    ) -> None:
         if isinstance(job, RecvSpec):
             assert piece is not None
 
@@ -227,23 +246,27 @@ class Puller:
                     job.request_id, endpoint, cause, e,
                 )
                 self._finish_piece(job, 0, cause)
+                if cause in _RELEASE_AFTER:
+                    self._queue(_release_of(job), piece.producer_rank, None)
 
             self._pump.add(Task(endpoint, self._pull(endpoint, job, piece), done, failed, job.request_id))
         else:
 
-            def released(ok: bool) -> None:
-                if not ok:
-                    logger.info("AscendSimpleConnector: producer had already freed %s", job.remote_request_id)
+            def released(reply: wire.ReleaseReply) -> None:
+                if not reply.ok:
+                    logger.info(
+                        "AscendSimpleConnector: producer %s did not free request %s: %s",
+                        endpoint, job.remote_request_id, reply.error,
+                    )
 
             def release_failed(e: BaseException) -> None:
-                self._drop(endpoint)
                 logger.warning(
                     "AscendSimpleConnector: could not tell producer %s to free request %s "
                     "(its lease will expire instead): %s",
                     endpoint, job.remote_request_id, e,
                 )
 
-            self._pump.add(Task(endpoint, self._release(endpoint, job), released, release_failed))
+            self._pump.add(Task(endpoint, self._release(endpoint, job, link), released, release_failed))
 
     def _drop(self, endpoint: str) -> None:
         link = self._links.pop(endpoint, None)
@@ -337,13 +360,50 @@ class Puller:
             link, job.transfer_id, job.local_block_ids, heads=piece.dst
         ))
 
-    def _release(self, endpoint: str, job: ReleaseSpec) -> Generator[bool, None, bool]:
-        link = yield from self._link(endpoint)
-        token = self.auth.sign("release", job.transfer_id, job.remote_request_id)
-        msg = wire.Release(job.transfer_id, job.remote_request_id, token)
-        yield from wait_send(link, [wire.encode(msg)], self.connect_timeout_s)
-        reply = yield from self._expect(link, wire.ReleaseReply, "release")
-        return reply.ok
+    def _release(
+        self, endpoint: str, job: ReleaseSpec, held: DealerLink | None
+    ) -> Generator[bool, None, wire.ReleaseReply]:
+        """Tell a producer rank to free a lease, on ``held`` (then closed),
+        else on the open link, else on a link of its own: a release needs no
+        handshake, and the producer may refuse ours (an incompatible layout
+        is a reason to release)."""
+        link = held or self._links.get(endpoint)
+        own = link is None or held is not None
+        if link is None:
+            link = DealerLink(dealer_socket(self._ctx, endpoint), endpoint)
+        if own:
+            self._opening[endpoint] = link  # for sockets()
+        try:
+            token = self.auth.sign("release", job.transfer_id, job.remote_request_id, job.prompt_hash)
+            msg = wire.Release(job.transfer_id, job.remote_request_id, token, job.prompt_hash)
+            yield from wait_send(link, [wire.encode(msg)], self.connect_timeout_s)
+            deadline = time.monotonic() + self.connect_timeout_s
+            while True:
+                # A held link may still carry the cancelled pull's answers.
+                frames = yield from wait_recv(link, max(0.0, deadline - time.monotonic()), "release reply")
+                try:
+                    reply = wire.decode(frames[0].buffer)
+                except wire.ProtocolError:
+                    continue
+                if isinstance(reply, wire.ReleaseReply) and reply.transfer_id == job.transfer_id:
+                    return reply
+                if not own:
+                    raise TransferError(f"unexpected {type(reply).__name__} during release", "protocol")
+        except BaseException:
+            if not own:
+                self._drop(endpoint)
+            raise
+        finally:
+            if own:
+                self._opening.pop(endpoint, None)
+                link.close()
+
+
+def _release_of(spec: RecvSpec) -> ReleaseSpec:
+    return ReleaseSpec(
+        spec.request_id, spec.remote_host, spec.remote_port, spec.transfer_id,
+        spec.remote_request_id, spec.remote_tp_size, prompt_hash=spec.prompt_hash,
+    )
 
 
 def _refusal_cause(error: str, default: str) -> str:

@@ -35,6 +35,8 @@ class _Plan:
     params: ProducerParams | None
     error: str = ""
     local_computed: int = 0
+    # Unusable params of this very prompt: the producer's blocks to free.
+    release: ReleaseSpec | None = None
 
 
 class SchedulerSide:
@@ -76,9 +78,11 @@ class SchedulerSide:
                 plan.params = self._validate(request)
             except InvalidParams as e:
                 plan.error = str(e)
+                plan.release = self._rightful_release(request, request.kv_transfer_params)
                 logger.warning(
-                    "AscendSimpleConnector: request %s will be prefilled locally: %s",
+                    "AscendSimpleConnector: request %s will be prefilled locally: %s%s",
                     request.request_id, e,
+                    "; telling the producer to free its blocks" if plan.release else "",
                 )
             self._plans[request.request_id] = plan
         return plan
@@ -157,9 +161,11 @@ class SchedulerSide:
         p = self._plan(request).params
         plan = self._plans.pop(request.request_id)
         if p is None:
+            if plan.release is not None:
+                self._meta.releases.append(plan.release)
             return
         if num_external_tokens <= 0:
-            self._meta.releases.append(self._release_spec(request.request_id, p))
+            self._meta.releases.append(self._release_spec(request.request_id, p, p.prompt_hash))
             return
         bs = self.block_size
         first = plan.local_computed // bs
@@ -192,11 +198,36 @@ class SchedulerSide:
             while len(self._pulled) > _PULLED_MEMORY:
                 self._pulled.popitem(last=False)
 
-    def _release_spec(self, request_id: str, p: ProducerParams) -> ReleaseSpec:
+    def _release_spec(self, request_id: str, p: ProducerParams, bound_to: str) -> ReleaseSpec:
         return ReleaseSpec(
             request_id, p.remote_host, p.remote_port, p.transfer_id, p.remote_request_id,
-            remote_tp_size=p.tp_size,
+            remote_tp_size=p.tp_size, prompt_hash=bound_to,
         )
+
+    def _rightful_release(
+        self, request: "Request", params: dict | None, *, rejected: bool = False
+    ) -> ReleaseSpec | None:
+        """A release of the blocks ``params`` name, if they were leased for
+        this request's prompt; None if they cannot be read or belong to
+        another prompt (a client holding someone else's transfer must not
+        cancel it). The release names the prompt's hash, and the producer
+        frees only the lease of that prompt (LeaseTable.release).
+
+        ``rejected``: vLLM refused the request before admitting it and hands
+        its rejection hook a stand-in with a one-token prompt, so the prompt
+        cannot be checked here: the release names the params' own hash (P
+        still refuses it for params rebound to another prompt)."""
+        try:
+            p = parse_producer_params(params)
+        except InvalidParams:
+            return None
+        prompt = request.prompt_token_ids or []
+        bound_to = prompt_hash(prompt)
+        if p.num_tokens == len(prompt) and p.prompt_hash == bound_to:
+            return self._release_spec(request.request_id, p, bound_to)
+        if rejected and _rejection_stand_in(request):
+            return self._release_spec(request.request_id, p, p.prompt_hash)
+        return None
 
     # -- both ---------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: Any = None) -> AscendConnectorMetadata:
@@ -233,11 +264,9 @@ class SchedulerSide:
                 return False, None
             # Finished before allocation (rejected or aborted on this side):
             # the producer still holds the blocks, so tell it to free them.
-            try:
-                p = parse_producer_params(params)
-            except InvalidParams:
-                return False, None
-            self._meta.releases.append(self._release_spec(request.request_id, p))
+            release = self._rightful_release(request, params, rejected=True)
+            if release is not None:
+                self._meta.releases.append(release)
             return False, None
         if not params.get("do_remote_decode"):
             return False, None
@@ -272,3 +301,11 @@ class SchedulerSide:
             protocol=wire.PROTOCOL_VERSION,
         )
         return True, msgspec.structs.asdict(out)
+
+
+def _rejection_stand_in(request: "Request") -> bool:
+    """The request vLLM builds for a rejected request's connector hook
+    (AsyncLLM.notify_kv_transfer_request_rejected): prompt [0], aborted."""
+    from vllm.v1.request import RequestStatus
+
+    return request.prompt_token_ids == [0] and request.status == RequestStatus.FINISHED_ABORTED

@@ -105,12 +105,19 @@ class LeaseTable:
             lease.state = State.LEASED  # idle until the next rank pulls (or expiry)
         return False
 
-    def release(self, transfer_id: str, request_id: str) -> str | None:
-        """Free a lease the consumer will not pull; return why not, or None."""
+    def release(
+        self, transfer_id: str, request_id: str, prompt_hash: str = "", *, puller: bool = False
+    ) -> str | None:
+        """Free a lease the consumer will not pull (or, ``puller``: stops
+        pulling); return why not, or None."""
         lease = self._check(transfer_id, request_id)
         if isinstance(lease, str):
             return lease
-        if lease.state is not State.LEASED:
+        if lease.prompt_hash and prompt_hash != lease.prompt_hash:
+            # Only the consumer of this prompt may free it: a client holding
+            # someone else's transfer id must not cancel their KV.
+            return "the release names another prompt than the one this transfer holds"
+        if lease.state is not State.LEASED and not puller:
             return "transfer is being pulled"
         self.end(transfer_id, "released by consumer")
         return None
