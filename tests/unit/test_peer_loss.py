@@ -70,3 +70,36 @@ def test_producer_closed_mid_transfer_fails_the_pull_at_once():
     finally:
         server.close()
         puller.close()
+
+
+def test_the_first_pull_after_a_producer_restart_succeeds():
+    """A producer restarted on the same address between two pulls knows
+    neither the consumer's link nor its data stream. The first pull after
+    the restart failed (and the request was recomputed): ZMQ reconnects
+    silently and the disconnect was ignored. It now redoes the handshake."""
+    src, dst = make_cache(1.0), make_cache(0.0)
+    port = free_port()
+    leases = LeaseTable(60)
+    server = tcp_server(src, port, leases, opt=OPT)
+    stats = TransferStats()
+    puller = tcp_puller(dst, opt=OPT, stats=stats)
+    try:
+        leases.register("req-p", TID, [1, 2])
+        puller.submit(RecvSpec("a", "127.0.0.1", port, TID, "req-p", [1, 2], [10, 11], 64))
+        assert _wait(puller, server) == ({"a"}, set())
+        server.close()  # the producer restarts: a new process on the same ports
+        server.transport.close()
+        time.sleep(0.2)
+        src2 = make_cache(3.0)
+        leases2 = LeaseTable(60)
+        server = tcp_server(src2, port, leases2, opt=OPT)
+        for n, rid in enumerate(["b", "c"]):  # the first pull, and the one after
+            tid = rid * 24
+            leases2.register("req-" + rid, tid, [3 + n, 5 + n])
+            puller.submit(RecvSpec(rid, "127.0.0.1", port, tid, "req-" + rid, [3 + n, 5 + n], [20 + n, 30 + n], 64))
+            assert _wait(puller, server) == ({rid}, set())
+            assert_copied(src2, dst, [3 + n, 5 + n], [20 + n, 30 + n])
+        assert stats.take()["failures"] == {}
+    finally:
+        server.close()
+        puller.close()

@@ -287,8 +287,15 @@ class Puller:
     def _link(self, endpoint: str) -> Generator[bool, None, DealerLink]:
         link = self._links.get(endpoint)
         if link is not None:
-            link.forget_disconnects()
-            return link
+            if not link.disconnected_since_last_use():
+                return link
+            # The producer closed the connection between transfers: it
+            # restarted (or the network dropped it), and ZMQ reconnected
+            # silently. A new process knows neither this link nor its data
+            # stream, so the pull would fail once: start over with a full
+            # handshake, which checks the peer again.
+            logger.info("AscendSimpleConnector: producer %s reconnected; redoing the handshake", endpoint)
+            self._drop(endpoint)
         link = DealerLink(dealer_socket(self._ctx, endpoint), endpoint)
         self._opening[endpoint] = link
         try:

@@ -90,9 +90,10 @@ class DealerLink:
                 f"producer {self.endpoint} closed the connection (it died or restarted)", "peer_lost"
             ) from None
 
-    def forget_disconnects(self) -> None:
-        """Between transfers a closed connection only means ZMQ reconnects."""
-        self._disconnected()
+    def disconnected_since_last_use(self) -> bool:
+        """Between transfers: did the connection close (the events are
+        consumed)? ZMQ reconnects by itself, but maybe to a new process."""
+        return self._disconnected()
 
     def _disconnected(self) -> bool:
         seen = False
