@@ -225,6 +225,33 @@ def test_consumer_killed_mid_transfer(ded, tokenizer):
     assert took < 15
 
 
+def test_first_pull_after_a_producer_restart_is_exact(ded, tokenizer):
+    """P restarted on the same address between two transfers: D's link to
+    it saw the disconnect and ZMQ reconnected silently, but the new process
+    knows neither that link nor its data stream. The first pull after the
+    restart failed and D recomputed; D now redoes the handshake: the pull
+    succeeds, exact, and no failure is counted."""
+    def failures() -> float:
+        return sum(counter(ded.D.url, "vllm:ascend_pd_failed_transfers_total", cause=c)
+                   for c in ("peer_lost", "peer_stalled", "timeout", "transport", "producer_error", "refused"))
+
+    short = prompt_of(tokenizer, 200, seed=641)
+    recv = _recv_count(ded.D)
+    out = post(ded.D.url, "/v1/completions", _body(short, 8, kv_transfer_params=_prefill(ded.P, short)))
+    assert out["choices"][0]["token_ids"] == reference(ded.D, short, 8)
+    assert _recv_count(ded.D) == recv + 1  # D now holds a link (and a data stream) to this P
+    failed = failures()
+    ded.P.kill()
+    ded.P.start()
+    ded.P.wait_ready(600)
+    prompt = prompt_of(tokenizer, 300, seed=642)
+    out = post(ded.D.url, "/v1/completions", _body(prompt, 8, kv_transfer_params=_prefill(ded.P, prompt)))
+    assert out["choices"][0]["token_ids"] == reference(ded.D, prompt, 8)
+    assert _recv_count(ded.D) == recv + 2, "the first pull after the restart must load, not recompute"
+    assert failures() == failed
+    wait_idle([ded.P.url, ded.D.url], 10, producers=(ded.P.url,))
+
+
 def test_producer_killed_mid_transfer(ded, tokenizer):
     """Runs last: it kills this module's producer.
 
