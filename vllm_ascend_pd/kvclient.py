@@ -9,9 +9,10 @@ logged and answered False; the lease then ends at ``lease_s``."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Optional
 
 import zmq
+import zmq.asyncio
 
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.auth import Authenticator
@@ -39,6 +40,21 @@ def release_transfer_sync(kv_transfer_params: dict[str, Any], *, timeout: float 
         return False
 
 
+def _message(p: ProducerParams, auth: Authenticator) -> bytes:
+    token = auth.sign("release", p.transfer_id, p.remote_request_id, p.prompt_hash)
+    return wire.encode(wire.Release(p.transfer_id, p.remote_request_id, token, p.prompt_hash))
+
+
+def _reply_ok(p: ProducerParams, rank: int, frames: list[bytes]) -> bool:
+    try:
+        reply = wire.decode(frames[0]) if len(frames) == 1 else None
+    except wire.ProtocolError as e:
+        logger.warning("producer %s:%d answered a release with garbage: %s",
+                       p.remote_host, p.remote_port + rank, e)
+        reply = None
+    return isinstance(reply, wire.ReleaseReply) and reply.ok
+
+
 def _release(p: ProducerParams, timeout: float, auth: Authenticator) -> bool:
     ctx = zmq.Context()
     ok = True
@@ -46,20 +62,11 @@ def _release(p: ProducerParams, timeout: float, auth: Authenticator) -> bool:
         for rank in range(p.tp_size):
             sock = dealer_socket(ctx, tcp_endpoint(p.remote_host, p.remote_port + rank))
             try:
-                token = auth.sign("release", p.transfer_id, p.remote_request_id, p.prompt_hash)
-                msg = wire.Release(p.transfer_id, p.remote_request_id, token, p.prompt_hash)
-                sock.send(wire.encode(msg))
+                sock.send(_message(p, auth))
                 if not sock.poll(int(timeout * 1000)):
                     ok = False
                     continue
-                frames = sock.recv_multipart()
-                try:
-                    reply = wire.decode(frames[0]) if len(frames) == 1 else None
-                except wire.ProtocolError as e:
-                    logger.warning("producer %s:%d answered a release with garbage: %s",
-                                   p.remote_host, p.remote_port + rank, e)
-                    reply = None
-                ok = ok and isinstance(reply, wire.ReleaseReply) and reply.ok
+                ok = _reply_ok(p, rank, sock.recv_multipart()) and ok
             finally:
                 sock.close(0)
     finally:
@@ -67,5 +74,42 @@ def _release(p: ProducerParams, timeout: float, auth: Authenticator) -> bool:
     return ok
 
 
-async def release_transfer(kv_transfer_params: dict[str, Any], *, timeout: float = 2.0, secret: str = "") -> bool:
-    return await asyncio.to_thread(release_transfer_sync, kv_transfer_params, timeout=timeout, secret=secret)
+async def release_transfer(kv_transfer_params: dict[str, Any], *, timeout: float = 2.0,
+                           secret: str = "",
+                           ctx: Optional[zmq.asyncio.Context] = None) -> bool:
+    """The same on an asyncio loop, without a thread: every rank at once.
+    ``ctx``: a long-lived context to use (one is made and closed otherwise).
+    A thread per release would wait up to ``timeout`` per rank in the
+    loop's default executor, which aiohttp's resolver also needs."""
+    try:
+        p = parse_producer_params(kv_transfer_params)
+    except InvalidParams:
+        return False
+    auth = Authenticator(secret)
+    own = ctx is None
+    ctx = ctx or zmq.asyncio.Context()
+    try:
+        done = await asyncio.gather(*(_release_rank(ctx, p, rank, timeout, auth)
+                                      for rank in range(p.tp_size)))
+        return all(done)
+    except Exception as e:  # noqa: BLE001 - see the module docstring
+        logger.warning(
+            "could not release transfer %s on %s:%d (its lease will expire instead): %s",
+            p.transfer_id, p.remote_host, p.remote_port, e,
+        )
+        return False
+    finally:
+        if own:
+            ctx.destroy(linger=0)
+
+
+async def _release_rank(ctx: zmq.asyncio.Context, p: ProducerParams, rank: int,
+                        timeout: float, auth: Authenticator) -> bool:
+    sock = dealer_socket(ctx, tcp_endpoint(p.remote_host, p.remote_port + rank))
+    try:
+        await sock.send(_message(p, auth))
+        if not await sock.poll(int(timeout * 1000)):
+            return False
+        return _reply_ok(p, rank, await sock.recv_multipart())
+    finally:
+        sock.close(0)

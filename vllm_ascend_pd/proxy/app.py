@@ -100,4 +100,5 @@ async def _on_cleanup(app: web.Application) -> None:
     if state.health is not None:
         await state.health.stop()
     await state.close_background()
+    state.close_release_context()
     await state.clients.close()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import random
 from typing import TYPE_CHECKING, Awaitable, Callable, Optional
+
+import zmq.asyncio
 
 from vllm_ascend_pd.proxy.balancer import Policy, make_policy
 from vllm_ascend_pd.proxy.clients import BackendClients
@@ -26,7 +27,7 @@ ReleaseFn = Callable[..., Awaitable[bool]]
 
 
 async def default_release_transfer(kv_transfer_params: dict, *, timeout: float = 2.0,
-                                   secret: str = "") -> bool:
+                                   secret: str = "", ctx=None) -> bool:
     """Ask the producer to free the KV blocks of an abandoned transfer."""
     try:
         from vllm_ascend_pd.kvclient import release_transfer
@@ -34,7 +35,8 @@ async def default_release_transfer(kv_transfer_params: dict, *, timeout: float =
         logger.warning("vllm_ascend_pd.kvclient is not available; the producer keeps "
                        "the KV blocks of an abandoned request until its own timeout")
         return False
-    return await release_transfer(kv_transfer_params, timeout=timeout, secret=secret)
+    return await release_transfer(kv_transfer_params, timeout=timeout, secret=secret,
+                                  ctx=ctx)
 
 
 class ProxyState:
@@ -64,9 +66,11 @@ class ProxyState:
         }
         if self.metrics.instance_healthy is not None:  # multiprocess mode
             self.registry.observer = self.metrics.observe
-        secret = cfg.kv_secret()
-        self.release_transfer: ReleaseFn = release_transfer or functools.partial(
-            default_release_transfer, secret=secret)
+        # One ZMQ context for every release (closed with the app), made on
+        # the first one: most proxies never release anything.
+        self._release_ctx: Optional[zmq.asyncio.Context] = None
+        self._secret = cfg.kv_secret()
+        self.release_transfer: ReleaseFn = release_transfer or self._default_release
         self.inflight = 0
         self.draining = False
         self.idle = asyncio.Event()
@@ -154,6 +158,18 @@ class ProxyState:
                 break
             await asyncio.wait(list(self._background), timeout=left)
         return len(self._background)
+
+    async def _default_release(self, kv_transfer_params: dict, *, timeout: float) -> bool:
+        if self._release_ctx is None:
+            self._release_ctx = zmq.asyncio.Context()
+        return await default_release_transfer(kv_transfer_params, timeout=timeout,
+                                              secret=self._secret,
+                                              ctx=self._release_ctx)
+
+    def close_release_context(self) -> None:
+        if self._release_ctx is not None:
+            self._release_ctx.destroy(linger=0)
+            self._release_ctx = None
 
     async def close_background(self, timeout: float = 3.0) -> None:
         if self._background:

@@ -119,11 +119,13 @@ async def test_default_release_is_lazy_and_injectable(monkeypatch):
     assert await state.default_release_transfer({"transfer_id": "t"}, timeout=0.1) is False
 
     calls = []
+    contexts = []
 
     class FakeKV:
         @staticmethod
-        async def release_transfer(params, *, timeout=2.0, secret=""):
+        async def release_transfer(params, *, timeout=2.0, secret="", ctx=None):
             calls.append((params, timeout, secret))
+            contexts.append(ctx)
             return True
 
     monkeypatch.setitem(sys.modules, "vllm_ascend_pd.kvclient", FakeKV)
@@ -135,8 +137,14 @@ async def test_default_release_is_lazy_and_injectable(monkeypatch):
 
     monkeypatch.setenv("TEST_PD_SECRET", "s" * 20)
     cfg = ProxyConfig(prefill=["a:1"], decode=["b:2"], kv_secret_env="TEST_PD_SECRET").validate()
-    assert await state.ProxyState(cfg).release_transfer({"transfer_id": "u"}, timeout=0.5) is True
+    proxy_state = state.ProxyState(cfg)
+    assert await proxy_state.release_transfer({"transfer_id": "u"}, timeout=0.5) is True
     assert calls[-1] == ({"transfer_id": "u"}, 0.5, "s" * 20)
+    # Every release of a proxy shares one ZMQ context, closed with the app.
+    assert await proxy_state.release_transfer({"transfer_id": "v"}, timeout=0.5) is True
+    assert contexts[-1] is contexts[-2] is not None
+    proxy_state.close_release_context()
+    assert contexts[-1].closed
 
 
 async def test_disconnect_while_sending_the_body_is_counted(backend, proxy):
