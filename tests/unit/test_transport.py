@@ -138,3 +138,36 @@ def test_protocol_rejects_garbage():
         wire.decode(b"\xff\x00garbage")
     with pytest.raises(wire.ProtocolError):
         wire.decode(b"x" * (wire.MAX_CONTROL_BYTES + 1))
+
+
+def test_a_pull_over_ipv6_is_exact():
+    """kv_ip / remote_host ::1: ZMQ refuses IPv6 endpoints unless ZMQ_IPV6 is
+    set, so the KV server could not even bind before."""
+    import socket
+
+    from kv_loopback import assert_copied
+    from vllm_ascend_pd.connector.kv_server import KVServer
+    from vllm_ascend_pd.connector.stats import TransferStats
+    from vllm_ascend_pd.transport import TransportOptions, create_transport
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    src, dst = make_cache(1.0), make_cache(0.0)
+    leases = LeaseTable(60)
+    port = free_port()
+    opt = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=2, host="::1")
+    server = KVServer(bind_host="::1", port=port, engine_id="P", tp_rank=0, layout=src.describe(),
+                      leases=leases, transport=create_transport("tcp", src, opt), stats=TransferStats(),
+                      secret="", registration_grace_s=0.5)
+    puller = tcp_puller(dst)
+    try:
+        leases.register("req-p", TID, [1, 2])
+        puller.submit(RecvSpec("a", "::1", port, TID, "req-p", [1, 2], [5, 6], 64))
+        assert drive(server, puller) == ({"a"}, set())
+        assert_copied(src, dst, [1, 2], [5, 6])
+    finally:
+        server.close()
+        puller.close()
