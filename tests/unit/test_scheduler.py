@@ -145,21 +145,26 @@ def test_unusable_params_of_this_prompt_release_the_producer(mutate, block_size)
     assert c.build_connector_meta().releases == []
 
 
+def _consumer_with_mutated_params(mutate):
+    """A consumer and a request for prompt 0..9 carrying P's params for
+    that prompt, changed by ``mutate``."""
+    prompt = list(range(10))
+    params = dict(produce(prompt)[2])
+    mutate(params)
+    return side(consumer=True), FakeRequest("d", prompt, params)
+
+
 @pytest.mark.parametrize("mutate", [
     lambda p: p.update(prompt_hash="0" * 32),  # params rebound to this prompt's length
     lambda p: p.update(remote_port="nope"),
     lambda p: p.pop("transfer_id"),
 ])
 def test_params_that_are_not_this_prompts_release_nothing(mutate):
-    prompt = list(range(10))
-    _, _, params = produce(prompt)
-    params = dict(params)
-    mutate(params)
-    c = side(consumer=True)
-    req = FakeRequest("d", prompt, params)
+    c, req = _consumer_with_mutated_params(mutate)
     assert c.get_num_new_matched_tokens(req, 0) == (0, False)
     c.update_state_after_alloc(req, FakeBlocks([1, 2, 3]), 0)
-    other = FakeRequest("o", list(range(1, 11)), dict(produce(prompt)[2]))  # another prompt's params
+    # Another prompt with the params of this one.
+    other = FakeRequest("o", list(range(1, 11)), dict(produce(req.prompt_token_ids)[2]))
     assert c.get_num_new_matched_tokens(other, 0) == (0, False)
     c.update_state_after_alloc(other, FakeBlocks([4, 5, 6]), 0)
     meta = c.build_connector_meta()
@@ -173,12 +178,7 @@ def test_params_that_are_not_this_prompts_release_nothing(mutate):
     lambda p: p.pop("transfer_id"),
 ])
 def test_consumer_bad_params_prefill_locally(mutate):
-    prompt = list(range(10))
-    _, _, params = produce(prompt)
-    params = dict(params)
-    mutate(params)
-    c = side(consumer=True)
-    req = FakeRequest("d", prompt, params)
+    c, req = _consumer_with_mutated_params(mutate)
     assert c.get_num_new_matched_tokens(req, 0) == (0, False)
 
 

@@ -121,13 +121,11 @@ async def test_a_taken_port_fails_start_and_leaves_no_open_backend_session(backe
     await server.shutdown()  # still safe: nothing left to stop
 
 
-async def test_shutdown_lets_a_departed_clients_prefill_finish_and_release(backend, release):
-    # A client that left during a slow prefill: the prefill must finish so
-    # its answer names the KV to free. Shutdown cancelled it after 3 s (and
-    # the producer held the KV until its lease expired).
-    p, d = await backend("p"), await backend("d")
-    p.header_delay = 4.0
-    server = ProxyServer(_cfg(p, d, drain_timeout=10), release_transfer=release)
+async def _leave_during_prefill(p, d, release, *, prefill_s: float,
+                                drain_s: float) -> ProxyServer:
+    """A proxy whose only client left while P takes ``prefill_s``."""
+    p.header_delay = prefill_s
+    server = ProxyServer(_cfg(p, d, drain_timeout=drain_s), release_transfer=release)
     await server.start()
     url = f"http://127.0.0.1:{server.port}/v1/completions"
     async with aiohttp.ClientSession() as sess:
@@ -135,6 +133,15 @@ async def test_shutdown_lets_a_departed_clients_prefill_finish_and_release(backe
         await asyncio.wait_for(p.handler_started.wait(), 5)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+    return server
+
+
+async def test_shutdown_lets_a_departed_clients_prefill_finish_and_release(backend, release):
+    # A client that left during a slow prefill: the prefill must finish so
+    # its answer names the KV to free. Shutdown cancelled it after 3 s (and
+    # the producer held the KV until its lease expired).
+    p, d = await backend("p"), await backend("d")
+    server = await _leave_during_prefill(p, d, release, prefill_s=4.0, drain_s=10)
     await asyncio.sleep(0.1)
     assert release.calls == []
     t0 = time.monotonic()
@@ -147,15 +154,7 @@ async def test_shutdown_lets_a_departed_clients_prefill_finish_and_release(backe
 
 async def test_drain_timeout_also_bounds_departed_clients_prefills(backend, release):
     p, d = await backend("p"), await backend("d")
-    p.header_delay = 30.0
-    server = ProxyServer(_cfg(p, d, drain_timeout=0.5), release_transfer=release)
-    await server.start()
-    url = f"http://127.0.0.1:{server.port}/v1/completions"
-    async with aiohttp.ClientSession() as sess:
-        task = asyncio.create_task(sess.post(url, json={"prompt": "x"}))
-        await asyncio.wait_for(p.handler_started.wait(), 5)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    server = await _leave_during_prefill(p, d, release, prefill_s=30.0, drain_s=0.5)
     t0 = time.monotonic()
     await asyncio.wait_for(server.shutdown(), 10)
     assert time.monotonic() - t0 < 4.5  # the drain budget, then the 3 s clean-up at most
