@@ -48,11 +48,16 @@ class UpstreamError(Exception):
     status the client gets if this is the last failure.
     """
 
-    def __init__(self, kind: str, message: str, status: int = 502):
+    def __init__(self, kind: str, message: str, status: int = 502, *,
+                 retry_same: bool = False):
         super().__init__(message)
         self.kind = kind
         self.status = status
         self.message = message
+        # The connection broke before the instance answered anything (a
+        # pooled connection the instance was closing): worth one more try
+        # on a new connection, even to the same instance.
+        self.retry_same = retry_same
 
 
 class UpstreamClientError(Exception):

@@ -84,18 +84,24 @@ class PDRequest:
     abandoned: bool = False
 
 
-def _classify(exc: BaseException, leg: str, addr: str, phase: str) -> UpstreamError:
-    """Map a client-side exception of one attempt to an UpstreamError."""
+def _classify(exc: BaseException, leg: str, addr: str, phase: str,
+              answered: bool = True) -> UpstreamError:
+    """Map a client-side exception of one attempt to an UpstreamError.
+    ``answered``: the instance's response headers had arrived."""
     if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
         return UpstreamError(f"{leg}_connect", f"cannot connect to {leg} instance {addr}: "
                              f"{exc}", 502)
     if isinstance(exc, asyncio.TimeoutError):
         return UpstreamError(f"{leg}_timeout", f"{leg} instance {addr} timed out {phase}", 504)
     return UpstreamError(f"{leg}_protocol", f"{leg} instance {addr} failed {phase}: "
-                         f"{type(exc).__name__}: {exc}", 502)
+                         f"{type(exc).__name__}: {exc}", 502,
+                         retry_same=not answered and isinstance(exc, _CONNECTION_LOST))
 
 
 _UPSTREAM_EXC = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+# aiohttp's "Can not write request body" and "Server disconnected" on a
+# connection from the pool (ClientConnectorError, a subclass, is caught first).
+_CONNECTION_LOST = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
 class ClientGone(Exception):
@@ -164,15 +170,18 @@ class PDForwarder:
         sess = s.clients.session(inst.address)
         s.registry.acquire(inst, req.tokens)
         t0 = time.perf_counter()
+        answered = False
         try:
             async with asyncio.timeout(self.cfg.first_byte_timeout):
                 async with sess.post(s.clients.url(inst.address, req.path), data=payload,
                                      headers=req.headers, allow_redirects=False) as resp:
+                    answered = True
                     data = await resp.read()
                     status = resp.status
                     ctype = resp.content_type
         except _UPSTREAM_EXC as exc:
-            raise _classify(exc, "prefill", inst.address, "before answering") from exc
+            raise _classify(exc, "prefill", inst.address, "before answering",
+                            answered) from exc
         finally:
             s.release_instance(inst, req.tokens)
         if not (200 <= status < 300 or 400 <= status < 500):
@@ -243,7 +252,7 @@ class PDForwarder:
                                                 f"{inst.address} answered an empty body", 502)
             except _UPSTREAM_EXC as exc:
                 raise _classify(exc, "decode", inst.address,
-                                "before its first byte") from exc
+                                "before its first byte", resp is not None) from exc
             if not sse:
                 req.client_started = True
                 out = web.Response(status=resp.status, body=data,
@@ -387,19 +396,31 @@ class PDForwarder:
         tried: list[str] = []
         last: Optional[UpstreamError] = None
         policy = s.policies[role]
+        again: Optional[Instance] = None  # the same instance, on a new connection
+        retried = False
         for n in range(attempts):
-            cands = (avoid and s.registry.candidates(role, exclude=[*tried, *avoid])) \
-                or s.registry.candidates(role, exclude=tried)
-            if not cands:
-                break
-            inst = policy.pick(cands, key)
-            tried.append(inst.address)
+            if again is not None:
+                inst, again = again, None
+            else:
+                cands = (avoid and s.registry.candidates(role, exclude=[*tried, *avoid])) \
+                    or s.registry.candidates(role, exclude=tried)
+                if not cands:
+                    break
+                inst = policy.pick(cands, key)
+                tried.append(inst.address)
             if n:
                 s.metrics.failovers.labels(role).inc()
             try:
                 result = await attempt_fn(inst)
             except UpstreamError as err:
                 s.metrics.errors.labels(err.kind).inc()
+                if err.retry_same and not retried:
+                    # aiohttp dropped the broken connection; one more try is
+                    # not a sign that the instance is down.
+                    retried, again, last = True, inst, err
+                    logger.warning("%s attempt %d failed: %s; retrying on a new connection",
+                                   role, n + 1, err.message)
+                    continue
                 s.registry.mark_failure(inst)
                 logger.warning("%s attempt %d failed: %s", role, n + 1, err.message)
                 last = err

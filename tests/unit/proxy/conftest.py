@@ -78,6 +78,8 @@ class FakeBackend:
       event_delay     - seconds between chunks
       stall_after     - stop (hang) after this many chunks
       abort_after     - drop the TCP connection after this many chunks
+      drop_unanswered - drop the connection of this many generation requests
+                        without answering (a pooled connection the server closed)
       empty_body      - non-stream decode answers 200 with nothing
       healthy         - GET /health answers 200 (else 503)
       health_delay    - seconds before answering GET /health
@@ -98,6 +100,7 @@ class FakeBackend:
         self.event_delay = 0.0
         self.stall_after: Optional[int] = None
         self.abort_after: Optional[int] = None  # drop the connection after N chunks
+        self.drop_unanswered = 0
         self.empty_body = False
         self.healthy = True
         self.health_delay = 0.0
@@ -125,6 +128,10 @@ class FakeBackend:
         self.requests.append({"path": request.path, "headers": request.headers.copy(),
                               "body": body})
         self.handler_started.set()
+        if self.drop_unanswered > 0:
+            self.drop_unanswered -= 1
+            request.transport.abort()
+            return web.Response()  # never sent
         try:
             if self.header_delay:
                 await asyncio.sleep(self.header_delay)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from conftest import dead_address, sse_events, state_of
 
 
@@ -234,3 +236,27 @@ async def test_crash_mid_event_after_start_never_sends_partial_event(backend, pr
     # Only complete events reach the client: the torn third event is dropped
     # and an error event ends the stream.
     assert tail.startswith(b'data: {"error":') and tail.count(b"\n\n") == 1
+
+
+@pytest.mark.parametrize("leg", ["prefill", "decode"])
+async def test_a_connection_lost_before_any_answer_is_retried_on_the_same_instance(
+        backend, proxy, release, leg):
+    # With one instance per role there is nowhere to fail over to, and a
+    # pooled connection the instance closes under the request ("Can not write
+    # request body", "Server disconnected") made the request a 502 (CI soak
+    # through --workers 2: 5 of 120 lost at once).
+    p, d = await backend("p"), await backend("d")
+    (p if leg == "prefill" else d).drop_unanswered = 1
+    client = await proxy([p], [d])
+    resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+    assert resp.status == 200
+    assert await resp.read() == b"".join(d.events)
+    s = state_of(client)
+    assert s.metrics.errors.labels(f"{leg}_protocol")._value.get() == 1
+    inst = s.registry.instances(leg)[0]
+    assert inst.failures_total == 0
+    # Only once: an instance that keeps dropping requests fails the request.
+    (p if leg == "prefill" else d).drop_unanswered = 2
+    resp = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+    assert resp.status == 502
+    assert (await resp.json())["error"]["message"].startswith(f"{leg} instance")
