@@ -178,3 +178,6 @@ def decode(data: bytes | memoryview) -> Message:
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
         # Invalid UTF-8 in a str field surfaces as UnicodeDecodeError.
         raise ProtocolError(f"malformed control message: {e}") from None
+    except RecursionError:
+        # msgspec skipping a deeply nested unknown field (a few KB).
+        raise ProtocolError("malformed control message: nested too deeply") from None

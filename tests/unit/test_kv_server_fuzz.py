@@ -127,3 +127,16 @@ def test_a_flood_of_maximal_pulls_neither_stalls_nor_fills_the_producer(pair, mo
     puller.submit(RecvSpec("d", "127.0.0.1", port, TID, "req-p", [3, 4], [20, 21], 64))
     assert drive(server, puller) == ({"d"}, set())
     assert_copied(src, dst, [3, 4], [20, 21])
+
+
+def test_a_deeply_nested_frame_is_a_protocol_error():
+    # msgspec raises RecursionError (no DecodeError) skipping a deeply nested
+    # unknown field: the KV server logged a full traceback for every such
+    # frame, outside the throttled "bad message" path.
+    deep = b"\x82\xa4type\xa7release\xa4junk" + b"\x91" * 100_000 + b"\xc0"
+    try:
+        wire.decode(deep)
+    except wire.ProtocolError as e:
+        assert "nested too deeply" in str(e)
+    else:
+        raise AssertionError("a deeply nested frame decoded")
