@@ -46,8 +46,10 @@ def test_client_abort_before_prefill_completes(cluster, tokenizer):
     wait_for(lambda: metric(cluster.P.url, "vllm:num_requests_running")
              + metric(cluster.P.url, "vllm:num_requests_waiting") >= 1, timeout=10, interval=0.01)
     client.hang_up()
-    took = _baseline(cluster, 10)
-    assert took < 5
+    took = _baseline(cluster, 14)
+    # Below LEASE_S (15 s): the release freed it. The prefill must finish
+    # first, and a freshly started P took 4.8 s for this one in CI.
+    assert took < 12
     # The abort landed before prefill finished: D never saw the request.
     assert metric(cluster.D.url, "vllm:prompt_tokens_total") == d_prompts
     assert counter(cluster.P.url, "vllm:ascend_pd_leases_released_total") == released + 1
