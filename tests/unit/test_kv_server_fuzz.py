@@ -80,13 +80,13 @@ def _dealer(ctx, port: int) -> zmq.Socket:
 
 
 def test_a_flood_of_maximal_pulls_neither_stalls_nor_fills_the_producer(pair, monkeypatch):  # noqa: F811
-    """Unsigned pulls of the largest size the control port takes (4 MiB, 4M
+    """Unsigned pulls of the largest size the control port took (4 MiB, 4M
     block ids) for transfers nobody leased: each took ~0.1-0.3 s to decode,
-    256 were read per pump (a minute of the engine thread), and each was
-    parked for registration_grace_s holding a ~35 MB list (1024 of them:
-    35 GB). Now a pump stops reading when its budget is spent, a pull naming
-    more blocks than the cache has is refused at once, and parked messages
-    are bounded by the memory they hold."""
+    and ZMQ queued up to 1000 of them per connection (4 GiB) while the pump
+    worked through them. Now a frame larger than any message a consumer has
+    cause to send (this cache has 64 blocks) drops the connection before it
+    is buffered, a pull naming more blocks than the cache has is refused at
+    once, and parked messages are bounded by the memory they hold."""
     from vllm_ascend_pd.connector import kv_server
 
     src, dst, leases, server, puller, port, stats = pair
@@ -96,24 +96,26 @@ def test_a_flood_of_maximal_pulls_neither_stalls_nor_fills_the_producer(pair, mo
         huge = wire.encode(wire.PullRequest("z" * 24, "req-p", [1] * (wire.MAX_CONTROL_BYTES - 200)))
         for _ in range(12):
             s.send(huge)
-        time.sleep(1.0)  # all queued at the producer
-        server.pump(0.01)  # one message alone outlasts this budget
+        time.sleep(1.0)  # all sent
+        t0 = time.perf_counter()
+        server.pump(0.01)
+        assert time.perf_counter() - t0 < 0.5
+        assert not s.poll(300), "an oversized frame was read"
+        assert not server.has_parked()
+
+        s.send(wire.encode(wire.PullRequest("z" * 24, "req-p", [1] * 65)))
         replies = []
-        while s.poll(200):
-            replies.append(wire.decode(s.recv()))
-        assert len(replies) == 1
-        deadline = time.monotonic() + 60
-        while len(replies) < 12 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10
+        while not replies and time.monotonic() < deadline:
             server.pump(0.01)
             while s.poll(10):
                 replies.append(wire.decode(s.recv()))
-        assert not server.has_parked()
-        assert len(replies) == 12 and all("more than this instance's 64" in r.error for r in replies)
+        assert len(replies) == 1 and "more than this instance's 64" in replies[0].error
 
         # Pulls within the cache's size, and releases, park up to a memory
-        # bound (a 1 MB id counts too).
+        # bound (a long id counts too).
         monkeypatch.setattr(kv_server, "_MAX_WAITING_BYTES", 1000)
-        s.send(wire.encode(wire.Release("r" * 24, "x" * 1_000_000)))
+        s.send(wire.encode(wire.Release("r" * 24, "x" * 60_000)))
         for i in range(3):
             s.send(wire.encode(wire.PullRequest(f"{i}" * 24, "req-p", list(range(40)))))
         time.sleep(0.3)
@@ -140,3 +142,73 @@ def test_a_deeply_nested_frame_is_a_protocol_error():
         assert "nested too deeply" in str(e)
     else:
         raise AssertionError("a deeply nested frame decoded")
+
+
+def _sent_before_blocking(sock: zmq.Socket, frame: bytes, stall_s: float = 1.0) -> int:
+    """Frames ``sock`` (SNDHWM 1) sends before the receiver stops taking them."""
+    sent, last = 0, time.monotonic()
+    while time.monotonic() - last < stall_s:
+        try:
+            sock.send(frame, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            time.sleep(0.01)
+            continue
+        sent, last = sent + 1, time.monotonic()
+    return sent
+
+
+def _kernel_socket_buffer_max() -> int:
+    def top(path: str) -> int:
+        with open(path) as f:
+            return int(f.read().split()[-1])
+
+    return top("/proc/sys/net/ipv4/tcp_rmem") + top("/proc/sys/net/ipv4/tcp_wmem")
+
+
+def test_one_peer_cannot_make_the_producer_queue_much(pair):  # noqa: F811
+    """While the engine is busy (nothing pumps), ZMQ queued up to 1000
+    messages per connection; at the old 4 MiB cap that is 4 GiB per peer.
+    Now a peer gets PRODUCER_RCVHWM messages in, the rest waits in the
+    kernel's socket buffers and then in the sender."""
+    from vllm_ascend_pd.connector.kv_server import max_inbound_bytes
+    from vllm_ascend_pd.connector.zmq_links import PRODUCER_RCVHWM
+
+    src, dst, leases, server, puller, port, stats = pair
+    cap = max_inbound_bytes(src.describe(), src.num_blocks)
+    frame = wire.encode(wire.Release("r" * 24, "x" * (cap - 100)))
+    assert len(frame) <= cap
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, 1)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        sent = _sent_before_blocking(s, frame)
+    finally:
+        s.close(0)
+        ctx.term()
+    in_kernel = _kernel_socket_buffer_max() // len(frame) + 2
+    assert sent <= PRODUCER_RCVHWM + in_kernel + 8, (sent, in_kernel)
+    assert sent < 1000  # ZMQ's default alone let this many in
+
+
+def test_a_hostile_producer_cannot_send_the_consumer_a_huge_frame():
+    """The consumer connects wherever kv_transfer_params point: a 'producer'
+    there answering with a frame over the control cap is cut off before the
+    frame is buffered (it was delivered whole, whatever its size)."""
+    from vllm_ascend_pd.connector.zmq_links import dealer_socket
+
+    ctx = zmq.Context()
+    evil = ctx.socket(zmq.ROUTER)
+    evil.setsockopt(zmq.LINGER, 0)
+    port = evil.bind_to_random_port("tcp://127.0.0.1")
+    d = dealer_socket(ctx, f"tcp://127.0.0.1:{port}")
+    try:
+        d.send(b"hello")
+        ident, _ = evil.recv_multipart()
+        evil.send_multipart([ident, b"x" * (wire.MAX_CONTROL_BYTES + 1)])
+        assert not d.poll(1000), "a frame over the control cap was delivered"
+    finally:
+        d.close(0)
+        evil.close(0)
+        ctx.term()

@@ -42,6 +42,15 @@ _MAX_MESSAGES = 256
 _AUTH_LOG_EVERY_S = 10.0
 
 
+def max_inbound_bytes(layout: LayoutDesc, num_blocks: int) -> int:
+    """The largest message a consumer has cause to send this rank: a Hello
+    with a layout like ours, or a pull naming every block of the cache (9
+    bytes per id at most in msgpack), plus room for ids and tokens. A
+    larger frame never reaches the decoder, so a flood of maximal ones
+    costs neither decode time nor memory."""
+    return 64 * 1024 + 2 * len(wire.encode(layout)) + 9 * num_blocks
+
+
 @dataclass
 class _Waiting:
     identity: bytes
@@ -75,7 +84,10 @@ class KVServer:
         self.grace_s = registration_grace_s
         self.port = port
         self._ctx = zmq.Context()
-        self._sock = router_socket(self._ctx, bind_host, port, f"producer rank {tp_rank}")
+        self._sock = router_socket(
+            self._ctx, bind_host, port, f"producer rank {tp_rank}",
+            max_message_bytes=max_inbound_bytes(layout, transport.cache.num_blocks),
+        )
         self._waiting: list[_Waiting] = []
         self._sends = Pump()
         # Links of sends in progress, for the consumer's replies (llmdatadist).

@@ -113,12 +113,24 @@ class DealerLink:
         self.sock.close(0)
 
 
-def router_socket(ctx: zmq.Context, bind_host: str, port: int, role_hint: str) -> zmq.Socket:
+# Messages ZMQ queues per peer before it stops reading that peer's
+# connection (default 1000): with max_message_bytes this bounds what one
+# connection can make the producer hold. Legitimate control messages are
+# small and read every engine step, so they never queue this deep.
+PRODUCER_RCVHWM = 64
+
+
+def router_socket(
+    ctx: zmq.Context, bind_host: str, port: int, role_hint: str,
+    max_message_bytes: int = MAX_CONTROL_BYTES,
+) -> zmq.Socket:
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.LINGER, 0)
-    # Bounded before parsing: a hostile peer cannot make us buffer huge frames.
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
+    # Checked by ZMQ before anything is buffered or parsed: a larger frame
+    # drops the peer's connection.
+    sock.setsockopt(zmq.MAXMSGSIZE, min(max_message_bytes, MAX_CONTROL_BYTES))
+    sock.setsockopt(zmq.RCVHWM, PRODUCER_RCVHWM)
     if ":" in bind_host:
         sock.setsockopt(zmq.IPV6, 1)  # ZMQ refuses IPv6 addresses without it
     try:
@@ -144,6 +156,9 @@ def dealer_socket(ctx: zmq.Context, endpoint: str, rcvhwm: int = CONSUMER_RCVHWM
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    # The producer is whoever kv_transfer_params name, so it is as untrusted
+    # as a consumer: without a cap one frame could be any size.
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
     # An explicit, unguessable routing id: both ends then know the pair's name
     # (group transports key their per-pair groups on it). A leading zero byte
     # is reserved by ZMQ.
