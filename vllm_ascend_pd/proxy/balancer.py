@@ -71,12 +71,12 @@ class _LeastOutstanding(Policy):
 
 class LeastRequests(_LeastOutstanding):
     name = "least_requests"
-    attr = "inflight_requests"
+    attr = "load_requests"
 
 
 class LeastTokens(_LeastOutstanding):
     name = "least_tokens"
-    attr = "inflight_tokens"
+    attr = "load_tokens"
 
 
 class PrefixAffinity(Policy):
@@ -104,11 +104,11 @@ class PrefixAffinity(Policy):
         if not key:
             return self._fallback.pick(candidates)
         ranked = sorted(candidates, key=lambda i: _score(key, i.address), reverse=True)
-        total = sum(i.inflight_requests for i in candidates)
+        total = sum(i.load_requests for i in candidates)
         # The request about to start counts, so an idle cluster never spills.
         bound = math.ceil(self.load_factor * (total + 1) / len(candidates))
         for inst in ranked:
-            if inst.inflight_requests < bound:
+            if inst.load_requests < bound:
                 if inst is not ranked[0]:
                     self._on_spill()
                 return inst

@@ -9,8 +9,9 @@ snapshot it has seen (:func:`apply_snapshot`).  Admin requests reaching a
 worker travel to the supervisor as a :class:`ControlRequest`, and the
 :class:`ControlReply` carries the snapshot that includes the change.
 
-Health, load counters and suspect marks are per worker and never travel:
-only who is a member does.  Plain data and logic here, no I/O (that is
+Health and suspect marks are per worker and never travel: only who is a
+member does, and the slot where every worker counts its load
+(proxy/shared_load.py).  Plain data and logic here, no I/O (that is
 proxy/hub.py in the supervisor and proxy/link.py in a worker).
 """
 
@@ -24,6 +25,7 @@ import msgspec
 from vllm_ascend_pd.proxy.config import ProxyConfig
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.registry import BOTH, DECODE, PREFILL, Instance, Registry, Source
+from vllm_ascend_pd.proxy.shared_load import SlotTable
 
 logger = init_logger(__name__)
 
@@ -35,6 +37,8 @@ class Member(msgspec.Struct, frozen=True):
     meta: dict[str, str] = {}
     # Seconds since the last heartbeat of a registered instance (for /status).
     heartbeat_age: Optional[float] = None
+    # Where the workers count its load (proxy/shared_load.py); -1: none.
+    slot: int = -1
 
 
 class Snapshot(msgspec.Struct, frozen=True):
@@ -87,14 +91,19 @@ def add_static(registry: Registry, cfg: ProxyConfig) -> None:
             registry.add(role, address, Source.STATIC)
 
 
-def snapshot_of(registry: Registry, seq: int, now: Optional[float] = None) -> Snapshot:
+def snapshot_of(registry: Registry, seq: int, now: Optional[float] = None,
+                slots: Optional[SlotTable] = None) -> Snapshot:
     now = time.monotonic() if now is None else now
+    members = registry.instances()
+    if slots is not None:
+        slots.keep_only({(i.role, i.address) for i in members})
     return Snapshot(seq=seq, members=[
         Member(role=i.role, address=i.address, source=i.source.value,
                meta={str(k): str(v) for k, v in i.meta.items()},
                heartbeat_age=(None if i.last_heartbeat is None
-                              else round(now - i.last_heartbeat, 3)))
-        for i in registry.instances()])
+                              else round(now - i.last_heartbeat, 3)),
+               slot=slots.slot_of((i.role, i.address)) if slots is not None else -1)
+        for i in members])
 
 
 def apply_snapshot(registry: Registry, snap: Snapshot, now: Optional[float] = None
@@ -117,6 +126,8 @@ def apply_snapshot(registry: Registry, snap: Snapshot, now: Optional[float] = No
             added.append(inst)
         inst.source = Source(m.source)
         inst.meta = dict(m.meta)
+        if registry.shared_load is not None and inst.shared is None:
+            inst.share_load(registry.shared_load, m.slot)  # else at a later snapshot
         # Eviction is the supervisor's job: a worker only shows the age.
         inst.ttl = None
         inst.last_heartbeat = None if m.heartbeat_age is None else now - m.heartbeat_age
@@ -129,12 +140,13 @@ class Authority:
     def __init__(self, registry: Registry):
         self.registry = registry
         self.seq = 1
+        self.slots = SlotTable()
 
     def changed(self) -> None:
         self.seq += 1
 
     def snapshot(self) -> Snapshot:
-        return snapshot_of(self.registry, self.seq)
+        return snapshot_of(self.registry, self.seq, slots=self.slots)
 
     def handle(self, req: ControlRequest) -> ControlReply:
         """Apply one request.  The worker has validated role and address."""

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional
 if TYPE_CHECKING:
     import asyncio
 
+    from vllm_ascend_pd.proxy.shared_load import SharedLoad
+
 PREFILL = "prefill"
 DECODE = "decode"
 # A kv_both instance: one instance (one set of load counters, one health
@@ -57,6 +59,27 @@ class Instance:
     # The health probe that puts a dynamically added instance in rotation
     # (set by the proxy state); an admin add waits for it.
     first_probe: Optional["asyncio.Task"] = field(default=None, repr=False, compare=False)
+    # Multi-worker proxies: this member's counters summed over every worker
+    # (proxy/shared_load.py); None: this process's alone.
+    shared: Optional["SharedLoad"] = field(default=None, repr=False, compare=False)
+    slot: int = -1
+
+    @property
+    def load_requests(self) -> int:
+        """Requests in flight to it, over the whole proxy: what balancing weighs."""
+        return self.inflight_requests if self.shared is None else self.shared.requests(self.slot)
+
+    @property
+    def load_tokens(self) -> int:
+        return self.inflight_tokens if self.shared is None else self.shared.tokens(self.slot)
+
+    def share_load(self, shared: "SharedLoad", slot: int) -> bool:
+        """Count through ``shared`` from now on; only while idle, so every
+        request is added and taken off in the same place."""
+        if self.shared is not None or slot < 0 or self.inflight_requests:
+            return False
+        self.shared, self.slot = shared, slot
+        return True
 
     @property
     def base_url(self) -> str:
@@ -96,6 +119,8 @@ class Registry:
         # Called with an instance whose health or load changed; set only by
         # multi-worker proxies, which export these numbers across processes.
         self.observer: Optional[Callable[[Instance], None]] = None
+        # Multi-worker proxies: where members count their load (see Instance.shared).
+        self.shared_load: Optional["SharedLoad"] = None
 
     # -- membership -------------------------------------------------------
     def add(self, role: str, address: str, source: Source, *,
@@ -183,12 +208,16 @@ class Registry:
         inst.inflight_requests += 1
         inst.inflight_tokens += tokens
         inst.requests_total += 1
+        if inst.shared is not None:
+            inst.shared.add(inst.slot, 1, tokens)
         if self.observer is not None:
             self.observer(inst)
 
     def release(self, inst: Instance, tokens: int) -> None:
         inst.inflight_requests -= 1
         inst.inflight_tokens -= tokens
+        if inst.shared is not None:
+            inst.shared.add(inst.slot, -1, -tokens)
         if self.observer is not None:
             self.observer(inst)
 

@@ -16,6 +16,7 @@ from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.membership import add_static
 from vllm_ascend_pd.proxy.metrics import ProxyMetrics
 from vllm_ascend_pd.proxy.registry import DECODE, PREFILL, Instance, Registry
+from vllm_ascend_pd.proxy.shared_load import SharedLoad
 
 if TYPE_CHECKING:
     from vllm_ascend_pd.proxy.link import SupervisorLink
@@ -66,6 +67,9 @@ class ProxyState:
         }
         if self.metrics.instance_healthy is not None:  # multiprocess mode
             self.registry.observer = self.metrics.observe
+        if worker is not None and worker.load_path:
+            self.registry.shared_load = SharedLoad(worker.load_path, worker.count, worker.index)
+            self.registry.shared_load.reset_row()
         # One ZMQ context for every release (closed with the app), made on
         # the first one: most proxies never release anything.
         self._release_ctx: Optional[zmq.asyncio.Context] = None

@@ -35,6 +35,7 @@ from typing import Optional
 
 from vllm_ascend_pd.proxy.config import ConfigError, ProxyConfig, format_address
 from vllm_ascend_pd.proxy.log import init_logger
+from vllm_ascend_pd.proxy.shared_load import SharedLoad
 
 logger = init_logger(__name__)
 
@@ -152,6 +153,8 @@ class Supervisor:
         logger.info("supervisor state (metrics files, ipc sockets) in %s", self._tmp)
         metrics_dir = os.path.join(self._tmp, "metrics")
         os.mkdir(metrics_dir)
+        self._load_path = os.path.join(self._tmp, "load")
+        SharedLoad.create(self._load_path, cfg.workers)
         previous = os.environ.get(PROMETHEUS_DIR_ENV)
         if previous:
             logger.warning("ignoring %s=%s: the proxy uses a directory of its own",
@@ -209,7 +212,8 @@ class Supervisor:
         ctx = WorkerContext(
             index=index, count=self.cfg.workers, parent_pid=os.getpid(),
             control=hub.control, updates=hub.updates, metrics_dir=self._metrics_dir,
-            registration=hub.registration.endpoint if hub.registration else None)
+            registration=hub.registration.endpoint if hub.registration else None,
+            load_path=self._load_path)
         proc = self._mp.Process(target=run_worker, args=(self.cfg, self._socks, ctx),
                                 name=f"pd-proxy-worker-{index}", daemon=True)
         proc.start()

@@ -29,6 +29,7 @@ class WorkerContext(msgspec.Struct, frozen=True):
     updates: str      # ipc:// endpoint of its membership broadcasts
     metrics_dir: str  # PROMETHEUS_MULTIPROC_DIR
     registration: Optional[str] = None  # the supervisor's --register-port endpoint
+    load_path: str = ""  # every worker's load counters (proxy/shared_load.py)
 
 
 def run_worker(cfg: ProxyConfig, socks: list[socket.socket], ctx: WorkerContext) -> None:

@@ -163,6 +163,51 @@ async def test_inflight_gauges_sum_over_workers(backend, multi):
     assert metric(await metrics(px.url), "vllm_pd_proxy_inflight_requests") == 0
 
 
+async def _session_on_worker(url: str, index: int) -> aiohttp.ClientSession:
+    """A session whose one keep-alive connection the kernel gave worker ``index``."""
+    for _ in range(200):
+        s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        async with s.get(url + "/status") as resp:
+            if (await resp.json())["worker"]["index"] == index:
+                return s
+        await s.close()
+    raise AssertionError(f"no connection reached worker {index}")
+
+
+async def test_least_requests_weighs_every_workers_streams(backend, multi):
+    """Streams opened one after another, alternately through each worker:
+    every new one goes to the decode instance with fewer streams over both
+    workers. Balancing each worker's own streams, worker 1 sent each of its
+    odd streams at random (half the time beside worker 0's odd one)."""
+    p = await backend("p")
+    ds = [await backend("d1"), await backend("d2")]
+    for d in ds:
+        d.stall_after = 1  # streams stay open until the client leaves
+    px = await multi("--policy", "least_requests", "--prefill", p.address,
+                     "--decode", ds[0].address, "--decode", ds[1].address)
+    sessions, streams, history = [], [], []
+    try:
+        for n in range(20):
+            s = await _session_on_worker(px.url, n % 2)
+            sessions.append(s)
+            resp = await s.post(px.url + "/v1/completions",
+                                json={"prompt": "x", "stream": True})
+            assert resp.status == 200
+            await resp.content.readuntil(b"\n\n")
+            streams.append(resp)
+            loads = [len(d.requests) for d in ds]
+            history.append(loads)
+            assert abs(loads[0] - loads[1]) <= 1, history
+        per_worker = {st["worker"]["index"]: st["inflight"]
+                      for st in (await worker_statuses(px.url, 2)).values()}
+        assert per_worker == {0: 10, 1: 10}
+    finally:
+        for resp in streams:
+            resp.close()
+        for s in sessions:
+            await s.close()
+
+
 async def test_admin_change_reaches_every_worker(backend, multi):
     p, d, d2 = await backend("p"), await backend("d"), await backend("d")
     px = await multi("--prefill", p.address, "--decode", d.address, "--admin-token", TOKEN)
