@@ -89,6 +89,12 @@ def decode_announcement(data: bytes) -> Announcement:
         raise msgspec.DecodeError("announcement nested too deeply") from None
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as the proxy reads an address: an IPv6 host in brackets
+    (``::1:8000`` is ambiguous, and the proxy refuses it)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def _zmq_endpoint(proxy_address: str) -> str:
     addr = proxy_address.strip()
     if addr.startswith("tcp://"):

@@ -37,3 +37,37 @@ def test_an_ipv6_proxy_ip_is_reached():
         ann.stop()
         router.close()
         ctx.term()
+
+
+def test_an_ipv6_kv_ip_is_announced_as_an_address_the_proxy_accepts():
+    # The connector announced f"{kv_ip}:{port}": with kv_ip "::1" that is
+    # "::1:8000", which the proxy refuses ("expected host:port") on every
+    # heartbeat, so an IPv6 instance never registered.
+    from types import SimpleNamespace
+
+    from vllm_ascend_pd.announce import encode_announcement
+    from vllm_ascend_pd.config import parse_extra_config
+    from vllm_ascend_pd.connector.connector import announcement_for
+    from vllm_ascend_pd.proxy.registration import RegistrationListener
+    from vllm_ascend_pd.proxy.registry import Registry
+
+    cfg = parse_extra_config({"kv_ip": "::1", "proxy_ip": "::1", "proxy_port": 5000, "http_port": 8000})
+    vllm_config = SimpleNamespace(model_config=SimpleNamespace(served_model_name=["tiny"]),
+                                  kv_transfer_config=SimpleNamespace(kv_port=21000))
+    ann = announcement_for(cfg, vllm_config, engine_id="e", is_producer=False, is_consumer=True)
+    assert (ann.role, ann.http_address, ann.kv_address, ann.model) == ("decode", "[::1]:8000", "[::1]:21000", "tiny")
+
+    added = []
+    listener = RegistrationListener(Registry(health_checks=False), host="::1", port=5000, ttl=None,
+                                    on_added=added.append, on_removed=lambda inst: None)
+    listener.handle(encode_announcement(ann))
+    assert listener.rejected == 0
+    assert [(i.role, i.address) for i in added] == [("decode", "[::1]:8000")]
+
+
+def test_an_ipv4_kv_ip_is_announced_unchanged():
+    from vllm_ascend_pd.announce import host_port
+
+    assert host_port("10.0.0.7", 8000) == "10.0.0.7:8000"
+    assert host_port("node-1", 8000) == "node-1:8000"
+    assert host_port("[::1]", 8000) == "[::1]:8000"

@@ -12,7 +12,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm_ascend_pd.log import get_logger
 
 from vllm_ascend_pd.compat import init_connector_base
-from vllm_ascend_pd.config import ConfigError, parse_extra_config, resolve_kv_ip, resolve_secret
+from vllm_ascend_pd.config import (
+    ConfigError, ConnectorConfig, parse_extra_config, resolve_kv_ip, resolve_secret,
+)
 from vllm_ascend_pd.connector.metadata import AscendConnectorMetadata
 from vllm_ascend_pd.connector.scheduler import SchedulerSide
 from vllm_ascend_pd.connector.stats import AscendPDPromMetrics, AscendPDStats
@@ -71,23 +73,13 @@ class AscendSimpleConnector(KVConnectorBase_V1):
             )
 
     def _start_announcer(self, vllm_config: "VllmConfig"):
-        from vllm_ascend_pd.announce import Announcement, Announcer
+        from vllm_ascend_pd.announce import Announcer
 
-        host = resolve_kv_ip(self.cfg)
-        model = vllm_config.model_config.served_model_name or ""
-        if isinstance(model, list):
-            model = model[0] if model else ""
-        role = {(True, False): "prefill", (False, True): "decode"}.get(
-            (self.is_producer, self.is_consumer), "both"
-        )
         announcer = Announcer(
             proxy_address=f"{self.cfg.proxy_ip}:{self.cfg.proxy_port}",
-            announcement=Announcement(
-                role=role,
-                http_address=f"{host}:{self.cfg.http_port}",
-                kv_address=f"{host}:{vllm_config.kv_transfer_config.kv_port}",
-                engine_id=self.engine_id,
-                model=model,
+            announcement=announcement_for(
+                self.cfg, vllm_config, engine_id=self.engine_id,
+                is_producer=self.is_producer, is_consumer=self.is_consumer,
             ),
             interval=self.cfg.heartbeat_s,
             secret=resolve_secret(self.cfg),
@@ -171,3 +163,25 @@ class AscendSimpleConnector(KVConnectorBase_V1):
             self._announcer = None
         if self._worker is not None:
             self._worker.shutdown()
+
+
+def announcement_for(cfg: ConnectorConfig, vllm_config: "VllmConfig", *, engine_id: str,
+                     is_producer: bool, is_consumer: bool):
+    """What this instance tells the proxy: its role and where to reach it
+    (kv_ip with the HTTP port and the kv_port)."""
+    from vllm_ascend_pd.announce import Announcement, host_port
+
+    host = resolve_kv_ip(cfg)
+    model = vllm_config.model_config.served_model_name or ""
+    if isinstance(model, list):
+        model = model[0] if model else ""
+    role = {(True, False): "prefill", (False, True): "decode"}.get(
+        (is_producer, is_consumer), "both"
+    )
+    return Announcement(
+        role=role,
+        http_address=host_port(host, cfg.http_port),
+        kv_address=host_port(host, vllm_config.kv_transfer_config.kv_port),
+        engine_id=engine_id,
+        model=model,
+    )

@@ -264,3 +264,27 @@ async def test_an_infinite_interval_still_expires(backend, proxy):
                                         interval=interval)) == 9.0
     assert reg.ttl_for(Announcement(role="decode", http_address=d.address,
                                     interval=0.5)) == 1.5
+
+
+async def test_registration_over_ipv6(backend, proxy):
+    """--register-host ::1: an instance whose proxy_ip is ::1 registers."""
+    import socket
+
+    import pytest
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    d = await backend("d")
+    client = await proxy(register_port=port, register_host="::1")
+    ann = Announcer(f"::1:{port}", Announcement(role="decode", http_address=d.address), interval=0.05)
+    ann.start()
+    try:
+        await wait_for(lambda: _addresses(client, "decode") == [d.address], timeout=30)
+        status = await (await client.get("/status")).json()
+        assert status["registration"] == f"tcp://[::1]:{port}"
+    finally:
+        await asyncio.to_thread(ann.stop)
