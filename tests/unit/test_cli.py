@@ -108,6 +108,23 @@ def test_up_cpu_plan_uses_the_test_settings():
     assert p[p.index("--decode") + 1:] == dec
 
 
+def test_an_ipv6_host_gives_addresses_the_proxy_and_clients_accept():
+    # `up --host ::1` passed the proxy "--prefill ::1:PORT" (it refuses that:
+    # expected host:port) and waited on http://::1:PORT/health.
+    from vllm_ascend_pd.proxy.config import parse_address
+
+    plan = make_plan(model="/m", n_prefill=1, n_decode=1, host="::1", proxy_port=8000)
+    assert plan.proxy_url == "http://[::1]:8000"
+    [pre], [dec] = plan.by_role("kv_producer"), plan.by_role("kv_consumer")
+    assert plan.url_of(pre) == f"http://[::1]:{pre.http_port}"
+    p = plan.proxy_argv
+    assert p[p.index("--host") + 1] == "::1"
+    assert p[p.index("--prefill") + 1:p.index("--decode")] == [f"[::1]:{pre.http_port}"]
+    assert parse_address(p[p.index("--decode") + 1]) == ("::1", dec.http_port)
+    kv = json.loads(pre.argv[pre.argv.index("--kv-transfer-config") + 1])
+    assert kv["kv_connector_extra_config"] == {"kv_ip": "::1"}
+
+
 def test_npu_plan_assigns_consecutive_devices(monkeypatch):
     monkeypatch.delenv("ASCEND_RT_VISIBLE_DEVICES", raising=False)
     plan = make_plan(model="/m", n_prefill=2, n_decode=1, tp=2, device="npu", proxy_port=0,

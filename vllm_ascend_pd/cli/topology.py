@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from vllm_ascend_pd.announce import host_port
 from vllm_ascend_pd.config import GROUP_PORT_OFFSET, MAX_RANKS
 from vllm_ascend_pd.testing.servers import free_kv_port, free_port
 
@@ -49,7 +50,10 @@ class Plan:
 
     @property
     def proxy_url(self) -> str:
-        return f"http://{self.host}:{self.proxy_port}"
+        return f"http://{host_port(self.host, self.proxy_port)}"
+
+    def url_of(self, instance: Instance) -> str:
+        return f"http://{host_port(self.host, instance.http_port)}"
 
     def by_role(self, role: str) -> list[Instance]:
         return [i for i in self.instances if i.role == role]
@@ -153,7 +157,7 @@ def make_plan(
         instances.append(Instance(iname, role, http, kv, devs, argv, ienv))
 
     def addrs(role: str) -> list[str]:
-        return [f"{host}:{i.http_port}" for i in instances if i.role == role]
+        return [host_port(host, i.http_port) for i in instances if i.role == role]
 
     proxy_argv = [sys.executable, "-m", "vllm_ascend_pd.proxy", "--host", host,
                   "--port", str(proxy_port), "--model", name,

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from vllm_ascend_pd.announce import host_port
 from vllm_ascend_pd.cli.checks import port_free
 from vllm_ascend_pd.cli.supervisor import Child, stop_all
 from vllm_ascend_pd.cli.topology import Plan, PlanError, make_plan
@@ -145,13 +146,13 @@ def run(args: argparse.Namespace) -> int:
     # Fail now rather than after the instances spent minutes loading.
     busy = port_free(plan.host, plan.proxy_port)
     if busy:
-        print(f"vllm-ascend-pd up: the proxy port {plan.host}:{plan.proxy_port} is not free "
+        print(f"vllm-ascend-pd up: the proxy port {host_port(plan.host, plan.proxy_port)} is not free "
               f"({busy}); pass another --port, or --port 0 for any free port", file=sys.stderr)
         return 2
     logs = Path(args.log_dir).resolve()
     logs.mkdir(parents=True, exist_ok=True)
     instances = [
-        Child(i.name, i.argv, f"http://{plan.host}:{i.http_port}", logs / f"{i.name}.log", i.env)
+        Child(i.name, i.argv, plan.url_of(i), logs / f"{i.name}.log", i.env)
         for i in plan.instances]
     proxy = Child("proxy", plan.proxy_argv, plan.proxy_url, logs / "proxy.log",
                   {"VLLM_ASCEND_PD_PLAIN_LOGGING": "1"})
