@@ -38,7 +38,9 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "block pulls. `auto`: llmdatadist or hccl on NPUs, tcp elsewhere.")] = "auto"
     kv_ip: Annotated[str, _doc(
         "Address this instance advertises for KV pulls (producer) and binds to "
-        "unless `kv_bind_host` is set. Default: the host's primary IP.")] = ""
+        "unless `kv_bind_host` is set; IPv4 or IPv6 (e.g. `::1`, no brackets). "
+        "Registration with a proxy announces it as this instance's HTTP host too. "
+        "Default: the host's primary IP.")] = ""
     kv_bind_host: Annotated[str, _doc(
         "Address the producer's KV server binds to, e.g. `0.0.0.0`. Default: "
         "`kv_ip`.")] = ""
@@ -87,7 +89,9 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     proxy_port: Annotated[int, _doc(
         "The proxy's `--register-port`.", ge=0, lt=65536)] = 0
     http_port: Annotated[int, _doc(
-        "This instance's OpenAI HTTP port, announced to the proxy.", ge=0, lt=65536)] = 0
+        "This instance's OpenAI HTTP port, announced to the proxy as "
+        "`kv_ip:http_port` (`[kv_ip]:http_port` for IPv6): so vLLM's "
+        "`--host` must cover that address.", ge=0, lt=65536)] = 0
     heartbeat_s: Annotated[float, _doc(
         "Interval between registration heartbeats.", gt=0)] = 3.0
     prefill_device_ips: Annotated[list[str], _doc(
@@ -143,6 +147,15 @@ def parse_extra_config(extra: dict[str, Any] | None) -> ConnectorConfig:
             raise ConfigError(
                 f"kv_connector_extra_config {key} is {value}: give a finite number "
                 f"(default {getattr(ConnectorConfig(), key)})"
+            )
+    for key in ("kv_ip", "kv_bind_host"):
+        host = getattr(cfg, key)
+        if host.startswith("["):
+            # The KV server binds and P advertises it as given: "[::1]" is
+            # no address a socket takes, and D would connect to [[::1]].
+            raise ConfigError(
+                f"kv_connector_extra_config {key} {host!r}: write an IPv6 address "
+                f"without brackets, e.g. {host.strip('[]')!r}"
             )
     if bool(cfg.proxy_ip) != bool(cfg.proxy_port):
         raise ConfigError("set both proxy_ip and proxy_port to register with a proxy")

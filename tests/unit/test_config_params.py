@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -47,6 +48,13 @@ def test_infinite_values_are_refused_at_start_up(key):
     # OverflowError, an announcer thread that dies at its first wait.
     with pytest.raises(ConfigError, match=f"{key} is inf: give a finite number"):
         parse_extra_config(json.loads('{"%s": Infinity}' % key))
+
+
+@pytest.mark.parametrize("key", ["kv_ip", "kv_bind_host"])
+def test_a_bracketed_ipv6_kv_address_says_to_drop_the_brackets(key):
+    with pytest.raises(ConfigError, match=re.escape(f"{key} '[::1]': write an IPv6 address without brackets, e.g. '::1'")):
+        parse_extra_config({key: "[::1]"})
+    assert getattr(parse_extra_config({key: "::1"}), key) == "::1"
 
 
 def test_port_plan():
