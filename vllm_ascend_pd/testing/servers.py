@@ -1,4 +1,5 @@
-"""Start and stop real vLLM OpenAI servers on 127.0.0.1 (tests, demo, benchmarks).
+"""Start and stop real vLLM OpenAI servers on loopback, 127.0.0.1 unless a
+test asks for ::1 (tests, demo, benchmarks).
 
 Each server runs in its own process group so teardown reaches its engine and
 worker children; only processes started here are ever signalled.
@@ -6,6 +7,7 @@ worker children; only processes started here are ever signalled.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -69,12 +71,19 @@ class PortPicker:
 
 
 def port_is_free(port: int) -> bool:
+    """Free on 127.0.0.1 and, where there is IPv6 loopback, on ::1 (the
+    IPv6 tests bind there)."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
-            return True
         except OSError:
             return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", port))
+    except OSError as e:
+        return e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)  # no IPv6 loopback here
+    return True
 
 
 @dataclass
@@ -86,15 +95,18 @@ class VllmServer:
     env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
+    host: str = "127.0.0.1"  # its HTTP address; "::1" for IPv6 loopback
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        from vllm_ascend_pd.announce import host_port
+
+        return f"http://{host_port(self.host, self.port)}"
 
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
+            "--model", self.model, "--host", self.host, "--port", str(self.port),
             "--served-model-name", "tiny", *self.args,
         ]
 

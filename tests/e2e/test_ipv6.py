@@ -1,0 +1,126 @@
+"""1P1D on IPv6 loopback, on real vLLM: P and D serve HTTP on ::1, move KV
+over ::1 (kv_ip "::1": P binds and advertises it) and register with a proxy
+whose registration socket listens on ::1 (--register-host). Only the
+proxy's client port is on 127.0.0.1.
+
+The expected tokens come from the session cluster's single instance S."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.faults import counter, wait_idle
+from tests.e2e.helpers import log_dir, post, prompt_of, serve, wait_for
+from tests.e2e.test_pd_e2e import completion
+from vllm_ascend_pd.config import GROUP_PORT_OFFSET
+from vllm_ascend_pd.testing.servers import (
+    BASE_ARGS, PortPicker, ProxyServer, VllmServer, kv_config, start_all, stop_all,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+class V6Pair:
+    def __init__(self, model: str, logs: Path):
+        ports = PortPicker()
+        self.kv_port = ports.kv(span=4)
+        register_port = ports.http()
+        announce = {"kv_ip": "::1", "proxy_ip": "::1", "proxy_port": register_port, "heartbeat_s": 0.5}
+
+        def server(name: str, role: str, kv_port: int, **more) -> VllmServer:
+            http = ports.http()
+            return VllmServer(name, model, http, [
+                *BASE_ARGS, "--kv-transfer-config",
+                kv_config(role, kv_port, http_port=http, **announce, **more)],
+                log_path=logs / f"{name}.log", host="::1")
+
+        self.P = server("P6", "kv_producer", self.kv_port)
+        self.D = server("D6", "kv_consumer", self.kv_port + 2, failure_policy="recompute")
+        self.proxy = ProxyServer(ports.http(), logs / "v6-proxy.log", "--register-host", "::1",
+                                 "--register-port", str(register_port), "--heartbeat-ttl", "3")
+
+    def start(self) -> None:
+        self.proxy.start()  # first, so that the first heartbeats are heard
+        start_all((self.P, self.D), 600)
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        stop_all((self.P, self.D))
+
+
+@pytest.fixture(scope="module")
+def v6(tiny_model, tmp_path_factory):
+    if not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback (::1) here")
+    yield from serve(V6Pair(tiny_model, log_dir(tmp_path_factory, "e2e-logs")))
+
+
+def _healthy(proxy: ProxyServer) -> dict:
+    st = json.loads(urllib.request.urlopen(proxy.url + "/status", timeout=5).read())
+    return {role: [i["address"] for i in st["instances"][role] if i["health"] == "healthy"]
+            for role in ("prefill", "decode")}
+
+
+def _refused(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+def _sources(server: VllmServer) -> tuple[float, float]:
+    """Prompt tokens D computed itself, and those it took from P."""
+    return tuple(counter(server.url, "vllm:prompt_tokens_by_source_total", source=src)
+                 for src in ("local_compute", "external_kv_transfer"))
+
+
+def test_pd_over_ipv6_through_the_proxy_is_token_exact(v6, cluster, tokenizer):
+    # Registered over IPv6, under their IPv6 HTTP addresses.
+    wait_for(lambda: _healthy(v6.proxy) == {"prefill": [f"[::1]:{v6.P.port}"],
+                                            "decode": [f"[::1]:{v6.D.port}"]}, timeout=30)
+    # P's KV control and data ports are not on 127.0.0.1 (only on ::1):
+    # a pull that loads went over IPv6.
+    assert _refused("127.0.0.1", v6.kv_port) and _refused("127.0.0.1", v6.kv_port + GROUP_PORT_OFFSET)
+
+    prompt = prompt_of(tokenizer, 300, seed=701)
+    expected = completion(cluster.S.url, prompt)
+    loaded = counter(v6.D.url, "vllm:ascend_pd_loaded_tokens_total")
+    local, external = _sources(v6.D)
+
+    assert completion(v6.proxy.url, prompt) == expected
+    # D loaded the whole prompt from P and computed none of it.
+    wait_for(lambda: counter(v6.D.url, "vllm:ascend_pd_loaded_tokens_total") - loaded == len(prompt),
+             timeout=10)
+    assert _sources(v6.D) == (local, external + len(prompt))
+    wait_idle([v6.P.url, v6.D.url], 10, producers=(v6.P.url,))
+
+
+def test_params_name_the_ipv6_address_and_a_release_reaches_it(v6, tokenizer):
+    """What the proxy does with a transfer nobody pulls: release it at the
+    producer named in kv_transfer_params, here over IPv6."""
+    from vllm_ascend_pd.kvclient import release_transfer_sync
+
+    released = counter(v6.P.url, "vllm:ascend_pd_leases_released_total")
+    out = post(v6.P.url, "/v1/completions", {"model": "tiny", "prompt": prompt_of(tokenizer, 64, seed=702),
+                                             "max_tokens": 1, "temperature": 0,
+                                             "kv_transfer_params": {"do_remote_decode": True}})
+    params = out["kv_transfer_params"]
+    assert (params["remote_host"], params["remote_port"]) == ("::1", v6.kv_port)
+    assert release_transfer_sync(params, timeout=5) is True
+    wait_idle([v6.P.url], 10, producers=(v6.P.url,))
+    assert counter(v6.P.url, "vllm:ascend_pd_leases_released_total") == released + 1
