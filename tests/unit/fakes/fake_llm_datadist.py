@@ -166,84 +166,84 @@ class LLMClusterInfo:
         self.remote_ip_info_list.append((ip, port))
 
 
+def _typed(kind: type):
+    def check(name: str, value) -> None:
+        if not isinstance(value, kind):
+            raise TypeError(f"{name} only support ['{kind.__name__}']")
+    return check
+
+
+def _check_device_id(name: str, value) -> None:
+    _int32(name, value)
+    _param(value >= 0, f"{name} should be greater than or equal to zero.")
+
+
+def _check_sync_kv_timeout(name: str, value) -> None:
+    if not isinstance(value, (int, str)):
+        raise TypeError(f"{name} only support ['int', 'str']")
+    _param(int(value) > 0, f"{name} should be greater than zero.")
+    _int32(name, int(value))
+
+
+class _Option:
+    """One LLMConfig attribute as the real class has it: the setter checks the
+    value, and generate_options writes it under ``key`` once it differs from
+    its default."""
+
+    def __init__(self, key: str, check, default=None):
+        self.key, self.check, self.default = key, check, default
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, conf, owner=None):
+        if conf is None:
+            return self
+        return conf._values.get(self.name, self.default)
+
+    def __set__(self, conf, value) -> None:
+        self.check(self.name, value)
+        conf._values[self.name] = value
+
+    def render(self, value) -> str:
+        return str(value)
+
+
+class _Flag(_Option):
+    """A bool option: reads False until set, written as "1" or "0"."""
+
+    def __init__(self, key: str):
+        super().__init__(key, _typed(bool))
+
+    def __get__(self, conf, owner=None):
+        return self if conf is None else bool(super().__get__(conf))
+
+    def render(self, value) -> str:
+        return "1" if value else "0"
+
+
 class LLMConfig:
     """The setters check like the real ones; an attribute the real class does
     not have is refused (the real one would silently ignore it)."""
 
-    __slots__ = ("_device_id", "_sync_kv_timeout", "_enable_cache_manager",
-                 "_enable_remote_cache_accessible", "_listen_ip_info")
+    __slots__ = ("_values",)
+
+    listen_ip_info = _Option("llm.listenIpInfo", _typed(str), default="")
+    device_id = _Option("ge.exec.deviceId", _check_device_id)
+    sync_kv_timeout = _Option("llm.SyncKvCacheWaitTime", _check_sync_kv_timeout)
+    enable_cache_manager = _Flag("llm.EnableCacheManager")
+    enable_remote_cache_accessible = _Flag("llm.EnableRemoteCacheAccessible")
 
     def __init__(self):
-        self._device_id = None
-        self._sync_kv_timeout = None
-        self._enable_cache_manager = None
-        self._enable_remote_cache_accessible = None
-        self._listen_ip_info = ""
-
-    @property
-    def device_id(self):
-        return self._device_id
-
-    @device_id.setter
-    def device_id(self, value):
-        _int32("device_id", value)
-        _param(value >= 0, "device_id should be greater than or equal to zero.")
-        self._device_id = value
-
-    @property
-    def sync_kv_timeout(self):
-        return self._sync_kv_timeout
-
-    @sync_kv_timeout.setter
-    def sync_kv_timeout(self, value):
-        if not isinstance(value, (int, str)):
-            raise TypeError("sync_kv_timeout only support ['int', 'str']")
-        _param(int(value) > 0, "sync_kv_timeout should be greater than zero.")
-        _int32("sync_kv_timeout", int(value))
-        self._sync_kv_timeout = value
-
-    @property
-    def enable_cache_manager(self):
-        return bool(self._enable_cache_manager)
-
-    @enable_cache_manager.setter
-    def enable_cache_manager(self, value):
-        if not isinstance(value, bool):
-            raise TypeError("enable_cache_manager only support ['bool']")
-        self._enable_cache_manager = value
-
-    @property
-    def enable_remote_cache_accessible(self):
-        return bool(self._enable_remote_cache_accessible)
-
-    @enable_remote_cache_accessible.setter
-    def enable_remote_cache_accessible(self, value):
-        if not isinstance(value, bool):
-            raise TypeError("enable_remote_cache_accessible only support ['bool']")
-        self._enable_remote_cache_accessible = value
-
-    @property
-    def listen_ip_info(self):
-        return self._listen_ip_info
-
-    @listen_ip_info.setter
-    def listen_ip_info(self, value):
-        if not isinstance(value, str):
-            raise TypeError("listen_ip_info only support ['str']")
-        self._listen_ip_info = value
+        self._values: dict[str, object] = {}
 
     def generate_options(self) -> dict[str, str]:
         opts: dict[str, str] = {}
-        if self._listen_ip_info:
-            opts["llm.listenIpInfo"] = self._listen_ip_info
-        if self._device_id is not None:
-            opts["ge.exec.deviceId"] = str(self._device_id)
-        if self._sync_kv_timeout is not None:
-            opts["llm.SyncKvCacheWaitTime"] = str(self._sync_kv_timeout)
-        if self._enable_cache_manager is not None:
-            opts["llm.EnableCacheManager"] = "1" if self._enable_cache_manager else "0"
-        if self._enable_remote_cache_accessible is not None:
-            opts["llm.EnableRemoteCacheAccessible"] = "1" if self._enable_remote_cache_accessible else "0"
+        for opt in vars(LLMConfig).values():
+            if isinstance(opt, _Option):
+                value = self._values.get(opt.name, opt.default)
+                if value != opt.default:
+                    opts[opt.key] = opt.render(value)
         return opts
 
 
