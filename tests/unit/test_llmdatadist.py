@@ -9,6 +9,7 @@ the LLMDataDist calls and the bytes that land in the consumer's cache.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import pytest
@@ -119,6 +120,40 @@ def pair():
     p.close()
 
 
+@pytest.fixture
+def mla_pair():
+    p = Pair(mla_cache)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def make_transport():
+    """Opens llmdatadist transports, closed after the test: by default a
+    producer on P_IP with a filled cache, a consumer on D_IP with an empty one."""
+    opened = []
+
+    def make(role: str, cache: PagedKVCache | None = None, opts: TransportOptions | None = None):
+        producer = role == "producer"
+        cache = cache if cache is not None else mha_cache(1.0 if producer else 0.0)
+        if opts is None:
+            opts = options(role, P_IP if producer else D_IP)
+        t = create_transport("llmdatadist", cache, opts)
+        opened.append(t)
+        return t
+
+    yield make
+    for t in opened:
+        t.close()
+
+
+def start_transfer(prod, cons, n: int, blocks: list[int], local: list[int]):
+    """The producer's send and the consumer's recv of transfer tid(n), joined
+    by an in-memory link (no KV server): pump them with run_both."""
+    link = MemLink()
+    return prod.send_blocks(link.a, tid(n), blocks), cons.recv_blocks(link.b, tid(n), local)
+
+
 def tid(n: int) -> str:
     return f"{n:024d}"
 
@@ -167,21 +202,17 @@ def test_registers_links_once_and_pulls_exactly_the_blocks(pair, fake_datadist):
     assert pair.p_stats.take()["send_transfers"] == 2
 
 
-def test_mla_caches_register_and_pull_per_shape(fake_datadist):
-    p = Pair(mla_cache)
-    try:
-        blocks, local = [5, 6, 63], [0, 1, 2]
-        assert p.pull(tid(3), blocks, local) == ({"req-d"}, set())
-        check_blocks(p, blocks, local)
-        regs = [c for c in fake_datadist.calls if c[0] == "register_blocks_cache" and c[1] == P_CLUSTER]
-        assert regs == [
-            ("register_blocks_cache", P_CLUSTER, 0, 2, (NB, 16, 1, 32)),
-            ("register_blocks_cache", P_CLUSTER, 1, 2, (NB, 16, 1, 8)),
-        ]
-        pulls = [c for c in fake_datadist.calls if c[0] == "pull_blocks"]
-        assert [c[3] for c in pulls] == [0, 1]
-    finally:
-        p.close()
+def test_mla_caches_register_and_pull_per_shape(mla_pair, fake_datadist):
+    blocks, local = [5, 6, 63], [0, 1, 2]
+    assert mla_pair.pull(tid(3), blocks, local) == ({"req-d"}, set())
+    check_blocks(mla_pair, blocks, local)
+    regs = [c for c in fake_datadist.calls if c[0] == "register_blocks_cache" and c[1] == P_CLUSTER]
+    assert regs == [
+        ("register_blocks_cache", P_CLUSTER, 0, 2, (NB, 16, 1, 32)),
+        ("register_blocks_cache", P_CLUSTER, 1, 2, (NB, 16, 1, 8)),
+    ]
+    pulls = [c for c in fake_datadist.calls if c[0] == "pull_blocks"]
+    assert [c[3] for c in pulls] == [0, 1]
 
 
 def test_link_failure_fails_both_sides_with_a_named_cause_then_recovers(pair, fake_datadist):
@@ -201,24 +232,15 @@ def test_link_failure_fails_both_sides_with_a_named_cause_then_recovers(pair, fa
     check_blocks(pair, [1, 2], [30, 31])
 
 
-def test_link_error_message_names_the_endpoint_and_the_fix(fake_datadist):
+def test_link_error_message_names_the_endpoint_and_the_fix(make_transport, fake_datadist):
     fake_datadist.link_status = fake.LLMStatusCode.LLM_TIMEOUT
-    src, dst = mha_cache(1.0), mha_cache(0.0)
-    prod = create_transport("llmdatadist", src, options("producer", P_IP))
-    cons = create_transport("llmdatadist", dst, options("consumer", D_IP))
-    link = MemLink()
-    try:
-        send = prod.send_blocks(link.a, tid(6), [1])
-        recv = cons.recv_blocks(link.b, tid(6), [2])
-        with pytest.raises(TransferError) as err:
-            run_both(send, recv)
-        assert err.value.cause == "link_failed"
-        msg = str(err.value)
-        assert f"{D_IP} -> {P_IP}:{COMM_PORT}" in msg and "LLM_TIMEOUT" in msg
-        assert "hccn_tool" in msg and "prefill_device_ips" in msg
-    finally:
-        prod.close()
-        cons.close()
+    send, recv = start_transfer(make_transport("producer"), make_transport("consumer"), 6, [1], [2])
+    with pytest.raises(TransferError) as err:
+        run_both(send, recv)
+    assert err.value.cause == "link_failed"
+    msg = str(err.value)
+    assert f"{D_IP} -> {P_IP}:{COMM_PORT}" in msg and "LLM_TIMEOUT" in msg
+    assert "hccn_tool" in msg and "prefill_device_ips" in msg
 
 
 def test_pull_failure_unlinks_and_the_next_transfer_relinks(pair, fake_datadist):
@@ -233,13 +255,12 @@ def test_pull_failure_unlinks_and_the_next_transfer_relinks(pair, fake_datadist)
     check_blocks(pair, [1, 3], [2, 4])
 
 
-def test_close_unlinks_then_unregisters_then_finalizes(fake_datadist):
-    p = Pair(mla_cache)
-    assert p.pull(tid(10), [1], [2]) == ({"req-d"}, set())
-    p.server.close()
-    p.puller.close()
+def test_close_unlinks_then_unregisters_then_finalizes(mla_pair, fake_datadist):
+    assert mla_pair.pull(tid(10), [1], [2]) == ({"req-d"}, set())
+    mla_pair.server.close()
+    mla_pair.puller.close()
     start = len(fake_datadist.calls)
-    p.d_transport.close()
+    mla_pair.d_transport.close()
     consumer = [c[:2] if c[0] != "unlink_clusters" else c for c in fake_datadist.calls[start:]]
     assert consumer == [
         ("unlink_clusters", D_CLUSTER, P_CLUSTER, False),
@@ -248,15 +269,15 @@ def test_close_unlinks_then_unregisters_then_finalizes(fake_datadist):
         ("finalize", D_CLUSTER),
     ]
     start = len(fake_datadist.calls)
-    p.p_transport.close()
+    mla_pair.p_transport.close()
     assert [c[:2] for c in fake_datadist.calls[start:]] == [
         ("unregister_cache", P_CLUSTER), ("unregister_cache", P_CLUSTER), ("finalize", P_CLUSTER),
     ]
     assert fake_datadist.listeners == {}
-    p.d_transport.close()  # idempotent
+    mla_pair.d_transport.close()  # idempotent
     assert fake_datadist.names().count("finalize") == 2
     with pytest.raises(TransferError, match="closed"):
-        run_both(None, p.d_transport.recv_blocks(OfferLink(tid(11)), tid(11), [1]))
+        run_both(None, mla_pair.d_transport.recv_blocks(OfferLink(tid(11)), tid(11), [1]))
 
 
 def test_remote_cache_access_is_enabled_at_init(pair, fake_datadist):
@@ -296,18 +317,14 @@ def test_an_unlink_the_producer_did_not_hear_falls_back_to_a_forced_one(pair, fa
     assert pair.d_transport._datadist.links == {}
 
 
-def test_close_during_a_pull_returns_at_once_and_finalizes_after_it(fake_datadist):
+def test_close_during_a_pull_returns_at_once_and_finalizes_after_it(make_transport, fake_datadist):
     """LLMDataDist's finalize must not run concurrently with other calls (and
     takes the package's exclusive lock): close() hands teardown to the helper
     thread, behind the pull, instead of finalizing under it."""
-    fake_datadist.pull_gate = gate = __import__("threading").Event()
-    src, dst = mha_cache(1.0), mha_cache(0.0)
-    prod = create_transport("llmdatadist", src, options("producer", P_IP))
-    cons = create_transport("llmdatadist", dst, options("consumer", D_IP))
-    link = MemLink()
+    fake_datadist.pull_gate = gate = threading.Event()
+    prod, cons = make_transport("producer"), make_transport("consumer")
     try:
-        send = prod.send_blocks(link.a, tid(34), [1])
-        recv = cons.recv_blocks(link.b, tid(34), [2])
+        send, recv = start_transfer(prod, cons, 34, [1], [2])
         deadline = time.monotonic() + 5
         while cons._datadist._busy == 0 or "pull_blocks" not in fake_datadist.names():
             next(send), next(recv)
@@ -325,42 +342,32 @@ def test_close_during_a_pull_returns_at_once_and_finalizes_after_it(fake_datadis
         # The pull that was running completed before the teardown: its
         # transfer still ends normally.
         run_both(send, recv)
-        check = cons.cache.tensors[0][2], src.tensors[0][1]
+        check = cons.cache.tensors[0][2], prod.cache.tensors[0][1]
         assert torch.equal(*check)
     finally:
-        gate.set()
-        prod.close()
-        cons.close()
+        gate.set()  # before make_transport closes them: a held pull would hold the teardown
 
 
-def test_timeouts_stay_within_llm_datadists_int32_milliseconds(fake_datadist):
+def test_timeouts_stay_within_llm_datadists_int32_milliseconds(make_transport, fake_datadist):
     # A very long transfer_timeout_s must not overflow sync_kv_timeout (int32
     # ms in the real package): start-up would fail with a bare ValueError.
-    src = mha_cache(1.0)
-    prod = create_transport("llmdatadist", src, options("producer", P_IP, timeout=1e7))
-    try:
-        init = [c for c in fake_datadist.calls if c[0] == "init"][0]
-        assert init[3]["llm.SyncKvCacheWaitTime"] == str(2**31 - 1)
-    finally:
-        prod.close()
+    make_transport("producer", opts=options("producer", P_IP, timeout=1e7))
+    init = [c for c in fake_datadist.calls if c[0] == "init"][0]
+    assert init[3]["llm.SyncKvCacheWaitTime"] == str(2**31 - 1)
 
 
-def test_a_pull_that_could_outlive_the_producers_hold_never_starts(fake_datadist):
-    dst = mha_cache(0.0)
-    cons = create_transport("llmdatadist", dst, options("consumer", D_IP, timeout=2.0))
+def test_a_pull_that_could_outlive_the_producers_hold_never_starts(make_transport, fake_datadist):
+    cons = make_transport("consumer", opts=options("consumer", D_IP, timeout=2.0))
     fake.LLMDataDist(fake.LLMRole.PROMPT, P_CLUSTER).init(
         {"llm.EnableCacheManager": "1", "llm.listenIpInfo": f"{P_IP}:{COMM_PORT}"}
     )
     link = OfferLink(tid(12), hold_s=1.0)  # shorter than the consumer's 2 s pull timeout
-    try:
-        with pytest.raises(TransferError) as err:
-            run_both(None, cons.recv_blocks(link, tid(12), [5]))
-        assert err.value.cause == "timeout"
-        assert "pull_blocks" not in fake_datadist.names()
-        done = wire.decode(link.sent[-1][0])
-        assert isinstance(done, wire.TransferDone) and not done.ok and "timeout" in done.error
-    finally:
-        cons.close()
+    with pytest.raises(TransferError) as err:
+        run_both(None, cons.recv_blocks(link, tid(12), [5]))
+    assert err.value.cause == "timeout"
+    assert "pull_blocks" not in fake_datadist.names()
+    done = wire.decode(link.sent[-1][0])
+    assert isinstance(done, wire.TransferDone) and not done.ok and "timeout" in done.error
 
 
 @pytest.mark.parametrize("change,match", [
@@ -371,15 +378,12 @@ def test_a_pull_that_could_outlive_the_producers_hold_never_starts(fake_datadist
     (dict(transfer_id="9" * 24), "expected an LLMDataDist offer"),
     (dict(hold_s=-1.0), "hold time"),
 ])
-def test_consumer_rejects_bad_offers_without_pulling(fake_datadist, change, match):
-    cons = create_transport("llmdatadist", mha_cache(0.0), options("consumer", D_IP))
+def test_consumer_rejects_bad_offers_without_pulling(make_transport, fake_datadist, change, match):
+    cons = make_transport("consumer")
     link = OfferLink(tid(13), **change)
-    try:
-        with pytest.raises(TransferError, match=match):
-            run_both(None, cons.recv_blocks(link, tid(13), [5]))
-        assert "link_clusters" not in fake_datadist.names()
-    finally:
-        cons.close()
+    with pytest.raises(TransferError, match=match):
+        run_both(None, cons.recv_blocks(link, tid(13), [5]))
+    assert "link_clusters" not in fake_datadist.names()
 
 
 def test_only_the_pulling_consumer_can_end_a_send(pair, fake_datadist):
@@ -422,19 +426,16 @@ def test_missing_llm_datadist_names_the_fix(monkeypatch):
         create_transport("llmdatadist", mha_cache(0.0), options("consumer", D_IP))
 
 
-def test_device_ip_is_read_with_hccn_tool_when_not_configured(monkeypatch):
+def test_device_ip_is_read_with_hccn_tool_when_not_configured(make_transport, monkeypatch):
     from vllm_ascend_pd import hccn
 
     asked = []
     monkeypatch.setattr(hccn, "device_ip", lambda dev, **kw: asked.append(dev) or "10.20.0.7")
     monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "6,7")
     opt = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=2, role="consumer", local_rank=1)
-    t = create_transport("llmdatadist", mha_cache(0.0), opt)
-    try:
-        assert asked == [7]  # logical rank 1 -> physical NPU 7
-        assert t.cluster_id == cluster_id_for("10.20.0.7")
-    finally:
-        t.close()
+    t = make_transport("consumer", opts=opt)
+    assert asked == [7]  # logical rank 1 -> physical NPU 7
+    assert t.cluster_id == cluster_id_for("10.20.0.7")
 
 
 def test_unreadable_device_ip_names_the_key_to_set(monkeypatch):
@@ -475,21 +476,16 @@ class MemLink:
         self.a, self.b = _End(ba, ab), _End(ab, ba)
 
 
-class OfferLink:
-    """A consumer-side Link whose producer sent one DataDistOffer."""
+class OfferLink(_End):
+    """A consumer-side Link whose producer sent one DataDistOffer; what the
+    consumer sends back lands in ``sent``."""
 
     def __init__(self, tid_: str, **change):
         fields = dict(transfer_id=tid_, cluster_id=P_CLUSTER, device_ip=P_IP, port=COMM_PORT,
                       block_ids=[1], num_caches=1, hold_s=30.0)
         fields.update(change)
-        self.inbox = [[wire.encode(wire.DataDistOffer(**fields))]]
         self.sent: list[list[bytes]] = []
-
-    def send(self, frames, *, copy=True, track=False):
-        self.sent.append([bytes(f) for f in frames])
-
-    def try_recv(self):
-        return self.inbox.pop(0) if self.inbox else None
+        super().__init__([[wire.encode(wire.DataDistOffer(**fields))]], self.sent)
 
 
 def run_both(send, recv, timeout=10.0):
