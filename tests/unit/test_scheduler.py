@@ -47,6 +47,14 @@ def produce(prompt):
     return p, delay, params
 
 
+def consumer_with_params(num_tokens: int):
+    """A consumer, the prompt 0..num_tokens-1, and the kv_transfer_params P
+    returned for that prompt."""
+    prompt = list(range(num_tokens))
+    _, _, params = produce(prompt)
+    return side(consumer=True), prompt, params
+
+
 def test_producer_leases_blocks_and_returns_params():
     p, delay, params = produce(list(range(10)))
     assert delay is True
@@ -67,9 +75,7 @@ def test_producer_aborted_request_frees_immediately():
 
 
 def test_consumer_pulls_only_missing_blocks_after_prefix_hit():
-    prompt = list(range(10))
-    _, _, params = produce(prompt)
-    c = side(consumer=True)
+    c, prompt, params = consumer_with_params(10)
     req = FakeRequest("d-1", prompt, dict(params))
     # 4 tokens (one block) already cached locally.
     assert c.get_num_new_matched_tokens(req, 4) == (6, True)
@@ -85,9 +91,7 @@ def test_consumer_pulls_only_missing_blocks_after_prefix_hit():
 
 
 def test_consumer_full_prefix_hit_releases_producer():
-    prompt = list(range(8))
-    _, _, params = produce(prompt)
-    c = side(consumer=True)
+    c, prompt, params = consumer_with_params(8)
     req = FakeRequest("d", prompt, dict(params))
     assert c.get_num_new_matched_tokens(req, 8) == (0, False)
     c.update_state_after_alloc(req, FakeBlocks([1, 2]), 0)
@@ -96,9 +100,7 @@ def test_consumer_full_prefix_hit_releases_producer():
 
 
 def test_consumer_rejected_before_alloc_releases_producer():
-    prompt = list(range(8))
-    _, _, params = produce(prompt)
-    c = side(consumer=True)
+    c, prompt, params = consumer_with_params(8)
     req = FakeRequest("d", prompt, dict(params), RequestStatus.FINISHED_ABORTED)
     assert c.request_finished(req, []) == (False, None)
     (r,) = c.build_connector_meta().releases
@@ -112,8 +114,7 @@ def test_consumer_rejected_before_alloc_releases_producer():
 def test_a_request_rejected_before_admission_releases_by_the_params_hash():
     # vLLM's rejection hook passes a stand-in request with prompt [0]: the
     # release names the params' hash, which P checks against its lease.
-    _, _, params = produce(list(range(8)))
-    c = side(consumer=True)
+    c, _, params = consumer_with_params(8)
     stub = FakeRequest("d", [0], dict(params), RequestStatus.FINISHED_ABORTED)
     assert c.request_finished(stub, []) == (False, None)
     (r,) = c.build_connector_meta().releases
@@ -126,11 +127,9 @@ def test_a_request_rejected_before_admission_releases_by_the_params_hash():
 ])
 def test_unusable_params_of_this_prompt_release_the_producer(mutate, block_size):
     # D prefills locally; before, P kept the blocks until lease_s (120 s).
-    prompt = list(range(10))
-    _, _, params = produce(prompt)
+    c, prompt, params = consumer_with_params(10)
     params = dict(params)
     mutate(params)
-    c = side(consumer=True)
     c.block_size = block_size
     req = FakeRequest("d", prompt, params)
     assert c.get_num_new_matched_tokens(req, 0) == (0, False)
@@ -148,10 +147,10 @@ def test_unusable_params_of_this_prompt_release_the_producer(mutate, block_size)
 def _consumer_with_mutated_params(mutate):
     """A consumer and a request for prompt 0..9 carrying P's params for
     that prompt, changed by ``mutate``."""
-    prompt = list(range(10))
-    params = dict(produce(prompt)[2])
+    c, prompt, params = consumer_with_params(10)
+    params = dict(params)
     mutate(params)
-    return side(consumer=True), FakeRequest("d", prompt, params)
+    return c, FakeRequest("d", prompt, params)
 
 
 @pytest.mark.parametrize("mutate", [
@@ -192,9 +191,7 @@ def test_params_naming_producer_ports_that_cannot_exist_never_reach_a_worker(ove
     # checked here, that raised ConfigError out of start_load_kv (killing the
     # engine) or looped over a billion ranks, for the pull and for the release
     # of a request that finished before allocation alike.
-    prompt = list(range(10))
-    _, _, params = produce(prompt)
-    c = side(consumer=True)
+    c, prompt, params = consumer_with_params(10)
     req = FakeRequest("d", prompt, {**params, **over})
     assert c.get_num_new_matched_tokens(req, 0) == (0, False)
     gone = FakeRequest("d2", prompt, {**params, **over}, RequestStatus.FINISHED_ABORTED)
@@ -204,8 +201,7 @@ def test_params_naming_producer_ports_that_cannot_exist_never_reach_a_worker(ove
 
 
 def test_params_for_another_prompt_are_not_applied():
-    _, _, params = produce(list(range(10)))
-    c = side(consumer=True)
+    c, _, params = consumer_with_params(10)
     req = FakeRequest("d", list(range(1, 11)), dict(params))
     assert c.get_num_new_matched_tokens(req, 0) == (0, False)
 
@@ -216,9 +212,7 @@ def test_params_for_another_prompt_are_not_applied():
     (RequestStatus.FINISHED_LENGTH_CAPPED, False),
 ])
 def test_consumer_aborted_while_loading_cancels_its_pull(status, cancelled):
-    prompt = list(range(10))
-    _, _, params = produce(prompt)
-    c = side(consumer=True)
+    c, prompt, params = consumer_with_params(10)
     req = FakeRequest("d-1", prompt, dict(params))
     assert c.get_num_new_matched_tokens(req, 0) == (10, True)
     c.update_state_after_alloc(req, FakeBlocks([100, 101, 102]), 10)
@@ -237,9 +231,7 @@ def test_parallel_sampling_siblings_share_one_pull():
     """vLLM turns n > 1 into child requests that carry the parent's params
     (one dict in-process, copies across processes): the first pulls, the
     others wait for it, then compute the rest from the prefix cache."""
-    prompt = list(range(10))
-    _, _, params = produce(prompt)
-    c = side(consumer=True)
+    c, prompt, params = consumer_with_params(10)
     a = FakeRequest("0_r", prompt, dict(params), RequestStatus.WAITING)
     b = FakeRequest("1_r", prompt, dict(params), RequestStatus.WAITING)
     assert c.get_num_new_matched_tokens(a, 0) == (10, True)
@@ -263,9 +255,7 @@ def test_parallel_sampling_siblings_share_one_pull():
 
 
 def test_same_transfer_id_with_another_prompt_is_not_a_sibling():
-    prompt = list(range(10))
-    _, _, params = produce(prompt)
-    c = side(consumer=True)
+    c, prompt, params = consumer_with_params(10)
     a = FakeRequest("a", prompt, dict(params), RequestStatus.WAITING)
     c.get_num_new_matched_tokens(a, 0)
     c.update_state_after_alloc(a, FakeBlocks([1, 2, 3]), 10)
