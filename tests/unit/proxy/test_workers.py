@@ -81,6 +81,19 @@ def _log(px: ProxyServer) -> str:
     return Path(px.log).read_text()
 
 
+async def until_both_workers_show(px: ProxyServer, view, want, tries: int = 100) -> dict[int, dict]:
+    """Poll both workers' /status until ``view(status) == want`` on each
+    (instance changes reach the workers asynchronously); assert it did, and
+    return the statuses by pid."""
+    for _ in range(tries):
+        sts = await worker_statuses(px.url, 2)
+        if all(view(st) == want for st in sts.values()):
+            break
+        await asyncio.sleep(0.05)
+    assert [view(st) for st in sts.values()] == [want] * 2
+    return sts
+
+
 async def test_serves_on_every_worker_with_exact_bodies(backend, multi):
     p, d = await backend("p"), await backend("d")
     d.events = sse_events(6, usage=True)
@@ -218,25 +231,15 @@ async def test_admin_change_reaches_every_worker(backend, multi):
     def decodes(st):
         return sorted((i["address"], i["source"]) for i in st["instances"]["decode"])
 
-    want = sorted([(d.address, "static"), (d2.address, "admin")])
-    for _ in range(50):
-        sts = await worker_statuses(px.url, 2)
-        if all(decodes(st) == want for st in sts.values()):
-            break
-        await asyncio.sleep(0.05)
-    assert [decodes(st) for st in sts.values()] == [want, want]
+    await until_both_workers_show(px, decodes, sorted([(d.address, "static"), (d2.address, "admin")]),
+                                  tries=50)
     code, body = await _request("DELETE", px.url + "/admin/instances", headers=AUTH,
                                 json={"role": "decode", "address": d.address})
     assert code == 200 and json.loads(body) == {"removed": True, "inflight_requests": 0}
     code, body = await _request("DELETE", px.url + "/admin/instances", headers=AUTH,
                                 json={"role": "decode", "address": d.address})
     assert code == 404
-    for _ in range(50):
-        sts = await worker_statuses(px.url, 2)
-        if all(decodes(st) == [(d2.address, "admin")] for st in sts.values()):
-            break
-        await asyncio.sleep(0.05)
-    assert [decodes(st) for st in sts.values()] == [[(d2.address, "admin")]] * 2
+    await until_both_workers_show(px, decodes, [(d2.address, "admin")], tries=50)
     for _ in range(6):
         code, _ = await _request("POST", px.url + "/v1/completions", json={"prompt": "x"})
         assert code == 200
@@ -262,12 +265,7 @@ async def test_admin_add_through_a_worker_probes_the_instance_once(backend, mult
     def health(st):
         return [i["health"] for i in st["instances"]["decode"] if i["address"] == d2.address]
 
-    for _ in range(100):
-        sts = await worker_statuses(px.url, 2)
-        if all(health(st) == ["healthy"] for st in sts.values()):
-            break
-        await asyncio.sleep(0.05)
-    assert [health(st) for st in sts.values()] == [["healthy"]] * 2
+    await until_both_workers_show(px, health, ["healthy"])
     await asyncio.sleep(1.0)  # a second, unawaited probe would show by now
     assert d2.health_probes == 2
 
@@ -291,12 +289,8 @@ async def test_announcer_registration_reaches_every_worker(backend, multi, monke
     ann.start()
     stranger.start()
     try:
-        for _ in range(100):
-            sts = await worker_statuses(px.url, 2)
-            if all([i["address"] for i in st["instances"]["decode"]] == [d.address]
-                   for st in sts.values()):
-                break
-            await asyncio.sleep(0.05)
+        sts = await until_both_workers_show(
+            px, lambda st: [i["address"] for i in st["instances"]["decode"]], [d.address])
         for st in sts.values():
             [inst] = st["instances"]["decode"]
             assert inst["source"] == "registered" and inst["meta"]["engine_id"] == "ed"
@@ -315,12 +309,8 @@ async def test_announcer_registration_reaches_every_worker(backend, multi, monke
     finally:
         stranger.stop()
         ann.stop()
-    for _ in range(100):  # the "leaving" message removes it everywhere
-        sts = await worker_statuses(px.url, 2)
-        if all(st["instances"]["decode"] == [] for st in sts.values()):
-            break
-        await asyncio.sleep(0.05)
-    assert [st["instances"]["decode"] for st in sts.values()] == [[], []]
+    # The "leaving" message removes it everywhere.
+    await until_both_workers_show(px, lambda st: st["instances"]["decode"], [])
 
 
 async def test_killed_worker_is_restarted(backend, multi):
@@ -576,12 +566,7 @@ async def test_restarted_worker_probes_members_before_serving(backend, multi):
     def decodes(st):
         return [(i["address"], i["health"]) for i in st["instances"]["decode"]]
 
-    for _ in range(100):
-        sts = await worker_statuses(px.url, 2)
-        if all(decodes(st) == [(d2.address, "healthy")] for st in sts.values()):
-            break
-        await asyncio.sleep(0.05)
-    assert [decodes(st) for st in sts.values()] == [[(d2.address, "healthy")]] * 2
+    sts = await until_both_workers_show(px, decodes, [(d2.address, "healthy")])
     d2.health_delay = 1.0
     probes = d2.health_probes
     victim = next(pid for pid, st in sts.items() if st["worker"]["index"] == 1)
