@@ -19,19 +19,11 @@ from tests.e2e.helpers import log_dir, post, prompt_of, serve, wait_for
 from tests.e2e.test_pd_e2e import completion
 from vllm_ascend_pd.config import GROUP_PORT_OFFSET
 from vllm_ascend_pd.testing.servers import (
-    BASE_ARGS, PortPicker, ProxyServer, VllmServer, kv_config, start_all, stop_all,
+    BASE_ARGS, PortPicker, ProxyServer, VllmServer, ipv6_loopback, kv_config, start_all,
+    stop_all,
 )
 
 pytestmark = pytest.mark.e2e
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 class V6Pair:
@@ -64,7 +56,7 @@ class V6Pair:
 
 @pytest.fixture(scope="module")
 def v6(tiny_model, tmp_path_factory):
-    if not _ipv6_loopback():
+    if not ipv6_loopback():
         pytest.skip("no IPv6 loopback (::1) here")
     yield from serve(V6Pair(tiny_model, log_dir(tmp_path_factory, "e2e-logs")))
 

@@ -12,7 +12,7 @@ from kv_loopback import NB, TID, drive, make_cache, pair, pump_for, tcp_puller  
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.connector.metadata import RecvSpec, ReleaseSpec
 from vllm_ascend_pd.connector.transfers import LeaseTable
-from vllm_ascend_pd.testing.servers import free_port
+from vllm_ascend_pd.testing.servers import free_port, ipv6_loopback
 
 
 def test_pull_copies_exact_blocks_and_frees_lease(pair):
@@ -143,17 +143,12 @@ def test_protocol_rejects_garbage():
 def test_a_pull_over_ipv6_is_exact():
     """kv_ip / remote_host ::1: ZMQ refuses IPv6 endpoints unless ZMQ_IPV6 is
     set, so the KV server could not even bind before."""
-    import socket
-
     from kv_loopback import assert_copied
     from vllm_ascend_pd.connector.kv_server import KVServer
     from vllm_ascend_pd.connector.stats import TransferStats
     from vllm_ascend_pd.transport import TransportOptions, create_transport
 
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
+    if not ipv6_loopback():
         pytest.skip("no IPv6 loopback here")
     src, dst = make_cache(1.0), make_cache(0.0)
     leases = LeaseTable(60)

@@ -70,6 +70,16 @@ class PortPicker:
         return p
 
 
+def ipv6_loopback() -> bool:
+    """Whether this machine can bind ::1 (containers often have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def port_is_free(port: int) -> bool:
     """Free on 127.0.0.1 and, where there is IPv6 loopback, on ::1 (the
     IPv6 tests bind there)."""

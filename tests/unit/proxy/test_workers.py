@@ -20,7 +20,7 @@ import pytest
 from conftest import free_port, sse_events
 from vllm_ascend_pd.announce import Announcement, Announcer
 from vllm_ascend_pd.testing.proxy_status import worker_statuses
-from vllm_ascend_pd.testing.servers import ProxyServer
+from vllm_ascend_pd.testing.servers import ProxyServer, ipv6_loopback
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -396,19 +396,10 @@ def test_port_clash_names_the_flag(tmp_path):
     assert "worker 0 started" not in out.stderr
 
 
-def _loopback6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 # The second address "localhost" resolves to in these tests: ::1 where the
 # machine has an IPv6 loopback, else another IPv4 loopback address (the
 # multi-address path is the same).
-SECOND = "::1" if _loopback6() else "127.0.0.2"
+SECOND = "::1" if ipv6_loopback() else "127.0.0.2"
 # Like a dual-stack /etc/hosts, which this machine may not have: localhost is
 # 127.0.0.1 and SECOND, with 127.0.0.1 listed twice.
 FAKE_RESOLVER = f"""
