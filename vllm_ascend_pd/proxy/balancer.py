@@ -63,9 +63,12 @@ class _LeastOutstanding(Policy):
     def pick(self, candidates: Sequence[Instance], key: bytes = b"") -> Instance:
         if len(candidates) == 1:
             return candidates[0]
-        attr = self.attr
-        best = min(getattr(i, attr) for i in candidates)
-        ties = [i for i in candidates if getattr(i, attr) == best]
+        # Read once: with --workers N the counts are shared and other
+        # workers change them between two reads (a second read could leave
+        # no candidate equal to the minimum).
+        loads = [(getattr(i, self.attr), i) for i in candidates]
+        best = min(load for load, _ in loads)
+        ties = [i for load, i in loads if load == best]
         return ties[0] if len(ties) == 1 else self._rng.choice(ties)
 
 
@@ -104,11 +107,12 @@ class PrefixAffinity(Policy):
         if not key:
             return self._fallback.pick(candidates)
         ranked = sorted(candidates, key=lambda i: _score(key, i.address), reverse=True)
-        total = sum(i.load_requests for i in candidates)
+        load = {id(i): i.load_requests for i in candidates}  # read once, see above
+        total = sum(load.values())
         # The request about to start counts, so an idle cluster never spills.
         bound = math.ceil(self.load_factor * (total + 1) / len(candidates))
         for inst in ranked:
-            if inst.load_requests < bound:
+            if load[id(inst)] < bound:
                 if inst is not ranked[0]:
                     self._on_spill()
                 return inst

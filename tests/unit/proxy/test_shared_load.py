@@ -133,3 +133,32 @@ def test_the_supervisor_gives_members_slots_and_frees_them(load_file):
     again = {(m.role, m.address): m.slot for m in auth.snapshot().members}
     assert again[("prefill", "d:1")] == slots[("prefill", "d:1")]
     assert again[("decode", "d:2")] not in slots.values()  # the freed slot waits
+
+
+class _Racing(SharedLoad):
+    """A worker's view while another worker sends a request to ``slot``
+    right after the first ``reads`` reads (processes interleave anywhere)."""
+
+    def __init__(self, path, workers, row, other: SharedLoad, slot: int, reads: int):
+        super().__init__(path, workers, row)
+        self._other, self._slot, self._reads = other, slot, reads
+
+    def _sum(self, offset):
+        value = super()._sum(offset)
+        self._reads -= 1
+        if self._reads == 0:
+            self._other.add(self._slot, 1, 1)
+        return value
+
+
+@pytest.mark.parametrize("policy", ["least_requests", "least_tokens"])
+def test_a_pick_survives_another_worker_changing_the_counts_meanwhile(load_file, policy):
+    """d:1 is idle, d:2 busy. Worker 1 sends a request to d:1 while worker 0
+    is picking, after it read both loads: the pick read the minimum again
+    and found no candidate equal to it (IndexError on the request path)."""
+    w0, _ = _two_workers(load_file)
+    idle, busy = w0.get("decode", "d:1"), w0.get("decode", "d:2")
+    w0.acquire(busy, 5)
+    racing = _Racing(load_file, 2, 0, SharedLoad(load_file, 2, 1), idle.slot, reads=2)
+    idle.shared = busy.shared = racing
+    assert make_policy(policy, random.Random(1)).pick(w0.candidates("decode")) is idle
