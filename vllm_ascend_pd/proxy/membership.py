@@ -126,8 +126,8 @@ def apply_snapshot(registry: Registry, snap: Snapshot, now: Optional[float] = No
             added.append(inst)
         inst.source = Source(m.source)
         inst.meta = dict(m.meta)
-        if registry.shared_load is not None and inst.shared is None:
-            inst.share_load(registry.shared_load, m.slot)  # else at a later snapshot
+        if registry.shared_load is not None:
+            inst.share_load(registry.shared_load, m.slot)
         # Eviction is the supervisor's job: a worker only shows the age.
         inst.ttl = None
         inst.last_heartbeat = None if m.heartbeat_age is None else now - m.heartbeat_age

@@ -73,13 +73,20 @@ class Instance:
     def load_tokens(self) -> int:
         return self.inflight_tokens if self.shared is None else self.shared.tokens(self.slot)
 
-    def share_load(self, shared: "SharedLoad", slot: int) -> bool:
-        """Count through ``shared`` from now on; only while idle, so every
-        request is added and taken off in the same place."""
-        if self.shared is not None or slot < 0 or self.inflight_requests:
-            return False
-        self.shared, self.slot = shared, slot
-        return True
+    def share_load(self, shared: "SharedLoad", slot: int) -> None:
+        """Count through ``shared`` at ``slot`` from now on (-1: this
+        process alone). The slot can change under a worker that missed a
+        snapshot (the member left and came back): its requests in flight
+        move along, so each release takes its request off where it is
+        counted, busy or not."""
+        new = (shared, slot) if slot >= 0 else (None, -1)
+        if self.shared is new[0] and self.slot == new[1]:
+            return
+        if self.shared is not None:
+            self.shared.add(self.slot, -self.inflight_requests, -self.inflight_tokens)
+        self.shared, self.slot = new
+        if self.shared is not None:
+            self.shared.add(self.slot, self.inflight_requests, self.inflight_tokens)
 
     @property
     def base_url(self) -> str:

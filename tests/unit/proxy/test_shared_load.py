@@ -9,7 +9,8 @@ import random
 import pytest
 
 from vllm_ascend_pd.proxy.balancer import make_policy
-from vllm_ascend_pd.proxy.membership import Authority, Member, Snapshot, apply_snapshot
+from vllm_ascend_pd.proxy.membership import (Authority, ControlRequest, Member, Snapshot,
+                                               apply_snapshot)
 from vllm_ascend_pd.proxy.registry import Registry, Source
 from vllm_ascend_pd.proxy.shared_load import SharedLoad, SlotTable
 
@@ -102,23 +103,56 @@ def test_prefix_affinity_bounds_on_every_workers_load(load_file):
     assert affinity.pick(w1.candidates("decode"), key).address != first.address
 
 
-def test_a_member_shares_its_load_only_from_idle(load_file):
-    """An instance that got its slot while requests were in flight would take
-    them off a counter that never had them: it waits for a later snapshot."""
+def test_a_member_shared_while_busy_carries_its_requests_in_flight(load_file):
+    """An instance that gets its slot while requests are in flight counts
+    them there at once (the release of each takes it off that slot): under
+    constant load it used to wait for an idle moment that never came."""
     reg = Registry(health_checks=False)
     inst, _ = reg.add("decode", "d:1", Source.STATIC)
     reg.acquire(inst, 10)
     reg.shared_load = SharedLoad(load_file, 2, 0)
+    reader = SharedLoad(load_file, 2)
     snap = Snapshot(seq=2, members=[Member("decode", "d:1", "static", slot=3)])
     apply_snapshot(reg, snap)
-    assert inst.shared is None and inst.load_requests == 1
-    reg.release(inst, 10)
-    apply_snapshot(reg, Snapshot(seq=3, members=snap.members))
     assert inst.shared is not None and inst.slot == 3
-    reg.acquire(inst, 10)
-    assert SharedLoad(load_file, 2).requests(3) == 1
+    assert (reader.requests(3), reader.tokens(3)) == (1, 10)
+    reg.acquire(inst, 5)
+    assert (inst.load_requests, inst.load_tokens) == (2, 15)
     reg.release(inst, 10)
-    assert SharedLoad(load_file, 2).requests(3) == 0
+    reg.release(inst, 5)
+    assert (reader.requests(3), reader.tokens(3)) == (0, 0)
+
+
+def test_a_worker_that_missed_a_members_new_slot_follows_it(load_file):
+    """d:1 left and came back (a new slot) while worker 0 missed the snapshot
+    without it (a dropped broadcast, or a newer control reply applied first):
+    worker 0 kept counting in the old slot, so the others never saw its
+    requests (and once the old slot went to another member, they counted
+    as that member's). Its requests in flight move with it."""
+    auth = Authority(Registry(health_checks=False))
+    auth.registry.add("decode", "d:1", Source.STATIC)
+    auth.registry.add("decode", "d:2", Source.STATIC)
+    first = auth.snapshot()
+    w0, w1 = Registry(health_checks=False), Registry(health_checks=False)
+    w0.shared_load, w1.shared_load = SharedLoad(load_file, 2, 0), SharedLoad(load_file, 2, 1)
+    apply_snapshot(w0, first)
+    apply_snapshot(w1, first)
+    mine = w0.get("decode", "d:1")
+    w0.acquire(mine, 7)
+    auth.handle(ControlRequest(req_id=1, op="remove", role="decode", address="d:1"))
+    apply_snapshot(w1, auth.snapshot())
+    last = auth.handle(ControlRequest(req_id=2, op="add", role="decode", address="d:1")).snapshot
+    apply_snapshot(w1, last)
+    apply_snapshot(w0, last)  # worker 0 never saw d:1 leave
+    theirs = w1.get("decode", "d:1")
+    assert mine.slot == theirs.slot
+    assert (theirs.load_requests, theirs.load_tokens) == (1, 7)
+    w0.acquire(mine, 1)
+    assert theirs.load_requests == 2
+    w0.release(mine, 7)
+    w0.release(mine, 1)
+    reader = SharedLoad(load_file, 2)
+    assert all(reader.requests(s) == 0 and reader.tokens(s) == 0 for s in range(8))
 
 
 def test_the_supervisor_gives_members_slots_and_frees_them(load_file):
