@@ -31,6 +31,13 @@ PROTOCOL_VERSION = 7
 # Decoding is bounded before anything is parsed (see MAX_CONTROL_BYTES users).
 MAX_CONTROL_BYTES = 4 * 1024 * 1024
 
+# The longest request id (UTF-8) a producer hands off: the id travels in
+# every pull and release, and the producer drops a connection whose frame
+# exceeds its cap (connector/kv_server.max_inbound_bytes: 64 KiB of room
+# for ids and tokens). vLLM takes ids of any length from X-Request-Id or
+# the body's request_id.
+MAX_REQUEST_ID_BYTES = 8 * 1024
+
 
 class TensorDesc(msgspec.Struct, frozen=True):
     """One cache tensor of one layer, block dimension first."""

@@ -212,3 +212,30 @@ def test_a_hostile_producer_cannot_send_the_consumer_a_huge_frame():
         d.close(0)
         evil.close(0)
         ctx.term()
+
+
+def test_the_longest_request_id_a_producer_hands_off_is_pulled_and_released(pair):  # noqa: F811
+    """The producer's frame cap leaves room for request ids up to
+    MAX_REQUEST_ID_BYTES, with every block of the cache in the pull and a
+    secret's tokens. A longer id (which vLLM accepts from clients) failed
+    the pull as "producer closed the connection" and kept the lease; the
+    scheduler now hands such a request off to nobody (test_scheduler.py)."""
+    from vllm_ascend_pd.auth import Authenticator
+    from vllm_ascend_pd.connector.kv_server import max_inbound_bytes
+    from vllm_ascend_pd.protocol import MAX_REQUEST_ID_BYTES
+
+    src, dst, leases, server, puller, port, stats = pair
+    rid = "é" * (MAX_REQUEST_ID_BYTES // 2)
+    all_blocks = list(range(src.num_blocks))
+    auth = Authenticator("s" * 32)
+    token = auth.sign("pull", TID, rid, all_blocks, "e" * 36, 0, 1, None, "h" * 32)
+    for msg in (
+        wire.PullRequest(TID, rid, all_blocks, "e" * 36, 0, token, prompt_hash="h" * 32),
+        wire.Release(TID, rid, token, "h" * 32),
+    ):
+        assert len(wire.encode(msg)) <= max_inbound_bytes(src.describe(), src.num_blocks)
+    leases.register(rid, TID, [3, 4])
+    puller.submit(RecvSpec("d", "127.0.0.1", port, TID, rid, [3, 4], [20, 21], 64))
+    assert drive(server, puller) == ({"d"}, set())
+    assert_copied(src, dst, [3, 4], [20, 21])
+    assert leases.pending() == 0

@@ -263,3 +263,26 @@ def test_same_transfer_id_with_another_prompt_is_not_a_sibling():
     # Params copied onto another prompt: refused by the prompt check, prefilled locally.
     other = FakeRequest("x", list(range(50, 60)), dict(params), RequestStatus.WAITING)
     assert c.get_num_new_matched_tokens(other, 0) == (0, False)
+
+
+def test_a_request_id_too_long_for_the_producers_kv_port_is_not_handed_off():
+    """vLLM takes request ids of any length (X-Request-Id, the body's
+    request_id). Every pull and release carries it, and P's KV port drops a
+    connection whose frame exceeds its cap: D's pull failed as "producer
+    closed the connection" and the lease held P's blocks until lease_s.
+    Such a request is not handed off (D prefills it); the longest id that
+    is still fits (test_kv_server_fuzz.py)."""
+    from vllm_ascend_pd.protocol import MAX_REQUEST_ID_BYTES
+
+    p = side(producer=True)
+    prompt = list(range(10))
+    longest = "é" * (MAX_REQUEST_ID_BYTES // 2)  # two bytes each in UTF-8
+    req = FakeRequest(longest, prompt, {"do_remote_decode": True},
+                      RequestStatus.FINISHED_LENGTH_CAPPED, len(prompt))
+    delay, params = p.request_finished(req, [7, 8, 9])
+    assert delay is True and parse_producer_params(params).remote_request_id == longest
+    assert len(p.build_connector_meta().sends) == 1
+    req = FakeRequest(longest + "x", prompt, {"do_remote_decode": True},
+                      RequestStatus.FINISHED_LENGTH_CAPPED, len(prompt))
+    assert p.request_finished(req, [7, 8, 9]) == (False, None)
+    assert p.build_connector_meta().sends == []

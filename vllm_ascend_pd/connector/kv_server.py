@@ -45,9 +45,11 @@ _AUTH_LOG_EVERY_S = 10.0
 def max_inbound_bytes(layout: LayoutDesc, num_blocks: int) -> int:
     """The largest message a consumer has cause to send this rank: a Hello
     with a layout like ours, or a pull naming every block of the cache (9
-    bytes per id at most in msgpack), plus room for ids and tokens. A
-    larger frame never reaches the decoder, so a flood of maximal ones
-    costs neither decode time nor memory."""
+    bytes per id at most in msgpack), plus room for ids and tokens (a
+    producer hands off no request whose id exceeds
+    ``wire.MAX_REQUEST_ID_BYTES``). A larger frame never reaches the
+    decoder, so a flood of maximal ones costs neither decode time nor
+    memory."""
     return 64 * 1024 + 2 * len(wire.encode(layout)) + 9 * num_blocks
 
 

@@ -283,6 +283,18 @@ class SchedulerSide:
         n_blocks = -(-num_tokens // self.block_size)
         if num_tokens <= 0 or len(block_ids) < n_blocks:
             return False, None
+        id_bytes = len(request.request_id.encode("utf-8", "surrogatepass"))
+        if id_bytes > wire.MAX_REQUEST_ID_BYTES:
+            # Its pulls and releases would exceed the frame cap of P's KV
+            # port, which drops the connection: D would recompute anyway,
+            # after a misleading "producer closed the connection".
+            logger.warning(
+                "AscendSimpleConnector: request %.64s... has an id of %d bytes, more than "
+                "%d: its KV is not handed off, so the decode instance prefills it; "
+                "send shorter request ids (X-Request-Id or the body's request_id)",
+                request.request_id, id_bytes, wire.MAX_REQUEST_ID_BYTES,
+            )
+            return False, None
         block_ids = list(block_ids[:n_blocks])
         transfer_id = secrets.token_urlsafe(24)
         bound_to = prompt_hash(request.prompt_token_ids or [])
