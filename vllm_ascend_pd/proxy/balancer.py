@@ -57,29 +57,36 @@ class RoundRobin(Policy):
         return inst
 
 
+def loads(candidates: Sequence[Instance], tokens: bool = False) -> list[int]:
+    """Each candidate's outstanding requests (or prompt tokens), read once:
+    with --workers N other workers change them meanwhile (a second read
+    could leave no candidate equal to the minimum). Summed over the workers
+    when every candidate has a shared slot, else this worker's own for all,
+    so a pick never compares one kind with the other."""
+    if all(i.shared is not None for i in candidates):
+        return [i.load_tokens if tokens else i.load_requests for i in candidates]
+    return [i.inflight_tokens if tokens else i.inflight_requests for i in candidates]
+
+
 class _LeastOutstanding(Policy):
-    attr = ""
+    tokens = False
 
     def pick(self, candidates: Sequence[Instance], key: bytes = b"") -> Instance:
         if len(candidates) == 1:
             return candidates[0]
-        # Read once: with --workers N the counts are shared and other
-        # workers change them between two reads (a second read could leave
-        # no candidate equal to the minimum).
-        loads = [(getattr(i, self.attr), i) for i in candidates]
-        best = min(load for load, _ in loads)
-        ties = [i for load, i in loads if load == best]
+        counts = loads(candidates, self.tokens)
+        best = min(counts)
+        ties = [i for load, i in zip(counts, candidates) if load == best]
         return ties[0] if len(ties) == 1 else self._rng.choice(ties)
 
 
 class LeastRequests(_LeastOutstanding):
     name = "least_requests"
-    attr = "load_requests"
 
 
 class LeastTokens(_LeastOutstanding):
     name = "least_tokens"
-    attr = "load_tokens"
+    tokens = True
 
 
 class PrefixAffinity(Policy):
@@ -107,7 +114,7 @@ class PrefixAffinity(Policy):
         if not key:
             return self._fallback.pick(candidates)
         ranked = sorted(candidates, key=lambda i: _score(key, i.address), reverse=True)
-        load = {id(i): i.load_requests for i in candidates}  # read once, see above
+        load = {id(i): n for i, n in zip(candidates, loads(candidates))}
         total = sum(load.values())
         # The request about to start counts, so an idle cluster never spills.
         bound = math.ceil(self.load_factor * (total + 1) / len(candidates))

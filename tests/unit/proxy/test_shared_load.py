@@ -196,3 +196,20 @@ def test_a_pick_survives_another_worker_changing_the_counts_meanwhile(load_file,
     racing = _Racing(load_file, 2, 0, SharedLoad(load_file, 2, 1), idle.slot, reads=2)
     idle.shared = busy.shared = racing
     assert make_policy(policy, random.Random(1)).pick(w0.candidates("decode")) is idle
+
+
+def test_a_pick_never_compares_shared_with_local_counts(load_file):
+    """Past SLOTS members some have no slot: comparing their worker-local
+    count with others' sum over workers would favour them. Then a pick uses
+    this worker's own counts for every candidate."""
+    w0, w1 = _two_workers(load_file)
+    shared = w1.get("decode", "d:1")
+    lone, _ = w1.add("decode", "d:3", Source.STATIC)  # no slot: the table was full
+    assert lone.shared is None
+    for _ in range(3):
+        w0.acquire(w0.get("decode", "d:1"), 1)  # worker 0's load on d:1
+    w1.acquire(lone, 1)  # worker 1's own: one on d:3
+    cands = [shared, lone]
+    pick = make_policy("least_requests", random.Random(1))
+    # Worker 1 alone sees d:1 idle and d:3 busy (summed, d:1 would look busier).
+    assert {pick.pick(cands).address for _ in range(20)} == {"d:1"}
