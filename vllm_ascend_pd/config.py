@@ -38,7 +38,8 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "block pulls. `auto`: llmdatadist or hccl on NPUs, tcp elsewhere.")] = "auto"
     kv_ip: Annotated[str, _doc(
         "Address this instance advertises for KV pulls (producer) and binds to "
-        "unless `kv_bind_host` is set; IPv4 or IPv6 (e.g. `::1`, no brackets). "
+        "unless `kv_bind_host` is set; IPv4 or IPv6 (e.g. `::1`, no brackets; a "
+        "hostname must resolve to IPv4: give IPv6 as an address). "
         "Registration with a proxy announces it as this instance's HTTP host too. "
         "Default: the host's primary IP.")] = ""
     kv_bind_host: Annotated[str, _doc(
@@ -85,7 +86,8 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "The proxy reads the same variable (`--kv-secret-env`) to release abandoned "
         "transfers and to check the instances' signed registrations.")] = ""
     proxy_ip: Annotated[str, _doc(
-        "Register with a p2p_disagg_proxy at this address (dynamic xPyD).")] = ""
+        "Register with a p2p_disagg_proxy at this address (dynamic xPyD); a "
+        "hostname must resolve to IPv4: give IPv6 as an address.")] = ""
     proxy_port: Annotated[int, _doc(
         "The proxy's `--register-port`.", ge=0, lt=65536)] = 0
     http_port: Annotated[int, _doc(
