@@ -158,6 +158,30 @@ def test_unnamed_connections_are_bounded(pair, monkeypatch):
         _service_for(server, 0.2)
         listener = _listener(server)
         assert len(listener._pending) == 4 and listener.refused == 6  # noqa: SLF001
+        # The oldest were closed, the newest kept.
+        for s in socks[:6]:
+            s.settimeout(2)
+            assert s.recv(1) == b""
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_silent_connections_do_not_shut_out_a_consumer(pair):
+    """64 connections that never say who they are filled every unnamed
+    place, and the producer refused each new connection: the next consumer's
+    data stream was closed and its pull failed (peer_lost; D recomputed),
+    with or without a secret, for as long as they stayed. Now the oldest
+    unnamed connection makes room, and the pull is exact."""
+    src, dst, _, server, *_ = pair
+    socks = [_connect(server.transport.data_port) for _ in range(stream.MAX_PENDING)]
+    try:
+        _service_for(server, 0.2)
+        assert len(_listener(server)._pending) == stream.MAX_PENDING  # noqa: SLF001
+        blocks, local = [5, 6], [7, 8]
+        assert _pull(pair, blocks, local) == ({"req-d"}, set())
+        for s, d in zip(src.tensors, dst.tensors):
+            assert torch.equal(d[local], s[blocks])
     finally:
         for s in socks:
             s.close()

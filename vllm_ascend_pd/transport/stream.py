@@ -39,7 +39,7 @@ _LEN = struct.Struct("!I")
 MAX_PREAMBLE = 1024
 # Buffers per sendmsg/recvmsg_into call (Linux IOV_MAX is 1024).
 IOV_BATCH = 128
-# Unnamed connections the producer holds before it refuses more.
+# Unnamed connections the producer holds; past this the oldest is closed.
 MAX_PENDING = 64
 PREAMBLE_TIMEOUT_S = 5.0
 # Named connections a producer keeps; the least recently used is closed first.
@@ -300,8 +300,11 @@ class DataListener:
         self._reaped_at = time.monotonic()
 
     def poll(self) -> None:
-        """Accept and name waiting connections; never raises for a peer's fault."""
+        """Accept and name waiting connections; never raises for a peer's
+        fault. Those already waiting are named first, so a burst of new
+        connections cannot push out one whose preamble has arrived."""
         now = time.monotonic()
+        self._name_pending(now)
         while True:
             try:
                 sock, _ = self._sock.accept()
@@ -311,10 +314,21 @@ class DataListener:
                 logger.warning("tcp KV data: accept failed: %s", e)
                 break
             if len(self._pending) >= MAX_PENDING:
-                self._refuse(sock, "overflow", f"more than {MAX_PENDING} unnamed connections")
-                continue
+                # The oldest, not the newest: a consumer says who it is as
+                # soon as it connects, so one that has not after all the
+                # connections since is the likelier squatter, and refusing
+                # newcomers let 64 silent connections shut out every new
+                # consumer, with or without a secret.
+                self._refuse(self._pending.pop(0).sock, "overflow",
+                             f"more than {MAX_PENDING} unnamed connections")
             _tune(sock)
             self._pending.append(_Pending(sock, now + PREAMBLE_TIMEOUT_S))
+        self._name_pending(now)
+        if now - self._reaped_at >= REAP_EVERY_S:
+            self._reaped_at = now
+            self._reap()
+
+    def _name_pending(self, now: float) -> None:
         keep = []
         for p in self._pending:
             try:
@@ -337,9 +351,6 @@ class DataListener:
             else:
                 self._refuse(p.sock, "malformed", f"unexpected {type(msg).__name__}")
         self._pending = keep
-        if now - self._reaped_at >= REAP_EVERY_S:
-            self._reaped_at = now
-            self._reap()
 
     def _reap(self) -> None:
         # A consumer never writes after its preamble: EOF means it is gone,
