@@ -1,9 +1,12 @@
 """Prefix-affinity benchmark: ``--policy round_robin`` against ``--policy
-prefix_affinity`` on real vLLM (CPU), 2 producers + 2 consumers, in one run.
+prefix_affinity`` on real vLLM (CPU), 2 producers + 2 consumers by default
+(``--producers``, ``--consumers``), in one run.
 
-Starts P1, P2 (kv_producer) and D1, D2 (kv_consumer, AscendSimpleConnector
-over tcp) once, in parallel, and two proxies over the same four instances,
-one per policy. The workload is F prompt families: each family shares a
+Starts P1..Pn (kv_producer) and D1..Dm (kv_consumer, AscendSimpleConnector
+over tcp) once, in parallel, and two proxies over the same instances, one per
+policy. ``--producer-kv-blocks`` / ``--consumer-kv-blocks`` shrink the
+instances' KV caches (vLLM's ``--num-gpu-blocks-override``; without them each
+holds 1 GiB, every family at once) so that a cache holds only a few families. The workload is F prompt families: each family shares a
 prefix of random token ids, each request adds a suffix of its own; the
 families' requests arrive shuffled together and are sent streaming, greedy,
 a few at a time. Every round sends the whole workload through one proxy and
@@ -13,11 +16,15 @@ serves one policy's requests from blocks the other policy's requests left,
 nor a round from an earlier round's. Samples are pooled per policy. Measured
 per policy: TTFT and end-to-end latency; the prefix-cache hit rate of the
 producers and of the consumers and the KV bytes the consumers pulled (deltas
-of the instances' ``/metrics``); how the requests split across P and D; and
-whether every answer is token for token the same under both policies.
+of the instances' ``/metrics``); how the requests split across P and D; how
+often the affinity proxy's load bound passed over a prefix's own instance
+(``vllm_pd_proxy_affinity_spills_total``, per leg); and whether every answer
+is token for token the same under both policies.
 
     flock /tmp/vllm-heavy.lock python benchmarks/proxy/bench_affinity.py          # writes docs/proxy-affinity-benchmark.md
     flock /tmp/vllm-heavy.lock python benchmarks/proxy/bench_affinity.py --quick  # smoke run, no files
+    flock /tmp/vllm-heavy.lock python benchmarks/proxy/bench_affinity.py --producers 4 --consumers 2 \
+        --concurrency 6 --producer-kv-blocks 256 --out docs/proxy-affinity-benchmark-4p.md
 
 About 4 minutes with the defaults, one of them starting vLLM (on a busy machine more).
 """
@@ -34,13 +41,13 @@ import statistics
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from benchmarks.e2e.cluster import (  # noqa: E402
-    MODEL_SHAPE, Sample, make_server, model_dir, pct, random_prompt, stream_one,
+    MAX_MODEL_LEN, MODEL_SHAPE, Sample, make_server, model_dir, pct, random_prompt, stream_one,
 )
 from vllm_ascend_pd.testing.servers import (  # noqa: E402
     PortPicker, ProxyServer, kv_config, start_all, stop_all,
@@ -61,7 +68,23 @@ WATCH = {
     "loaded_tokens": ("vllm:ascend_pd_loaded_tokens_total", {}),
     "failed": ("vllm:ascend_pd_failed_transfers_total", {}),
 }
-PRODUCERS, CONSUMERS = ("P1", "P2"), ("D1", "D2")
+PRODUCERS, CONSUMERS = ("P1", "P2"), ("D1", "D2")  # the default deployment
+SPILLS = "vllm_pd_proxy_affinity_spills_total"  # the proxy's counter, label leg
+LEGS = ("prefill", "decode")
+# KV bytes per token: K and V, per layer, per KV head, head_dim float32 values.
+KV_TOKEN_BYTES = (2 * MODEL_SHAPE["num_layers"] * MODEL_SHAPE["kv_heads"]
+                  * MODEL_SHAPE["hidden"] // MODEL_SHAPE["heads"] * 4)
+DEFAULT_KV_BYTES = 1 << 30  # VLLM_CPU_KVCACHE_SPACE=1, as servers.py sets it
+
+
+def instance_names(producers: int, consumers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return (tuple(f"P{i + 1}" for i in range(producers)),
+            tuple(f"D{i + 1}" for i in range(consumers)))
+
+
+def roles_of(delta: dict) -> tuple[list[str], list[str]]:
+    """Producer and consumer names of a phase's counters, in start order."""
+    return [n for n in delta if n.startswith("P")], [n for n in delta if n.startswith("D")]
 
 
 # ---------------------------------------------------------------- workload
@@ -80,6 +103,18 @@ class Workload:
         per_family = len(self.requests) // len(self.families)
         blocks = len(self.families[0]) // BLOCK * BLOCK
         return len(self.families) * (per_family - 1) * blocks / self.prompt_tokens
+
+    def rotation_ceiling(self, instances: int) -> float:
+        """The same share for round robin over ``instances`` whose caches
+        never evict: request i lands on instance i mod n (the closed loop
+        sends them in order; where the rotation starts does not matter), so
+        a family misses once on each instance it reaches."""
+        blocks = len(self.families[0]) // BLOCK * BLOCK
+        reached: dict[int, set[int]] = {}
+        for i, (fam, _) in enumerate(self.requests):
+            reached.setdefault(fam, set()).add(i % instances)
+        hits = sum(len(self.requests) // len(self.families) - len(r) for r in reached.values())
+        return hits * blocks / self.prompt_tokens
 
     def key_room(self) -> int:
         """Bytes of the shortest shared prefix as the client sends it (raw
@@ -133,6 +168,19 @@ def delta(after: dict, before: dict) -> dict[str, dict[str, float]]:
     return {n: {k: after[n][k] - before[n][k] for k in WATCH} for n in after}
 
 
+def scrape_spills(url: str) -> dict[str, float]:
+    """The proxy's affinity spills by leg (0 for any other policy)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    out = dict.fromkeys(LEGS, 0.0)
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == SPILLS and s.labels.get("leg") in out:
+                out[s.labels["leg"]] += s.value
+    return out
+
+
 # ---------------------------------------------------------------- driving
 async def drive(url: str, wl: Workload, concurrency: int, max_tokens: int,
                 salt: str) -> list[Sample]:
@@ -161,6 +209,7 @@ class Phase:
     samples: list[Sample]
     delta: dict[str, dict[str, float]]
     wall: float
+    spills: dict[str, float] = field(default_factory=dict)  # this proxy's, by leg
 
 
 def salt_check(server, rnd: random.Random, tokens: int) -> dict[str, float]:
@@ -191,13 +240,24 @@ def run(args) -> dict:
     if args.affinity_bytes > wl.key_room():
         raise SystemExit(f"--affinity-prefix-bytes {args.affinity_bytes} exceeds the shared "
                          f"prefix's {wl.key_room()} JSON bytes: lower it or raise --shared-tokens")
+    producers, consumers = instance_names(args.producers, args.consumers)
     picker = PortPicker()
-    kv = picker.kv(span=32)  # four ranges 8 apart; data ports at +64.. stay outside
-    roles = {"P1": "kv_producer", "D1": "kv_consumer", "P2": "kv_producer", "D2": "kv_consumer"}
-    servers = {name: make_server(name, model, ["--kv-transfer-config", kv_config(role, kv + 8 * i)], logs)
-               for i, (name, role) in enumerate(roles.items())}
-    legs = ["--prefill", *(f"127.0.0.1:{servers[n].port}" for n in PRODUCERS),
-            "--decode", *(f"127.0.0.1:{servers[n].port}" for n in CONSUMERS)]
+    # One range 8 apart per instance (at most 8); data ports at +64.. stay outside.
+    kv = picker.kv(span=8 * (len(producers) + len(consumers)))
+    # Start order P1, D1, P2, D2, ... (the kv ranges of the original 2P2D run).
+    order = [n for pair in zip(producers, consumers) for n in pair]
+    order += [n for n in (*producers, *consumers) if n not in order]
+    blocks = {"P": args.producer_kv_blocks, "D": args.consumer_kv_blocks}
+    servers = {}
+    for i, name in enumerate(order):
+        role = "kv_producer" if name[0] == "P" else "kv_consumer"
+        extra = ["--kv-transfer-config", kv_config(role, kv + 8 * i)]
+        if blocks[name[0]]:
+            extra += ["--num-gpu-blocks-override", str(blocks[name[0]])]
+        servers[name] = make_server(name, model, extra, logs)
+    servers = {n: servers[n] for n in (*producers, *consumers)}  # report order
+    legs = ["--prefill", *(f"127.0.0.1:{servers[n].port}" for n in producers),
+            "--decode", *(f"127.0.0.1:{servers[n].port}" for n in consumers)]
     proxies = {
         "round_robin": ProxyServer(picker.http(), logs / "rr-proxy.log", "--policy", "round_robin", *legs),
         "prefix_affinity": ProxyServer(picker.http(), logs / "affinity-proxy.log", "--policy",
@@ -211,8 +271,10 @@ def run(args) -> dict:
         for proxy in proxies.values():
             proxy.start(healthy=True)
         started = time.monotonic() - t0
-        print(f"4 instances and 2 proxies ready after {started:.0f}s; logs in {logs}", flush=True)
-        warm = make_workload(args.seed + 7, 2, 2, args.shared_tokens, tuple(args.suffix_tokens))
+        print(f"{len(servers)} instances and 2 proxies ready after {started:.0f}s; logs in {logs}",
+              flush=True)
+        warm = make_workload(args.seed + 7, 2, max(len(producers), len(consumers)),
+                             args.shared_tokens, tuple(args.suffix_tokens))
         for name, proxy in proxies.items():  # round robin: two requests on every P and D
             asyncio.run(drive(proxy.url, warm, 1, args.max_tokens, f"warm-{name}"))
         check = salt_check(servers["P1"], random.Random(args.seed + 11), 4 * BLOCK + 5)
@@ -223,11 +285,15 @@ def run(args) -> dict:
             order = POLICIES if r % 2 == 0 else POLICIES[::-1]
             for k, policy in enumerate(order):
                 before = settled(servers)
+                spilled = scrape_spills(proxies[policy].url)
                 t = time.perf_counter()
                 samples = asyncio.run(drive(proxies[policy].url, wl, args.concurrency,
                                             args.max_tokens, f"{tag}-r{r}-{policy}"))
                 wall = time.perf_counter() - t
-                phases.append(Phase(policy, r, k == 0, samples, delta(settled(servers), before), wall))
+                now = scrape_spills(proxies[policy].url)
+                spills = {leg: now[leg] - spilled[leg] for leg in LEGS}
+                phases.append(Phase(policy, r, k == 0, samples, delta(settled(servers), before),
+                                    wall, spills))
                 print(json.dumps(phase_row(phases[-1])), flush=True)
     finally:
         for proxy in proxies.values():
@@ -256,21 +322,24 @@ def summarize(phases: list[Phase]) -> dict:
     def total(names, key):
         return sum(p.delta[n][key] for p in phases for n in names)
 
+    producers, consumers = roles_of(phases[0].delta)
+
     return {
         "requests": len(samples), "errors": len(samples) - len(ok),
         "first_error": next((s.error for s in samples if s.error), ""),
         "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
         "ttft_mean_ms": statistics.fmean(ttft) if ttft else float("nan"),
         "e2e_p50_ms": pct(e2e, 50), "e2e_p99_ms": pct(e2e, 99),
-        "p_hit_rate": _rate(total(PRODUCERS, "hits"), total(PRODUCERS, "queries")),
-        "p_computed_tokens": total(PRODUCERS, "queries") - total(PRODUCERS, "hits"),
-        "d_hit_rate": _rate(total(CONSUMERS, "hits"), total(CONSUMERS, "queries")),
-        "pulled_mb": total(CONSUMERS, "recv_bytes") / 1e6,
-        "pulled_blocks": total(CONSUMERS, "recv_blocks"),
-        "loaded_tokens": total(CONSUMERS, "loaded_tokens"),
-        "failed_pulls": total(CONSUMERS, "failed"),
-        "split_p": {n: total([n], "requests") for n in PRODUCERS},
-        "split_d": {n: total([n], "requests") for n in CONSUMERS},
+        "p_hit_rate": _rate(total(producers, "hits"), total(producers, "queries")),
+        "p_computed_tokens": total(producers, "queries") - total(producers, "hits"),
+        "d_hit_rate": _rate(total(consumers, "hits"), total(consumers, "queries")),
+        "pulled_mb": total(consumers, "recv_bytes") / 1e6,
+        "pulled_blocks": total(consumers, "recv_blocks"),
+        "loaded_tokens": total(consumers, "loaded_tokens"),
+        "failed_pulls": total(consumers, "failed"),
+        "split_p": {n: total([n], "requests") for n in producers},
+        "split_d": {n: total([n], "requests") for n in consumers},
+        "spills": {leg: sum(p.spills.get(leg, 0.0) for p in phases) for leg in LEGS},
     }
 
 
@@ -310,6 +379,28 @@ def _split(d: dict[str, float]) -> str:
     return " / ".join(f"{v:.0f}" for v in d.values())
 
 
+_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight")
+
+
+def _count(n: int, what: str, names) -> str:
+    """Words like 'two producers P1, P2'."""
+    word = _WORDS[n] if n < len(_WORDS) else str(n)
+    return f"{word} {what}{'s' if n != 1 else ''} {', '.join(names)}"
+
+
+def cache_text(blocks: int | None, who: str, shared_tokens: int) -> str:
+    """One role's KV cache size, in blocks, tokens and the families it holds."""
+    per_block = BLOCK * KV_TOKEN_BYTES
+    family = max(1, shared_tokens // BLOCK)  # a family's full shared blocks
+    if blocks:
+        how = f"{blocks} blocks (`--num-gpu-blocks-override {blocks}`)"
+    else:
+        blocks = DEFAULT_KV_BYTES // per_block
+        how = f"{DEFAULT_KV_BYTES >> 30} GiB (`VLLM_CPU_KVCACHE_SPACE`), {blocks} blocks"
+    return (f"{who}: {how}, {blocks * BLOCK} tokens, the shared prefixes of "
+            f"{blocks / family:.1f} families with nothing in flight")
+
+
 def markdown(res: dict, args) -> str:
     wl, phases = res["workload"], res["phases"]
     pooled = {pol: summarize([p for p in phases if p.policy == pol]) for pol in POLICIES}
@@ -318,6 +409,15 @@ def markdown(res: dict, args) -> str:
     compared, differ, short = mismatches(phases, args.max_tokens)
     check = res["salt_check"]
     suffix = "–".join(map(str, args.suffix_tokens))
+    producers, consumers = roles_of(phases[0].delta)
+    n_inst = _WORDS[len(producers) + len(consumers)] if len(producers) + len(consumers) < len(
+        _WORDS) else str(len(producers) + len(consumers))
+    slash_p, slash_d = " / ".join(producers), " / ".join(consumers)
+    p_blocks = getattr(args, "producer_kv_blocks", None)
+    d_blocks = getattr(args, "consumer_kv_blocks", None)
+    cache = (f"KV cache per instance, {cache_text(p_blocks, 'producers', len(wl.families[0]))}; "
+             f"{cache_text(d_blocks, 'consumers', len(wl.families[0]))}.")
+    warm = 2 * max(len(producers), len(consumers))
     lines = [
         "# Prefix-affinity benchmark",
         "",
@@ -329,9 +429,11 @@ def markdown(res: dict, args) -> str:
         "",
         "## Method",
         "",
-        f"Real vLLM on the CPU: two producers P1, P2 and two consumers D1, D2 "
+        f"Real vLLM on the CPU: {_count(len(producers), 'producer', producers)} and "
+        f"{_count(len(consumers), 'consumer', consumers)} "
         f"(AscendSimpleConnector, tcp transport, `--enforce-eager`, block size {BLOCK}), model "
-        f"{MODEL_SHAPE} (float32), all started once. Two proxies over the same four instances: "
+        f"{MODEL_SHAPE} (float32), all started once. {cache} Two proxies over the same "
+        f"{n_inst} instances: "
         f"`--policy round_robin` and `--policy prefix_affinity --affinity-prefix-bytes "
         f"{args.affinity_bytes} --affinity-load-factor {args.load_factor:g}`. The key covers the "
         f"first {args.affinity_bytes} bytes of the prompt's JSON, inside every family's shared "
@@ -348,23 +450,30 @@ def markdown(res: dict, args) -> str:
         "cached: every pass starts with cold prefix caches for its prompts. Check before the "
         f"rounds, one prompt sent to P1 three times: hit tokens {check['first']:.0f} (first), "
         f"{check['other_salt']:.0f} (another salt), {check['same_salt']:.0f} (the first salt "
-        "again). Warm-up (two requests per proxy) is not counted.",
+        f"again). Warm-up ({warm} requests per proxy) is not counted.",
         "",
         "Hit rates are deltas of `vllm:prefix_cache_hits_total` over "
-        "`vllm:prefix_cache_queries_total` summed over both producers (P) or both consumers "
+        "`vllm:prefix_cache_queries_total` summed over all producers (P) or all consumers "
         "(D). *P computed*: prompt tokens the producers prefilled (queries − hits). *Pulled*: "
         "`vllm:ascend_pd_bytes_transferred_total{direction=\"recv\"}` and "
         "`vllm:ascend_pd_loaded_tokens_total` on the consumers: what the connector moved, after "
         "subtracting what D's own prefix cache held. *Split*: `vllm:request_success_total` per "
-        f"instance. If every request but each family's first hit its family's full shared "
-        f"blocks, the hit rate would be {100 * wl.shared_ceiling():.1f}%.",
+        "instance. *Spills*: `vllm_pd_proxy_affinity_spills_total` of the affinity proxy, "
+        "prefill / decode leg: picks that passed over the prefix's own instance because it held "
+        f"more than {args.load_factor:g}× its share of the outstanding requests. If every request "
+        "but each family's first hit its family's full shared "
+        f"blocks, the hit rate would be {100 * wl.shared_ceiling():.1f}%. Round robin over caches "
+        "that never evict would reach "
+        f"{100 * wl.rotation_ceiling(len(producers)):.1f}% on P and "
+        f"{100 * wl.rotation_ceiling(len(consumers)):.1f}% on D (each family missing once on "
+        "each instance the rotation sends it to, counted from the arrival order).",
         "",
         "## Results",
         "",
         "| policy | requests | errors | TTFT p50 ms | TTFT p99 ms | TTFT mean ms | e2e p50 ms | "
         "e2e p99 ms | P hit rate | P computed tokens | D hit rate | pulled MB | pulled tokens | "
-        "requests P1 / P2 | requests D1 / D2 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"requests {slash_p} | requests {slash_d} | spills P / D |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pol in POLICIES:
         s = pooled[pol]
@@ -373,11 +482,11 @@ def markdown(res: dict, args) -> str:
             f"{s['ttft_p99_ms']:.0f} | {s['ttft_mean_ms']:.0f} | {s['e2e_p50_ms']:.0f} | "
             f"{s['e2e_p99_ms']:.0f} | {100 * s['p_hit_rate']:.1f}% | {s['p_computed_tokens']:.0f} | "
             f"{100 * s['d_hit_rate']:.1f}% | {s['pulled_mb']:.1f} | {s['loaded_tokens']:.0f} | "
-            f"{_split(s['split_p'])} | {_split(s['split_d'])} |")
+            f"{_split(s['split_p'])} | {_split(s['split_d'])} | {_split(s['spills'])} |")
     lines.append(
         f"| **affinity / round_robin** | | | **{q['ttft_p50_ms']:.2f}** | {q['ttft_p99_ms']:.2f} | "
         f"**{q['ttft_mean_ms']:.2f}** | {q['e2e_p50_ms']:.2f} | {q['e2e_p99_ms']:.2f} | | "
-        f"{q['p_computed_tokens']:.2f} | | **{q['pulled_mb']:.2f}** | | | |")
+        f"{q['p_computed_tokens']:.2f} | | **{q['pulled_mb']:.2f}** | | | | |")
     errs = [f"{pol}: {pooled[pol]['first_error']}" for pol in POLICIES if pooled[pol]["errors"]]
     fails = sum(pooled[pol]["failed_pulls"] for pol in POLICIES)
     lines += [
@@ -392,8 +501,8 @@ def markdown(res: dict, args) -> str:
         "The spread between rounds is the machine's noise (two cores shared with other work).",
         "",
         "| round | policy | ran | wall s | TTFT p50 ms | TTFT mean ms | P hit rate | D hit rate | "
-        "pulled MB | requests P1 / P2 | requests D1 / D2 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"pulled MB | requests {slash_p} | requests {slash_d} | spills P / D |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in phases:
         s = summarize([p])
@@ -401,7 +510,7 @@ def markdown(res: dict, args) -> str:
             f"| {p.round + 1} | {p.policy} | {'first' if p.first else 'second'} | {p.wall:.1f} | "
             f"{s['ttft_p50_ms']:.0f} | {s['ttft_mean_ms']:.0f} | {100 * s['p_hit_rate']:.1f}% | "
             f"{100 * s['d_hit_rate']:.1f}% | {s['pulled_mb']:.1f} | {_split(s['split_p'])} | "
-            f"{_split(s['split_d'])} |")
+            f"{_split(s['split_d'])} | {_split(s['spills'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -460,6 +569,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="the affinity proxy's --affinity-prefix-bytes")
     ap.add_argument("--load-factor", type=float, default=1.25,
                     help="the affinity proxy's --affinity-load-factor")
+    ap.add_argument("--producers", type=int, default=2, help="kv_producer instances P1..Pn")
+    ap.add_argument("--consumers", type=int, default=2, help="kv_consumer instances D1..Dm")
+    ap.add_argument("--producer-kv-blocks", type=int, default=None, metavar="N",
+                    help=f"each producer's KV cache in {BLOCK}-token blocks (vLLM's "
+                         "--num-gpu-blocks-override); default 1 GiB, every family at once")
+    ap.add_argument("--consumer-kv-blocks", type=int, default=None, metavar="N",
+                    help="the same for each consumer")
     ap.add_argument("--seed", type=int, default=20)
     ap.add_argument("--work", default="/tmp/vllm-ascend-pd-bench")
     ap.add_argument("--quick", action="store_true", help="small smoke run, writes no files")
@@ -469,6 +585,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.families, args.per_family, args.shared_tokens, args.affinity_bytes = 4, 3, 512, 1024
         args.rounds = 2
+    if not (args.producers >= 1 and args.consumers >= 1 and args.producers + args.consumers <= 8):
+        ap.error("--producers and --consumers must be >= 1 and add up to at most 8 (each "
+                 "instance takes 8 kv ports below the first one's data ports at +64)")
+    # vLLM refuses a cache that cannot hold one request, plus the null block it keeps.
+    least = -(-MAX_MODEL_LEN // BLOCK) + 1
+    for opt in ("producer_kv_blocks", "consumer_kv_blocks"):
+        n = getattr(args, opt)
+        if n is not None and n < least:
+            ap.error(f"--{opt.replace('_', '-')} {n} is below {least}, the blocks of one "
+                     f"{MAX_MODEL_LEN}-token request (--max-model-len): vLLM would not start")
     return args
 
 

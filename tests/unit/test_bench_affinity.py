@@ -18,8 +18,9 @@ def bench():
     yield from load_benchmark("proxy/bench_affinity.py")
 
 
-def _delta(bench, **per_instance):
-    out = {n: dict.fromkeys(bench.WATCH, 0.0) for n in (*bench.PRODUCERS, *bench.CONSUMERS)}
+def _delta(bench, names=None, **per_instance):
+    names = names or (*bench.PRODUCERS, *bench.CONSUMERS)
+    out = {n: dict.fromkeys(bench.WATCH, 0.0) for n in names}
     for name, values in per_instance.items():
         out[name].update(values)
     return out
@@ -83,6 +84,19 @@ def test_workload_families_share_their_prefix_and_arrive_mixed(bench):
     assert wl.key_room() == min(len(json.dumps(f)) - 1 for f in wl.families)
     # 4 families x 2 repeats x 64 cached tokens over all prompt tokens.
     assert wl.shared_ceiling() == pytest.approx(4 * 2 * 64 / wl.prompt_tokens)
+    # Round robin over one instance is affinity; over 12 every request misses.
+    assert wl.rotation_ceiling(1) == pytest.approx(wl.shared_ceiling())
+    assert wl.rotation_ceiling(12) == 0
+
+
+def test_rotation_ceiling_counts_the_instances_a_family_reaches(bench):
+    wl = bench.Workload([[1] * 64, [2] * 64], [(0, [1] * 70), (0, [1] * 70), (1, [2] * 70),
+                                               (0, [1] * 70), (1, [2] * 70), (1, [2] * 70)])
+    # Over 2 instances: family 0 at 0, 1, 3 -> both; family 1 at 2, 4, 5 -> both.
+    assert wl.rotation_ceiling(2) == pytest.approx(2 * 1 * 64 / 420)
+    # Over 3: family 0 at 0, 1, 0 -> 2 instances; family 1 at 2, 1, 2 -> 2.
+    assert wl.rotation_ceiling(3) == pytest.approx(2 * 1 * 64 / 420)
+    assert wl.rotation_ceiling(4) == 0  # family 0 at 0, 1, 3; family 1 at 2, 0, 1
 
 
 def test_report_keeps_the_hand_written_reading(bench):
@@ -97,9 +111,59 @@ def test_report_keeps_the_hand_written_reading(bench):
     assert "| **affinity / round_robin** | | | **0.50** | 0.25 | **0.33** |" in text
     assert "`python benchmarks/proxy/bench_affinity.py` on" in text
     assert "**1 mismatches**" in text
+    assert "two producers P1, P2 and two consumers D1, D2" in text
+    assert "| requests P1 / P2 | requests D1 / D2 | spills P / D |" in text
+    assert "producers: 1 GiB (`VLLM_CPU_KVCACHE_SPACE`), 8192 blocks" in text
     first = bench.with_reading(text, "")
     assert first.count(bench.HANDWRITTEN) == 1
     old = "# old report\n\n" + bench.HANDWRITTEN + "\n\nAffinity halves TTFT here.\n"
     again = bench.with_reading(text, old)
     assert again.startswith(text) and again.endswith("Affinity halves TTFT here.\n")
     assert "# old report" not in again
+
+
+def test_more_producers_small_caches_and_spills(bench):
+    """4P2D: the split has a column per instance, spills pool per leg, and a
+    small cache is reported in blocks, tokens and families."""
+    names = ("P1", "P2", "P3", "P4", "D1", "D2")
+    phases = [
+        bench.Phase("round_robin", 0, True, [_sample(bench, 0.2, [1, 2])],
+                    _delta(bench, names, P1={"requests": 1}, P3={"requests": 3}, D2={"requests": 4}),
+                    1.0, {"prefill": 0.0, "decode": 0.0}),
+        bench.Phase("prefix_affinity", 0, False, [_sample(bench, 0.1, [1, 2])],
+                    _delta(bench, names, P4={"requests": 4}, D1={"requests": 4}),
+                    1.0, {"prefill": 3.0, "decode": 1.0}),
+        bench.Phase("prefix_affinity", 1, True, [_sample(bench, 0.1, [1, 2])],
+                    _delta(bench, names, P2={"requests": 4}, D1={"requests": 4}),
+                    1.0, {"prefill": 2.0, "decode": 0.0}),
+    ]
+    aff = bench.summarize(phases[1:])
+    assert aff["split_p"] == {"P1": 0, "P2": 4, "P3": 0, "P4": 4}
+    assert aff["split_d"] == {"D1": 8, "D2": 0}
+    assert aff["spills"] == {"prefill": 5.0, "decode": 1.0}
+    assert bench.summarize(phases[:1])["spills"] == {"prefill": 0.0, "decode": 0.0}
+    res = {"workload": bench.make_workload(1, 2, 2, 2048, (5, 9)), "phases": phases,
+           "salt_check": {"first": 0, "other_salt": 0, "same_salt": 128}, "startup_s": 60,
+           "elapsed_s": 100}
+    args = SimpleNamespace(argv=[], load_before="1 1 1", load_after="2 2 2", affinity_bytes=100,
+                           load_factor=1.25, suffix_tokens=[5, 9], concurrency=6, max_tokens=2,
+                           rounds=2, producer_kv_blocks=256, consumer_kv_blocks=None)
+    text = bench.markdown(res, args)
+    assert "four producers P1, P2, P3, P4 and two consumers D1, D2" in text
+    assert "over the same six instances" in text
+    # 256 blocks of 32 tokens; a 2048-token family prefix is 64 blocks.
+    assert "producers: 256 blocks (`--num-gpu-blocks-override 256`), 8192 tokens, the shared " \
+           "prefixes of 4.0 families" in text
+    assert "| requests P1 / P2 / P3 / P4 | requests D1 / D2 | spills P / D |" in text
+    assert "| 0 / 4 / 0 / 4 | 8 / 0 | 5 / 1 |" in text  # pooled affinity row
+
+
+def test_instance_counts_and_cache_sizes_are_checked(bench):
+    assert bench.parse_args([]).producers == 2 and bench.parse_args([]).consumers == 2
+    args = bench.parse_args(["--producers", "4", "--producer-kv-blocks", "256"])
+    assert (args.producers, args.consumers, args.producer_kv_blocks) == (4, 2, 256)
+    assert bench.instance_names(4, 2) == (("P1", "P2", "P3", "P4"), ("D1", "D2"))
+    for bad in (["--producers", "0"], ["--producers", "6", "--consumers", "3"],
+                ["--consumer-kv-blocks", "100"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
