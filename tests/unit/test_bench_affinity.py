@@ -111,6 +111,7 @@ def test_report_keeps_the_hand_written_reading(bench):
     assert "| **affinity / round_robin** | | | **0.50** | 0.25 | **0.33** |" in text
     assert "`python benchmarks/proxy/bench_affinity.py` on" in text
     assert "**1 mismatches**" in text
+    assert text.startswith("# Prefix-affinity benchmark\n")
     assert "two producers P1, P2 and two consumers D1, D2" in text
     assert "| requests P1 / P2 | requests D1 / D2 | spills P / D |" in text
     assert "producers: 1 GiB (`VLLM_CPU_KVCACHE_SPACE`), 8192 blocks" in text
@@ -149,6 +150,7 @@ def test_more_producers_small_caches_and_spills(bench):
                            load_factor=1.25, suffix_tokens=[5, 9], concurrency=6, max_tokens=2,
                            rounds=2, producer_kv_blocks=256, consumer_kv_blocks=None)
     text = bench.markdown(res, args)
+    assert text.startswith("# Prefix-affinity benchmark (4P2D)\n")
     assert "four producers P1, P2, P3, P4 and two consumers D1, D2" in text
     assert "over the same six instances" in text
     # 256 blocks of 32 tokens; a 2048-token family prefix is 64 blocks.
