@@ -94,6 +94,9 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
+_KILL_SETTLE_S = 5.0
+
+
 def stop_all(children: list[Child], timeout_s: float = 30.0) -> list[str]:
     """SIGTERM every group we started, SIGKILL what is left after timeout_s.
     Returns the names that needed SIGKILL."""
@@ -117,4 +120,10 @@ def stop_all(children: list[Child], timeout_s: float = 30.0) -> list[str]:
                 pass
         if c.proc.poll() is None:
             c.proc.wait(10)
+    # SIGKILL is delivered asynchronously: on a loaded host a grandchild can
+    # outlive killpg() by a moment, and "stopped" must mean gone.
+    gone_by = time.monotonic() + _KILL_SETTLE_S
+    while killed and time.monotonic() < gone_by and any(
+            group_alive(c.proc.pid) for c in live):
+        time.sleep(0.05)
     return killed
