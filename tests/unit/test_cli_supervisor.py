@@ -84,3 +84,33 @@ def test_timeout_and_stop_request(tmp_path, capsys):
     finally:
         assert stop_all([c]) == []
     assert group_members(c.pgid) == []
+
+
+def test_stop_all_returns_once_killed_groups_are_gone(tmp_path, monkeypatch):
+    """SIGKILL is delivered asynchronously: a group can look alive for a
+    moment after killpg(). stop_all must not report 'stopped' before it is
+    gone (here the group is made to linger 0.5 s after the kill)."""
+    from vllm_ascend_pd.cli import supervisor
+
+    stubborn = Child("prefill-0", ["sh", "-c", "trap '' TERM; sleep 300"],
+                     "http://127.0.0.1:9", tmp_path / "p.log")
+    stubborn.start()
+    deadline = time.monotonic() + 10  # the trap is set once the shell runs
+    while len(group_members(stubborn.pgid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed_at = []
+    real_killpg, real_alive = supervisor.os.killpg, supervisor.group_alive
+
+    def killpg(pgid, sig):
+        if sig == signal.SIGKILL:
+            killed_at.append(time.monotonic())
+        real_killpg(pgid, sig)
+
+    def lingering(pgid):
+        return bool(killed_at and time.monotonic() - killed_at[0] < 0.5) or real_alive(pgid)
+
+    monkeypatch.setattr(supervisor.os, "killpg", killpg)
+    monkeypatch.setattr(supervisor, "group_alive", lingering)
+    assert stop_all([stubborn], timeout_s=0.5) == ["prefill-0"]
+    assert killed_at and time.monotonic() - killed_at[0] >= 0.5
+    assert group_members(stubborn.pgid) == []
