@@ -89,7 +89,7 @@ def decode_announcement(data: bytes) -> Announcement:
         raise msgspec.DecodeError("announcement nested too deeply") from None
 
 
-def host_port(host: str, port: int) -> str:
+def host_port(host: str, port: int | str) -> str:
     """``host:port`` as the proxy reads an address: an IPv6 host in brackets
     (``::1:8000`` is ambiguous, and the proxy refuses it)."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -102,9 +102,8 @@ def _zmq_endpoint(proxy_address: str) -> str:
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"proxy_address must be 'host:port', got {proxy_address!r}")
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 proxy_ip; the connector joins it unbracketed
-    return f"tcp://{host}:{port}"
+    # An IPv6 proxy_ip: the connector joins it unbracketed.
+    return f"tcp://{host_port(host, port)}"
 
 
 class Announcer:

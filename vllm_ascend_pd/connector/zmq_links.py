@@ -11,6 +11,7 @@ from typing import Any
 
 import zmq
 
+from vllm_ascend_pd.announce import host_port
 from vllm_ascend_pd.protocol import MAX_CONTROL_BYTES
 from vllm_ascend_pd.transport.base import TransferError, WouldBlock
 
@@ -134,7 +135,7 @@ def router_socket(
     if ":" in bind_host:
         sock.setsockopt(zmq.IPV6, 1)  # ZMQ refuses IPv6 addresses without it
     try:
-        sock.bind(f"tcp://{_bracket(bind_host)}:{port}")
+        sock.bind(tcp_endpoint(bind_host, port))
     except zmq.ZMQError as e:
         sock.close(0)
         raise RuntimeError(
@@ -180,8 +181,4 @@ def wait_ready(items: list[tuple[Any, int]], timeout_s: float) -> bool:
 
 
 def tcp_endpoint(host: str, port: int) -> str:
-    return f"tcp://{_bracket(host)}:{port}"
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"tcp://{host_port(host, port)}"
