@@ -28,6 +28,8 @@ from typing import Literal, Optional
 
 import msgspec
 
+from vllm_ascend_pd.net import host_port
+
 ANNOUNCE_PROTOCOL_VERSION = 1
 
 
@@ -87,12 +89,6 @@ def decode_announcement(data: bytes) -> Announcement:
         # msgspec recurses to skip unknown fields: a few KB of nested
         # arrays raise RecursionError, which is no DecodeError.
         raise msgspec.DecodeError("announcement nested too deeply") from None
-
-
-def host_port(host: str, port: int | str) -> str:
-    """``host:port`` as the proxy reads an address: an IPv6 host in brackets
-    (``::1:8000`` is ambiguous, and the proxy refuses it)."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def _zmq_endpoint(proxy_address: str) -> str:

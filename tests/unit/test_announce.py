@@ -63,11 +63,3 @@ def test_an_ipv6_kv_ip_is_announced_as_an_address_the_proxy_accepts():
     listener.handle(encode_announcement(ann))
     assert listener.rejected == 0
     assert [(i.role, i.address) for i in added] == [("decode", "[::1]:8000")]
-
-
-def test_an_ipv4_kv_ip_is_announced_unchanged():
-    from vllm_ascend_pd.announce import host_port
-
-    assert host_port("10.0.0.7", 8000) == "10.0.0.7:8000"
-    assert host_port("node-1", 8000) == "node-1:8000"
-    assert host_port("[::1]", 8000) == "[::1]:8000"

@@ -11,8 +11,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from vllm_ascend_pd.announce import host_port
 from vllm_ascend_pd.config import GROUP_PORT_OFFSET, MAX_RANKS
+from vllm_ascend_pd.net import host_port
 from vllm_ascend_pd.testing.servers import free_kv_port, free_port
 
 # Each instance owns kv_port .. kv_port + KV_STRIDE - 1: worker rank r uses

@@ -15,10 +15,10 @@ import threading
 import time
 from pathlib import Path
 
-from vllm_ascend_pd.announce import host_port
 from vllm_ascend_pd.cli.checks import port_free
 from vllm_ascend_pd.cli.supervisor import Child, stop_all
 from vllm_ascend_pd.cli.topology import Plan, PlanError, make_plan
+from vllm_ascend_pd.net import host_port
 
 
 def _device_list(text: str) -> list[int]:

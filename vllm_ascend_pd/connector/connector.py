@@ -169,7 +169,8 @@ def announcement_for(cfg: ConnectorConfig, vllm_config: "VllmConfig", *, engine_
                      is_producer: bool, is_consumer: bool):
     """What this instance tells the proxy: its role and where to reach it
     (kv_ip with the HTTP port and the kv_port)."""
-    from vllm_ascend_pd.announce import Announcement, host_port
+    from vllm_ascend_pd.announce import Announcement
+    from vllm_ascend_pd.net import host_port
 
     host = resolve_kv_ip(cfg)
     model = vllm_config.model_config.served_model_name or ""

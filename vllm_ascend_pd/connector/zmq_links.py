@@ -11,7 +11,7 @@ from typing import Any
 
 import zmq
 
-from vllm_ascend_pd.announce import host_port
+from vllm_ascend_pd.net import host_port
 from vllm_ascend_pd.protocol import MAX_CONTROL_BYTES
 from vllm_ascend_pd.transport.base import TransferError, WouldBlock
 

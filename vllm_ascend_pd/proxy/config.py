@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from vllm_ascend_pd.net import host_port
+
 POLICIES = ("round_robin", "least_requests", "least_tokens", "prefix_affinity")
 ADMIN_TOKEN_ENV = "P2P_PROXY_ADMIN_TOKEN"
 
@@ -67,15 +69,9 @@ def parse_address(value: str, *, what: str = "address") -> tuple[str, int]:
     return host, port
 
 
-def format_address(host: str, port: int) -> str:
-    """Canonical ``host:port`` form used as the registry key."""
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
-
-
 def normalize_address(value: str, *, what: str = "address") -> str:
-    return format_address(*parse_address(value, what=what))
+    """Canonical ``host:port`` form used as the registry key."""
+    return host_port(*parse_address(value, what=what))
 
 
 @dataclass

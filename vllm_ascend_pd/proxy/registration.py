@@ -23,7 +23,8 @@ from vllm_ascend_pd.announce import (ANNOUNCE_AUTH_KIND, ANNOUNCE_PROTOCOL_VERSI
                                      Announcement, decode_announcement, signed_fields)
 from vllm_ascend_pd.auth import AuthError, Authenticator
 from vllm_ascend_pd.log_throttle import LogThrottle
-from vllm_ascend_pd.proxy.config import ConfigError, format_address, normalize_address
+from vllm_ascend_pd.net import host_port
+from vllm_ascend_pd.proxy.config import ConfigError, normalize_address
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.registry import Instance, Registry, Source
 from vllm_ascend_pd.proxy.zmq_tasks import cancel_tasks, close_zmq
@@ -49,7 +50,7 @@ class RegistrationListener:
         self._auth = Authenticator(secret)
         self._warned_unverified = False
         self._warn_log = LogThrottle(WARN_EVERY_S)
-        self.endpoint = f"tcp://{format_address(host, port)}"
+        self.endpoint = f"tcp://{host_port(host, port)}"
         self._ipv6 = ":" in host
         self._ttl = ttl
         self._on_added = on_added

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from aiohttp import web
 
+from vllm_ascend_pd.net import host_port
 from vllm_ascend_pd.proxy.app import STATE_KEY, create_app
-from vllm_ascend_pd.proxy.config import ProxyConfig, format_address
+from vllm_ascend_pd.proxy.config import ProxyConfig
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.state import ReleaseFn
 
@@ -68,7 +69,7 @@ class ProxyServer:
         addresses = self._runner.addresses
         self.port = addresses[0][1] if addresses else self.cfg.port
         logger.info("proxy listening on %s", ", ".join(
-            "http://" + format_address(*a[:2]) for a in addresses))
+            "http://" + host_port(*a[:2]) for a in addresses))
 
     async def shutdown(self) -> None:
         state = self.state

@@ -33,7 +33,8 @@ import tempfile
 import time
 from typing import Optional
 
-from vllm_ascend_pd.proxy.config import ConfigError, ProxyConfig, format_address
+from vllm_ascend_pd.net import host_port
+from vllm_ascend_pd.proxy.config import ConfigError, ProxyConfig
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.shared_load import SharedLoad
 
@@ -94,7 +95,7 @@ def _listen(sock: socket.socket, addr: tuple, host: str) -> None:
         sock.bind(addr)
         sock.listen(BACKLOG)
     except OSError as exc:
-        where = format_address(addr[0], addr[1])
+        where = host_port(addr[0], addr[1])
         if host != addr[0]:
             where += f" (--host {host!r})"
         raise ListenError(f"cannot listen on {where}: {exc.strerror or exc}; choose "
@@ -193,7 +194,7 @@ class Supervisor:
                 self._start(index)
             logger.info("proxy listening on %s with %d workers (--max-inflight %d "
                         "split %s)", ", ".join(
-                            "http://" + format_address(*s.getsockname()[:2])
+                            "http://" + host_port(*s.getsockname()[:2])
                             for s in self._socks), cfg.workers,
                         cfg.max_inflight,
                         "/".join(str(cfg.inflight_share(i)) for i in range(cfg.workers)))

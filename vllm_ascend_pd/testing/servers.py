@@ -109,7 +109,7 @@ class VllmServer:
 
     @property
     def url(self) -> str:
-        from vllm_ascend_pd.announce import host_port
+        from vllm_ascend_pd.net import host_port
 
         return f"http://{host_port(self.host, self.port)}"
 
