@@ -21,7 +21,8 @@ from vllm_ascend_pd.proxy.config import ConfigError, normalize_address
 from vllm_ascend_pd.proxy.errors import UpstreamClientError, UpstreamError, error_response
 from vllm_ascend_pd.proxy.link import SupervisorUnavailable
 from vllm_ascend_pd.proxy.log import init_logger
-from vllm_ascend_pd.proxy.pd import STREAM_DELIVERED, ClientGone, PDForwarder, PDRequest
+from vllm_ascend_pd.proxy.pd import (STREAM_DELIVERED, ClientGone, PDForwarder, PDRequest,
+                                     computes_own_prompt)
 from vllm_ascend_pd.proxy.registry import DECODE, PREFILL, ROLES, Health, Source
 from vllm_ascend_pd.proxy.state import ProxyState
 
@@ -206,6 +207,10 @@ class Handlers:
         req = PDRequest(path=request.path, body=body, chat=chat,
                         stream=_is_stream(body.get("stream")), request_id=rid, headers=headers,
                         tokens=estimate_prompt_tokens(body))
+        if computes_own_prompt(body, chat):
+            # P's KV would go unused: D prefills, P's blocks stay free.
+            req.local_prefill = True
+            s.metrics.local_prefill.labels("prompt_logprobs").inc()
         if self.cfg.policy == "prefix_affinity":
             req.affinity = affinity_key(body, self.cfg.affinity_prefix_bytes)
         # Both legs run in one task of their own, which the handler awaits
@@ -230,7 +235,7 @@ class Handlers:
                     else:
                         s.metrics.errors.labels("client_disconnect").inc()
                 raise
-            if req.kv_params is None:
+            if req.kv_params is None and not req.local_prefill:
                 # Prefill in flight: _serve lets it finish, releases its KV
                 # and does not start the decode leg.
                 req.abandoned = True
@@ -257,6 +262,9 @@ class Handlers:
         lease holds KV memory."""
         s, rid = self.s, req.request_id
         try:
+            if req.local_prefill:
+                req.prefill_end = time.perf_counter()
+                return await self.pd.decode(req, request)
             req.kv_params = await self.pd.prefill(req)
             if req.abandoned:
                 return web.Response(status=499)  # nobody reads it

@@ -71,6 +71,7 @@ class ProxyMetrics:
             noop = _Noop()
             self.registry = None
             self.requests = self.errors = self.failovers = self.affinity_spills = noop
+            self.local_prefill = noop
             self.prefill_latency = self.decode_latency = self.ttft = noop
             self.decode_first_byte = noop
             self.inflight = noop
@@ -93,6 +94,11 @@ class ProxyMetrics:
             "prefix_affinity picks that passed over the prefix's own instance because it "
             "held more than --affinity-load-factor x its share, by leg.",
             ["leg"], registry=reg)
+        self.local_prefill = _prom.Counter(
+            PREFIX + "local_prefill",
+            "Requests sent to a decode instance without a prefill leg, by reason "
+            "(prompt_logprobs: vLLM computes such a prompt itself, remote KV unused).",
+            ["reason"], registry=reg)
         self.prefill_latency = _prom.Histogram(
             PREFIX + "prefill_latency_seconds",
             "Prefill leg: request sent to kv_transfer_params received.",

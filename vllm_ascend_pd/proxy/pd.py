@@ -55,6 +55,23 @@ def _ends_stream(events: bytes) -> bool:
     return events.rstrip().endswith(b"data: [DONE]")
 
 
+def computes_own_prompt(body: RequestBody, chat: bool) -> bool:
+    """Whether vLLM will compute this request's prompt itself, whatever KV
+    it is handed: a request with prompt logprobs skips every cache, the
+    connector's included (``SamplingParams.skip_reading_prefix_cache``).
+    Mirrors how vLLM's OpenAI server derives ``prompt_logprobs``: chat's
+    ``echo`` takes ``top_logprobs``, which defaults to 0."""
+    try:
+        if body.get("prompt_logprobs") is not None:
+            return True
+        if not body.get("echo"):
+            return False
+        return body.get("top_logprobs", 0) is not None if chat else \
+            body.get("logprobs") is not None
+    except (codec.DecodeError, RecursionError):
+        return False  # D will refuse the body; the usual path reports it
+
+
 @dataclass
 class PDRequest:
     """Per-request bookkeeping shared by both legs."""
@@ -82,6 +99,8 @@ class PDRequest:
     # The client left during the prefill leg: finish the leg, release its
     # KV, do not start the decode leg.
     abandoned: bool = False
+    # Sent to D without a prefill leg (see computes_own_prompt).
+    local_prefill: bool = False
 
 
 def _classify(exc: BaseException, leg: str, addr: str, phase: str,

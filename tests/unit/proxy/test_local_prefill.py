@@ -1,0 +1,83 @@
+"""Requests vLLM computes itself whatever KV it is given (prompt logprobs)
+go to a decode instance alone: no prefill leg, no lease to release."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import sse_events, state_of, wait_for
+from vllm_ascend_pd.proxy.codec import RequestBody
+from vllm_ascend_pd.proxy.pd import computes_own_prompt
+
+
+@pytest.mark.parametrize("body, chat, expected", [
+    ({"prompt": "x"}, False, False),
+    ({"prompt": "x", "prompt_logprobs": 0}, False, True),
+    ({"prompt": "x", "prompt_logprobs": None}, False, False),
+    ({"prompt": "x", "echo": True}, False, False),  # echo alone: no logprobs
+    ({"prompt": "x", "echo": True, "logprobs": 0}, False, True),
+    ({"prompt": "x", "echo": False, "logprobs": 3}, False, False),
+    ({"prompt": "x", "logprobs": 3}, False, False),
+    # chat: echo takes top_logprobs, whose default is 0
+    ({"messages": [], "echo": True}, True, True),
+    ({"messages": [], "echo": True, "top_logprobs": None}, True, False),
+    ({"messages": [], "echo": True, "top_logprobs": 2, "logprobs": True}, True, True),
+    ({"messages": [], "logprobs": True, "top_logprobs": 2}, True, False),
+    ({"messages": [], "prompt_logprobs": 1}, True, True),
+])
+def test_which_requests_compute_their_own_prompt(body, chat, expected):
+    assert computes_own_prompt(RequestBody.from_dict(body), chat) is expected
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1}),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "prompt_logprobs": 1}),
+])
+async def test_decode_alone_without_prefill_leg(backend, proxy, release, path, body):
+    p, d = await backend("p"), await backend("d")
+    client = await proxy([p], [d])
+    resp = await client.post(path, json={**body, "kv_transfer_params": {"remote_host": "evil"}})
+    assert resp.status == 200
+    assert p.requests == []
+    [dreq] = d.requests
+    # Client params are still never honoured: D prefills locally.
+    assert dreq["body"] == {**body, "kv_transfer_params": None}
+    assert resp.headers["Server-Timing"].startswith("prefill;dur=0.000, decode;dur=")
+    m = state_of(client).metrics
+    assert m.local_prefill.labels("prompt_logprobs")._value.get() == 1
+    endpoint = "chat_completions" if "chat" in path else "completions"
+    assert m.requests.labels(endpoint, "200")._value.get() == 1
+    await asyncio.sleep(0.05)
+    assert release.calls == []
+
+
+async def test_disconnect_cancels_a_local_prefill_decode_leg(backend, proxy, release):
+    """The handler must not mistake a local-prefill request (no KV params)
+    for one still in its prefill leg: the decode leg is cancelled on D."""
+    p, d = await backend("p"), await backend("d")
+    d.header_delay = 30
+    client = await proxy([p], [d])
+    task = asyncio.create_task(client.post(
+        "/v1/completions", json={"prompt": "x", "prompt_logprobs": 1}))
+    await asyncio.wait_for(d.handler_started.wait(), 2)
+    task.cancel()
+    await wait_for(lambda: d.cancelled == 1)
+    await wait_for(lambda: state_of(client).inflight == 0)
+    assert p.requests == [] and release.calls == []
+    assert state_of(client).metrics.errors.labels("client_disconnect")._value.get() == 1
+
+
+async def test_decode_failover_for_local_prefill(backend, proxy):
+    p, d1, d2 = await backend("p"), await backend("d"), await backend("d")
+    d1.status = 503
+    client = await proxy([p], [d1, d2], policy="round_robin")
+    for _ in range(2):
+        resp = await client.post("/v1/completions", json={"prompt": "x", "prompt_logprobs": 1,
+                                                          "stream": True})
+        assert resp.status == 200
+        assert await resp.read() == b"".join(sse_events(5))
+    assert p.requests == [] and len(d2.requests) == 2
