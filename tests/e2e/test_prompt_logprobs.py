@@ -68,3 +68,28 @@ def test_prompt_logprobs_served_by_decode_alone(cluster, tokenizer, case):
     assert p1 == p0
     wait_for(lambda: producer_idle(cluster))
     assert metric(cluster.P.url, "vllm:ascend_pd_leases_pending") == 0
+
+
+def test_consumer_releases_a_lease_it_cannot_use(cluster, tokenizer):
+    """Another router may still send P's params with a prompt-logprobs
+    request: vLLM then hands D's connector no tokens to load, and D frees
+    P's lease at once instead of leaving it to expire (lease_s)."""
+    prompt = prompt_of(tokenizer, 3 * 32 + 3, seed=7399)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 5, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, "prompt_logprobs": 1}
+    ref = post(cluster.S.url, "/v1/completions", body)
+    released0 = metric(cluster.P.url, "vllm:ascend_pd_leases_released_total")
+    loaded0 = metric(cluster.D.url, "vllm:ascend_pd_loaded_tokens_total")
+    pre = post(cluster.P.url, "/v1/completions",
+               {**body, "max_tokens": 1, "prompt_logprobs": None,
+                "kv_transfer_params": {"do_remote_decode": True}})
+    wait_for(lambda: metric(cluster.P.url, "vllm:ascend_pd_leases_pending") == 1, timeout=10)
+    got = post(cluster.D.url, "/v1/completions",
+               {**body, "kv_transfer_params": pre["kv_transfer_params"]})
+    assert got["choices"][0]["token_ids"] == ref["choices"][0]["token_ids"]
+    assert _logprob_values(got["choices"][0]["prompt_logprobs"]) \
+        == _logprob_values(ref["choices"][0]["prompt_logprobs"])
+    wait_for(lambda: metric(cluster.P.url, "vllm:ascend_pd_leases_pending") == 0, timeout=10)
+    assert metric(cluster.P.url, "vllm:ascend_pd_leases_released_total") - released0 == 1
+    assert metric(cluster.D.url, "vllm:ascend_pd_loaded_tokens_total") == loaded0
+    wait_for(lambda: producer_idle(cluster))
