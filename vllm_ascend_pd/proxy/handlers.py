@@ -22,7 +22,7 @@ from vllm_ascend_pd.proxy.errors import UpstreamClientError, UpstreamError, erro
 from vllm_ascend_pd.proxy.link import SupervisorUnavailable
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.pd import (STREAM_DELIVERED, ClientGone, PDForwarder, PDRequest,
-                                     computes_own_prompt)
+                                     local_prefill_reason)
 from vllm_ascend_pd.proxy.registry import DECODE, PREFILL, ROLES, Health, Source
 from vllm_ascend_pd.proxy.state import ProxyState
 
@@ -207,10 +207,11 @@ class Handlers:
         req = PDRequest(path=request.path, body=body, chat=chat,
                         stream=_is_stream(body.get("stream")), request_id=rid, headers=headers,
                         tokens=estimate_prompt_tokens(body))
-        if computes_own_prompt(body, chat):
-            # P's KV would go unused: D prefills, P's blocks stay free.
+        reason = local_prefill_reason(body, chat)
+        if reason is not None:
+            # P's KV would go unused or be leaked: D prefills.
             req.local_prefill = True
-            s.metrics.local_prefill.labels("prompt_logprobs").inc()
+            s.metrics.local_prefill.labels(reason).inc()
         if self.cfg.policy == "prefix_affinity":
             req.affinity = affinity_key(body, self.cfg.affinity_prefix_bytes)
         # Both legs run in one task of their own, which the handler awaits

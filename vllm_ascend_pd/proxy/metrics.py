@@ -97,7 +97,8 @@ class ProxyMetrics:
         self.local_prefill = _prom.Counter(
             PREFIX + "local_prefill",
             "Requests sent to a decode instance without a prefill leg, by reason "
-            "(prompt_logprobs: vLLM computes such a prompt itself, remote KV unused).",
+            "(prompt_logprobs: vLLM computes such a prompt itself; batch: several "
+            "prompts in one completions request).",
             ["reason"], registry=reg)
         self.prefill_latency = _prom.Histogram(
             PREFIX + "prefill_latency_seconds",

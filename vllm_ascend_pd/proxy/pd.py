@@ -55,21 +55,34 @@ def _ends_stream(events: bytes) -> bool:
     return events.rstrip().endswith(b"data: [DONE]")
 
 
-def computes_own_prompt(body: RequestBody, chat: bool) -> bool:
-    """Whether vLLM will compute this request's prompt itself, whatever KV
-    it is handed: a request with prompt logprobs skips every cache, the
-    connector's included (``SamplingParams.skip_reading_prefix_cache``).
-    Mirrors how vLLM's OpenAI server derives ``prompt_logprobs``: chat's
-    ``echo`` takes ``top_logprobs``, which defaults to 0."""
+def local_prefill_reason(body: RequestBody, chat: bool) -> Optional[str]:
+    """Why this request must go to D without a prefill leg, or None.
+
+    ``prompt_logprobs``: vLLM computes such a prompt itself, whatever KV it
+    is handed (``SamplingParams.skip_reading_prefix_cache``). This mirrors
+    how vLLM's OpenAI server derives ``prompt_logprobs``; chat's ``echo``
+    takes ``top_logprobs``, which defaults to 0.
+
+    ``batch``: a completions request with several prompts. P would lease a
+    transfer per prompt but answer with the first prompt's params only, so
+    the other leases would hold P's blocks until they expire."""
     try:
         if body.get("prompt_logprobs") is not None:
-            return True
-        if not body.get("echo"):
-            return False
-        return body.get("top_logprobs", 0) is not None if chat else \
-            body.get("logprobs") is not None
+            return "prompt_logprobs"
+        if body.get("echo") and (body.get("top_logprobs", 0) is not None if chat
+                                 else body.get("logprobs") is not None):
+            return "prompt_logprobs"
+        if not chat and _is_batch(body.get("prompt")):
+            return "batch"
     except (codec.DecodeError, RecursionError):
-        return False  # D will refuse the body; the usual path reports it
+        pass  # D will refuse the body; the usual path reports it
+    return None
+
+
+def _is_batch(prompt) -> bool:
+    # A single prompt is a string or a list of token ids.
+    return isinstance(prompt, list) and len(prompt) > 1 and \
+        isinstance(prompt[0], (str, list))
 
 
 @dataclass
@@ -99,7 +112,7 @@ class PDRequest:
     # The client left during the prefill leg: finish the leg, release its
     # KV, do not start the decode leg.
     abandoned: bool = False
-    # Sent to D without a prefill leg (see computes_own_prompt).
+    # Sent to D without a prefill leg (see local_prefill_reason).
     local_prefill: bool = False
 
 

@@ -1,5 +1,6 @@
-"""Requests vLLM computes itself whatever KV it is given (prompt logprobs)
-go to a decode instance alone: no prefill leg, no lease to release."""
+"""Requests whose prefill leg would be wasted (prompt logprobs: vLLM
+computes the prompt itself) or would leak P's leases (several prompts in one
+request) go to a decode instance alone."""
 
 from __future__ import annotations
 
@@ -9,26 +10,38 @@ import pytest
 
 from conftest import sse_events, state_of, wait_for
 from vllm_ascend_pd.proxy.codec import RequestBody
-from vllm_ascend_pd.proxy.pd import computes_own_prompt
+from vllm_ascend_pd.proxy.pd import local_prefill_reason
+
+
+PL, BATCH = "prompt_logprobs", "batch"
 
 
 @pytest.mark.parametrize("body, chat, expected", [
-    ({"prompt": "x"}, False, False),
-    ({"prompt": "x", "prompt_logprobs": 0}, False, True),
-    ({"prompt": "x", "prompt_logprobs": None}, False, False),
-    ({"prompt": "x", "echo": True}, False, False),  # echo alone: no logprobs
-    ({"prompt": "x", "echo": True, "logprobs": 0}, False, True),
-    ({"prompt": "x", "echo": False, "logprobs": 3}, False, False),
-    ({"prompt": "x", "logprobs": 3}, False, False),
+    ({"prompt": "x"}, False, None),
+    ({"prompt": "x", "prompt_logprobs": 0}, False, PL),
+    ({"prompt": "x", "prompt_logprobs": None}, False, None),
+    ({"prompt": "x", "echo": True}, False, None),  # echo alone: no logprobs
+    ({"prompt": "x", "echo": True, "logprobs": 0}, False, PL),
+    ({"prompt": "x", "echo": False, "logprobs": 3}, False, None),
+    ({"prompt": "x", "logprobs": 3}, False, None),
     # chat: echo takes top_logprobs, whose default is 0
-    ({"messages": [], "echo": True}, True, True),
-    ({"messages": [], "echo": True, "top_logprobs": None}, True, False),
-    ({"messages": [], "echo": True, "top_logprobs": 2, "logprobs": True}, True, True),
-    ({"messages": [], "logprobs": True, "top_logprobs": 2}, True, False),
-    ({"messages": [], "prompt_logprobs": 1}, True, True),
+    ({"messages": [], "echo": True}, True, PL),
+    ({"messages": [], "echo": True, "top_logprobs": None}, True, None),
+    ({"messages": [], "echo": True, "top_logprobs": 2, "logprobs": True}, True, PL),
+    ({"messages": [], "logprobs": True, "top_logprobs": 2}, True, None),
+    ({"messages": [], "prompt_logprobs": 1}, True, PL),
+    # several prompts in one completions request
+    ({"prompt": ["a", "b"]}, False, BATCH),
+    ({"prompt": [[1, 2], [3]]}, False, BATCH),
+    ({"prompt": ["a"]}, False, None),
+    ({"prompt": [[1, 2]]}, False, None),
+    ({"prompt": [1, 2, 3]}, False, None),  # one tokenized prompt
+    ({"prompt": []}, False, None),
+    ({"prompt": ["a", "b"], "prompt_logprobs": 1}, False, PL),
+    ({"prompt": [[[[[[1]]]]]]}, False, None),  # D answers the 400
 ])
-def test_which_requests_compute_their_own_prompt(body, chat, expected):
-    assert computes_own_prompt(RequestBody.from_dict(body), chat) is expected
+def test_which_requests_skip_the_prefill_leg(body, chat, expected):
+    assert local_prefill_reason(RequestBody.from_dict(body), chat) == expected
 
 
 @pytest.mark.parametrize("path, body", [
@@ -36,6 +49,7 @@ def test_which_requests_compute_their_own_prompt(body, chat, expected):
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "prompt_logprobs": 1}),
+    ("/v1/completions", {"prompt": ["x", "y"]}),
 ])
 async def test_decode_alone_without_prefill_leg(backend, proxy, release, path, body):
     p, d = await backend("p"), await backend("d")
@@ -48,7 +62,8 @@ async def test_decode_alone_without_prefill_leg(backend, proxy, release, path, b
     assert dreq["body"] == {**body, "kv_transfer_params": None}
     assert resp.headers["Server-Timing"].startswith("prefill;dur=0.000, decode;dur=")
     m = state_of(client).metrics
-    assert m.local_prefill.labels("prompt_logprobs")._value.get() == 1
+    reason = BATCH if isinstance(body.get("prompt"), list) else PL
+    assert m.local_prefill.labels(reason)._value.get() == 1
     endpoint = "chat_completions" if "chat" in path else "completions"
     assert m.requests.labels(endpoint, "200")._value.get() == 1
     await asyncio.sleep(0.05)
