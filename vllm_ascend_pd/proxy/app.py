@@ -56,6 +56,16 @@ def create_app(cfg: ProxyConfig, *, release_transfer: Optional[ReleaseFn] = None
 
 
 async def _on_startup(app: web.Application) -> None:
+    try:
+        await _start(app)
+    except BaseException:
+        # aiohttp runs on_cleanup only after a startup that succeeded: close
+        # the sessions and tasks opened so far (a taken --register-port).
+        await _on_cleanup(app)
+        raise
+
+
+async def _start(app: web.Application) -> None:
     state = app[STATE_KEY]
     cfg = state.cfg
     for inst in state.registry.instances():
@@ -87,8 +97,6 @@ async def _on_startup(app: web.Application) -> None:
             ttl=cfg.heartbeat_ttl, on_added=state.on_instance_added,
             on_removed=state.on_instance_removed, secret=cfg.kv_secret())
         state.registration.start()
-    logger.info("proxy ready: %d prefill, %d decode, %d kv_both instances, policy %s",
-                len(cfg.prefill), len(cfg.decode), len(cfg.both), cfg.policy)
 
 
 async def _on_cleanup(app: web.Application) -> None:

@@ -68,8 +68,11 @@ class ProxyServer:
             raise
         addresses = self._runner.addresses
         self.port = addresses[0][1] if addresses else self.cfg.port
-        logger.info("proxy listening on %s", ", ".join(
-            "http://" + host_port(*a[:2]) for a in addresses))
+        # Only now: the port can still be taken after the app has started.
+        cfg = self.cfg
+        logger.info("proxy ready on %s: %d prefill, %d decode, %d kv_both instances, policy %s",
+                    ", ".join("http://" + host_port(*a[:2]) for a in addresses),
+                    len(cfg.prefill), len(cfg.decode), len(cfg.both), cfg.policy)
 
     async def shutdown(self) -> None:
         state = self.state
