@@ -65,6 +65,18 @@ def test_up_parsing_and_vllm_args_after_double_dash():
     assert args.vllm_args == ["--", "--dtype", "float16", "--port", "1"]
 
 
+def test_up_help_shows_real_defaults_only(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["up", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    # --model is required, --served-model-name defaults to --model, --kv-port to a free one.
+    assert "(default: None)" not in out and "(default: [])" not in out
+    assert "--served-model-name SERVED_MODEL_NAME default: --model --device" in out
+    assert "the proxy's HTTP port (0: any free port) (default: 8000)" in out
+    assert "(default: pd-up-logs)" in out
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--devices", "0,x"], "expected device ids"),
     (["--kv-extra", "[1]"], "expected a JSON object"),

@@ -38,6 +38,16 @@ def _json_object(text: str) -> dict:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None and [] (a required flag, or a default the
+    help text explains: "--served-model-name: default: --model (default: None)")."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "up", help="start N prefill + M decode vLLM instances and the proxy on this machine",
@@ -45,7 +55,7 @@ def add_parser(sub) -> None:
                     "(kv_consumer) vLLM instances with free ports and kv configs, then the "
                     "proxy. Stops everything on Ctrl-C or SIGTERM. Arguments after `--` go "
                     "to every vLLM instance.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--model", required=True, help="model path or name, as for `vllm serve`")
     p.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill instances")
     p.add_argument("--decode", type=int, default=1, metavar="M", help="decode instances")
