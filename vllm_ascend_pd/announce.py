@@ -28,7 +28,7 @@ from typing import Literal, Optional
 
 import msgspec
 
-from vllm_ascend_pd.net import host_port
+from vllm_ascend_pd import net
 
 ANNOUNCE_PROTOCOL_VERSION = 1
 
@@ -91,15 +91,26 @@ def decode_announcement(data: bytes) -> Announcement:
         raise msgspec.DecodeError("announcement nested too deeply") from None
 
 
-def _zmq_endpoint(proxy_address: str) -> str:
-    addr = proxy_address.strip()
-    if addr.startswith("tcp://"):
-        return addr
+def _zmq_target(proxy_address: str) -> tuple[str, bool]:
+    """The proxy's ZMQ endpoint, and whether it needs ZMQ's IPV6 option.
+
+    A name stays in the endpoint: ZMQ resolves it again on every reconnect,
+    so registration follows a proxy that moves (a Kubernetes Service). ZMQ
+    resolves for IPv4 only without IPV6, and prefers IPv6 with it, so IPV6 is
+    set when the system's resolver gives IPv6 first (see net.resolve).
+    """
+    addr = proxy_address.strip().removeprefix("tcp://")
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"proxy_address must be 'host:port', got {proxy_address!r}")
-    # An IPv6 proxy_ip: the connector joins it unbracketed.
-    return f"tcp://{host_port(host, port)}"
+    host = host.removeprefix("[").removesuffix("]")  # the connector joins IPv6 unbracketed
+    try:
+        ipv6 = ":" in net.resolve(host, "proxy_ip")[0]
+    except net.HostError as e:
+        # Checked at start-up (config.check_proxy_ip): a DNS hiccup since.
+        _logger().warning("%s; announcing over IPv4 meanwhile", e)
+        ipv6 = False
+    return f"tcp://{net.host_port(host, port)}", ipv6
 
 
 class Announcer:
@@ -168,7 +179,7 @@ class Announcer:
         ctx = sock = None
         warned = False
         try:
-            endpoint = _zmq_endpoint(self.proxy_address)
+            endpoint, ipv6 = _zmq_target(self.proxy_address)
             bye_ann = msgspec.structs.replace(self.announcement, leaving=True)
             ctx = zmq.Context()
             sock = ctx.socket(zmq.DEALER)
@@ -177,7 +188,7 @@ class Announcer:
             # backlog would be replayed as stale beats on reconnect.
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.SNDHWM, 4)
-            if endpoint.startswith("tcp://["):
+            if ipv6:
                 sock.setsockopt(zmq.IPV6, 1)
             sock.connect(endpoint)
             _logger().info("announcing %s instance %s to proxy %s every %.1fs",

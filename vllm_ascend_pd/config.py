@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from vllm_ascend_pd import net
+
 # Ports derive from kv_port; each producer worker rank r listens on
 # kv_port + r (control) and on kv_port + GROUP_PORT_OFFSET + r for data
 # (tcp's raw stream, or the process-group transports' rendezvous). So one instance owns
@@ -38,13 +40,15 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "block pulls. `auto`: llmdatadist or hccl on NPUs, tcp elsewhere.")] = "auto"
     kv_ip: Annotated[str, _doc(
         "Address this instance advertises for KV pulls (producer) and binds to "
-        "unless `kv_bind_host` is set; IPv4 or IPv6 (e.g. `::1`, no brackets; a "
-        "hostname must resolve to IPv4: give IPv6 as an address). "
-        "Registration with a proxy announces it as this instance's HTTP host too. "
-        "Default: the host's primary IP.")] = ""
+        "unless `kv_bind_host` is set: IPv4, IPv6 (e.g. `::1`, no brackets) or a host "
+        "name. A name is resolved once at start-up, to IPv4 or IPv6 as the system's "
+        "resolver orders its addresses (the lowest of that family if it has several), "
+        "and the producer binds and advertises that address; start-up fails if the "
+        "name does not resolve. Registration with a proxy announces it as this "
+        "instance's HTTP host too. Default: the host's primary IP.")] = ""
     kv_bind_host: Annotated[str, _doc(
-        "Address the producer's KV server binds to, e.g. `0.0.0.0`. Default: "
-        "`kv_ip`.")] = ""
+        "Address the producer's KV server binds to, e.g. `0.0.0.0`; a host name is "
+        "resolved as for `kv_ip`. Default: `kv_ip`.")] = ""
     lease_s: Annotated[float, _doc(
         "How long a producer keeps a finished prefill's blocks for the consumer "
         "to pull before freeing them.", gt=0)] = 120.0
@@ -86,8 +90,10 @@ class ConnectorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "The proxy reads the same variable (`--kv-secret-env`) to release abandoned "
         "transfers and to check the instances' signed registrations.")] = ""
     proxy_ip: Annotated[str, _doc(
-        "Register with a p2p_disagg_proxy at this address (dynamic xPyD); a "
-        "hostname must resolve to IPv4: give IPv6 as an address.")] = ""
+        "Register with a p2p_disagg_proxy at this address (dynamic xPyD): IPv4, "
+        "IPv6 or a host name. Start-up fails if a name does not resolve; heartbeats "
+        "keep using the name, so they follow a proxy whose address changes, over "
+        "IPv6 when the resolver lists an IPv6 address first.")] = ""
     proxy_port: Annotated[int, _doc(
         "The proxy's `--register-port`.", ge=0, lt=65536)] = 0
     http_port: Annotated[int, _doc(
@@ -151,14 +157,10 @@ def parse_extra_config(extra: dict[str, Any] | None) -> ConnectorConfig:
                 f"(default {getattr(ConnectorConfig(), key)})"
             )
     for key in ("kv_ip", "kv_bind_host"):
-        host = getattr(cfg, key)
-        if host.startswith("["):
-            # The KV server binds and P advertises it as given: "[::1]" is
-            # no address a socket takes, and D would connect to [[::1]].
-            raise ConfigError(
-                f"kv_connector_extra_config {key} {host!r}: write an IPv6 address "
-                f"without brackets, e.g. {host.strip('[]')!r}"
-            )
+        try:
+            net.refuse_brackets(getattr(cfg, key), f"kv_connector_extra_config {key}")
+        except net.HostError as e:
+            raise ConfigError(str(e)) from None
     if bool(cfg.proxy_ip) != bool(cfg.proxy_port):
         raise ConfigError("set both proxy_ip and proxy_port to register with a proxy")
     if cfg.proxy_ip and not cfg.http_port:
@@ -207,11 +209,45 @@ def resolve_secret(cfg: ConnectorConfig) -> str:
 
 
 def resolve_kv_ip(cfg: ConnectorConfig) -> str:
-    if cfg.kv_ip:
-        return cfg.kv_ip
-    from vllm.utils.network_utils import get_ip
+    """kv_ip as an IP address (unset: the host's primary IP). A name is
+    resolved here, at start-up, and the producer binds and advertises the
+    address it got, so consumers and the proxy never resolve it themselves."""
+    if not cfg.kv_ip:
+        from vllm.utils.network_utils import get_ip
 
-    return get_ip()
+        return get_ip()
+    return _address(cfg.kv_ip, "kv_ip")
+
+
+def resolve_bind_host(cfg: ConnectorConfig) -> str:
+    """The IP address a producer's KV sockets bind: kv_bind_host, else kv_ip."""
+    return _address(cfg.kv_bind_host, "kv_bind_host") if cfg.kv_bind_host else resolve_kv_ip(cfg)
+
+
+def check_proxy_ip(cfg: ConnectorConfig) -> None:
+    """Fail at start-up when proxy_ip names nothing. The announcer itself
+    keeps the name (ZMQ resolves it again on every reconnect, so the proxy
+    may move), see announce.py."""
+    if cfg.proxy_ip:
+        _resolve(cfg.proxy_ip.removeprefix("[").removesuffix("]"), "proxy_ip")
+
+
+def _resolve(host: str, key: str) -> list[str]:
+    try:
+        return net.resolve(host, f"kv_connector_extra_config {key}")
+    except net.HostError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _address(host: str, key: str) -> str:
+    found = _resolve(host, key)
+    if len(found) > 1:
+        from vllm_ascend_pd.log import get_logger
+
+        get_logger(__name__).warning(
+            "kv_connector_extra_config %s %r names several addresses (%s); using %s: set "
+            "%s to one address to choose another", key, host, ", ".join(found), found[0], key)
+    return found[0]
 
 
 def control_port(kv_port: int, rank: int) -> int:

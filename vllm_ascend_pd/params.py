@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from vllm_ascend_pd.config import MAX_RANKS, ConfigError, group_port
+from vllm_ascend_pd.net import is_ip
 
 
 class ProducerParams(msgspec.Struct, forbid_unknown_fields=False):
@@ -56,6 +57,14 @@ def parse_producer_params(raw: Any) -> ProducerParams:
             f"kv_transfer_params is missing or has a bad field ({e}); pass the dict "
             "returned by the prefill instance unchanged"
         ) from None
+    if not is_ip(p.remote_host):
+        # Producers advertise the address they resolved at start-up. A name
+        # here would be resolved on the consumer's engine thread (or the
+        # proxy's event loop, releasing it), blocking for as long as DNS takes.
+        raise InvalidParams(
+            f"remote_host {p.remote_host!r} is not an IP address; pass the dict returned "
+            "by the prefill instance unchanged"
+        )
     if not 0 < p.remote_port < 65536:
         raise InvalidParams(f"remote_port {p.remote_port} is out of range")
     if p.block_size <= 0 or p.tp_size <= 0 or p.num_tokens <= 0:

@@ -1,13 +1,18 @@
 """1P1D on IPv6 loopback, on real vLLM: P and D serve HTTP on ::1, move KV
-over ::1 (kv_ip "::1": P binds and advertises it) and register with a proxy
-whose registration socket listens on ::1 (--register-host). Only the
-proxy's client port is on 127.0.0.1.
+over ::1 and register with a proxy whose registration socket listens on ::1
+(--register-host). Only the proxy's client port is on 127.0.0.1.
+
+P's kv_ip is a host name whose only address is ::1 (D's is "::1"): P
+resolves it at start-up, then binds and advertises ::1. The name is known to
+P's Python resolver alone (a sitecustomize, see KV_NAME; /etc/hosts is left
+alone), so had it reached ZMQ or a socket as a name, P would not start.
 
 The expected tokens come from the session cluster's single instance S."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import urllib.request
 from pathlib import Path
@@ -25,23 +30,41 @@ from vllm_ascend_pd.testing.servers import (
 
 pytestmark = pytest.mark.e2e
 
+KV_NAME = "pd-p6.test"
+# Python's socket.getaddrinfo answers KV_NAME with ::1; C code (libzmq, a
+# socket's own bind) still asks the system, which does not know the name.
+RESOLVER = f"""
+import socket
+_real = socket.getaddrinfo
+def _getaddrinfo(host, *args, **kwargs):
+    return _real("::1" if host == {KV_NAME!r} else host, *args, **kwargs)
+socket.getaddrinfo = _getaddrinfo
+"""
+
+
+def _resolver_env(site: Path) -> dict[str, str]:
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(RESOLVER)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
 
 class V6Pair:
     def __init__(self, model: str, logs: Path):
         ports = PortPicker()
         self.kv_port = ports.kv(span=4)
         register_port = ports.http()
-        announce = {"kv_ip": "::1", "proxy_ip": "::1", "proxy_port": register_port, "heartbeat_s": 0.5}
+        announce = {"proxy_ip": "::1", "proxy_port": register_port, "heartbeat_s": 0.5}
 
-        def server(name: str, role: str, kv_port: int, **more) -> VllmServer:
+        def server(name: str, role: str, kv_port: int, kv_ip: str, env=None, **more) -> VllmServer:
             http = ports.http()
             return VllmServer(name, model, http, [
                 *BASE_ARGS, "--kv-transfer-config",
-                kv_config(role, kv_port, http_port=http, **announce, **more)],
-                log_path=logs / f"{name}.log", host="::1")
+                kv_config(role, kv_port, http_port=http, kv_ip=kv_ip, **announce, **more)],
+                env=env or {}, log_path=logs / f"{name}.log", host="::1")
 
-        self.P = server("P6", "kv_producer", self.kv_port)
-        self.D = server("D6", "kv_consumer", self.kv_port + 2, failure_policy="recompute")
+        self.P = server("P6", "kv_producer", self.kv_port, KV_NAME,
+                        env=_resolver_env(logs / "p6-site"))
+        self.D = server("D6", "kv_consumer", self.kv_port + 2, "::1", failure_policy="recompute")
         self.proxy = ProxyServer(ports.http(), logs / "v6-proxy.log", "--register-host", "::1",
                                  "--register-port", str(register_port), "--heartbeat-ttl", "3")
 
@@ -112,6 +135,7 @@ def test_params_name_the_ipv6_address_and_a_release_reaches_it(v6, tokenizer):
                                              "max_tokens": 1, "temperature": 0,
                                              "kv_transfer_params": {"do_remote_decode": True}})
     params = out["kv_transfer_params"]
+    # P's kv_ip is KV_NAME: it advertises the address it resolved, not the name.
     assert (params["remote_host"], params["remote_port"]) == ("::1", v6.kv_port)
     assert release_transfer_sync(params, timeout=5) is True
     wait_idle([v6.P.url], 10, producers=(v6.P.url,))

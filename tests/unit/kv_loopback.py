@@ -126,3 +126,45 @@ def release_params(port: int) -> dict:
             "remote_block_ids": [3, 4], "remote_request_id": "req-p", "transfer_id": TID,
             "tp_size": 1, "block_size": 32, "num_tokens": 40, "prompt_hash": prompt_hash([1]),
             "protocol": wire.PROTOCOL_VERSION}
+
+
+def only_on_ipv6(port: int) -> None:
+    """Listening on ::1, and not on 127.0.0.1: for an IPv4-only query glibc
+    answers a name of ::1 with 127.0.0.1, which is where a name handed to
+    ZMQ without its IPV6 option, or to an AF_INET socket, used to be bound."""
+    import socket
+
+    socket.create_connection(("::1", port), timeout=2).close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def ipv6_only_pull(kv_ip: str) -> None:
+    """A producer with ``kv_ip`` (an address or a name of ::1 alone) binds and
+    advertises ::1, nothing on 127.0.0.1, and serves an exact pull, its
+    addresses resolved as the scheduler and worker resolve them."""
+    from vllm_ascend_pd.config import parse_extra_config, resolve_bind_host, resolve_kv_ip
+    from vllm_ascend_pd.connector.metadata import RecvSpec
+
+    cfg = parse_extra_config({"kv_ip": kv_ip})
+    host, bind = resolve_kv_ip(cfg), resolve_bind_host(cfg)
+    assert (host, bind) == ("::1", "::1"), (host, bind)
+    src, dst = make_cache(1.0), make_cache(0.0)
+    leases, port = LeaseTable(60), free_port()
+    opt = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=2, host=host,
+                           bind_host=bind, role="producer")
+    transport = create_transport("tcp", src, opt)
+    server = KVServer(bind_host=bind, port=port, engine_id="P", tp_rank=0, layout=src.describe(),
+                      leases=leases, transport=transport, stats=TransferStats(), secret="",
+                      registration_grace_s=0.5)
+    puller = tcp_puller(dst)
+    try:
+        only_on_ipv6(port)
+        only_on_ipv6(transport.data_port)
+        leases.register("req-p", TID, [1, 2])
+        puller.submit(RecvSpec("a", host, port, TID, "req-p", [1, 2], [5, 6], 64))
+        assert drive(server, puller) == ({"a"}, set())
+        assert_copied(src, dst, [1, 2], [5, 6])
+    finally:
+        server.close()
+        puller.close()

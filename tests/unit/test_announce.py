@@ -63,3 +63,30 @@ def test_an_ipv6_kv_ip_is_announced_as_an_address_the_proxy_accepts():
     listener.handle(encode_announcement(ann))
     assert listener.rejected == 0
     assert [(i.role, i.address) for i in added] == [("decode", "[::1]:8000")]
+
+
+@pytest.mark.parametrize("address,answers,target", [
+    ("10.0.0.7:5000", None, ("tcp://10.0.0.7:5000", False)),
+    ("::1:5000", None, ("tcp://[::1]:5000", True)),
+    ("[::1]:5000", None, ("tcp://[::1]:5000", True)),
+    ("tcp://[::1]:5000", None, ("tcp://[::1]:5000", True)),
+    # A name stays in the endpoint (ZMQ resolves it again on reconnect);
+    # IPV6 is set when the resolver lists IPv6 first, as ZMQ then prefers it.
+    ("proxy.test:5000", ["::1"], ("tcp://proxy.test:5000", True)),
+    ("proxy.test:5000", ["::1", "127.0.0.1"], ("tcp://proxy.test:5000", True)),
+    ("proxy.test:5000", ["127.0.0.1", "::1"], ("tcp://proxy.test:5000", False)),
+    ("proxy.test:5000", ["127.0.0.1"], ("tcp://proxy.test:5000", False)),
+])
+def test_the_proxy_endpoint_and_its_ipv6_option(monkeypatch, address, answers, target):
+    from fake_dns import fake_resolver
+    from vllm_ascend_pd.announce import _zmq_target
+
+    asked = fake_resolver(monkeypatch, {"proxy.test": answers or []})
+    assert _zmq_target(address) == target
+    assert asked == (["proxy.test"] if answers else [])
+
+
+def test_a_proxy_name_that_stopped_resolving_is_tried_over_ipv4():
+    from vllm_ascend_pd.announce import _zmq_target
+
+    assert _zmq_target("no-such-host.invalid:5000") == ("tcp://no-such-host.invalid:5000", False)

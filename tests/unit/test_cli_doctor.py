@@ -113,6 +113,30 @@ def test_ports_free_busy_and_duplicated(listener):
     assert any(f.status == FAIL and f"port {kv + 1} is used twice" in f.message for f in dup)
 
 
+def test_ports_on_a_host_name_are_checked_on_its_address(monkeypatch):
+    """--host NAME is resolved as the connector resolves kv_ip: a name of
+    ::1 alone is checked on ::1 (bound as a name, it would be 127.0.0.1)."""
+    from fake_dns import fake_resolver
+    from vllm_ascend_pd.testing.servers import free_port, ipv6_loopback
+
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    fake_resolver(monkeypatch, {"doctor6.test": ["::1"]})
+    port = free_port()
+    assert [f.message for f in checks.check_ports("doctor6.test", [], [port], tp=1)] == [
+        "1 planned ports free on doctor6.test (::1)"]
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", port))
+        taken.listen()
+        busy = checks.check_ports("doctor6.test", [], [port], tp=1)
+    assert statuses(busy) == [(FAIL, "ports")]
+    assert busy[0].message.startswith(f"http port: [::1]:{port} is not free (")
+
+    unknown = checks.check_ports("no-such-host.invalid", [], [port], tp=1)
+    assert statuses(unknown) == [(FAIL, "ports")]
+    assert unknown[0].message.startswith("--host 'no-such-host.invalid' does not resolve")
+
+
 def test_kv_port_in_ephemeral_range_warns():
     lo, hi = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
     found = checks.check_ports("127.0.0.1", [lo + 5], [], tp=1)

@@ -5,8 +5,12 @@ import re
 
 import pytest
 
+from fake_dns import fake_resolver
 from vllm_ascend_pd import protocol as wire
-from vllm_ascend_pd.config import ConfigError, control_port, group_port, parse_extra_config
+from vllm_ascend_pd.config import (
+    ConfigError, check_proxy_ip, control_port, group_port, parse_extra_config, resolve_bind_host,
+    resolve_kv_ip,
+)
 from vllm_ascend_pd.params import InvalidParams, parse_producer_params, prompt_hash
 
 
@@ -57,6 +61,36 @@ def test_a_bracketed_ipv6_kv_address_says_to_drop_the_brackets(key):
     assert getattr(parse_extra_config({key: "::1"}), key) == "::1"
 
 
+def test_host_names_resolve_once_at_start_up_to_the_address_sockets_get(monkeypatch):
+    fake_resolver(monkeypatch, {"p.test": ["::1", "127.0.0.1"], "any.test": ["0.0.0.0"]})
+    cfg = parse_extra_config({"kv_ip": "p.test"})
+    assert resolve_kv_ip(cfg) == "::1"  # advertised to consumers and the proxy
+    assert resolve_bind_host(cfg) == "::1"  # bound
+    cfg = parse_extra_config({"kv_ip": "p.test", "kv_bind_host": "any.test"})
+    assert (resolve_kv_ip(cfg), resolve_bind_host(cfg)) == ("::1", "0.0.0.0")
+    assert resolve_bind_host(parse_extra_config({"kv_ip": "::1"})) == "::1"
+
+
+@pytest.mark.parametrize("key", ["kv_ip", "kv_bind_host", "proxy_ip"])
+def test_a_host_name_that_does_not_resolve_fails_start_up_naming_the_key(key):
+    cfg = parse_extra_config({key: "no-such-host.invalid", "proxy_port": 9000, "http_port": 8000,
+                              **({} if key == "proxy_ip" else {"proxy_ip": "127.0.0.1"})})
+    check = {"kv_ip": resolve_kv_ip, "kv_bind_host": resolve_bind_host,
+             "proxy_ip": check_proxy_ip}[key]
+    with pytest.raises(ConfigError, match=re.escape(
+            f"kv_connector_extra_config {key} 'no-such-host.invalid' does not resolve to an "
+            "address (")) as e:
+        check(cfg)
+    assert str(e.value).endswith("give an IP address instead, or make the name resolve on this "
+                                 "host (/etc/hosts or DNS)")
+
+
+def test_proxy_ip_may_be_bracketed_or_a_name(monkeypatch):
+    fake_resolver(monkeypatch, {"proxy.test": ["::1"]})
+    for ip in ("[::1]", "::1", "proxy.test", "127.0.0.1"):
+        check_proxy_ip(parse_extra_config({"proxy_ip": ip, "proxy_port": 9000, "http_port": 8000}))
+
+
 def test_port_plan():
     assert control_port(20000, 3) == 20003
     with pytest.raises(ConfigError):
@@ -87,6 +121,21 @@ def test_params_roundtrip():
 def test_malformed_params_rejected(bad):
     with pytest.raises(InvalidParams):
         parse_producer_params(bad)
+
+
+@pytest.mark.parametrize("host", ["10.0.0.7", "::1", "fe80::1%eth0"])
+def test_params_name_the_producer_by_ip_address(host):
+    assert parse_producer_params(good_params(remote_host=host)).remote_host == host
+
+
+@pytest.mark.parametrize("host", ["p.example", "localhost", "[::1]", ""])
+def test_a_remote_host_that_is_no_ip_address_is_refused(host):
+    # Producers advertise the address they resolved; resolving a name here
+    # would block the consumer's engine thread (or the proxy's loop).
+    with pytest.raises(InvalidParams, match=re.escape(
+            f"remote_host {host!r} is not an IP address; pass the dict returned by the "
+            "prefill instance unchanged")):
+        parse_producer_params(good_params(remote_host=host))
 
 
 def test_configuration_reference_is_generated_from_config():

@@ -140,29 +140,16 @@ def test_protocol_rejects_garbage():
         wire.decode(b"x" * (wire.MAX_CONTROL_BYTES + 1))
 
 
-def test_a_pull_over_ipv6_is_exact():
-    """kv_ip / remote_host ::1: ZMQ refuses IPv6 endpoints unless ZMQ_IPV6 is
-    set, so the KV server could not even bind before."""
-    from kv_loopback import assert_copied
-    from vllm_ascend_pd.connector.kv_server import KVServer
-    from vllm_ascend_pd.connector.stats import TransferStats
-    from vllm_ascend_pd.transport import TransportOptions, create_transport
+@pytest.mark.parametrize("kv_ip", ["::1", "kv6.test"])
+def test_a_pull_over_ipv6_is_exact(monkeypatch, kv_ip):
+    """kv_ip ::1, or a name whose only address is ::1: ZMQ refuses IPv6
+    endpoints unless ZMQ_IPV6 is set, and resolves a name for IPv4 only, so
+    the producer resolves kv_ip once (the name reaches no socket) and binds
+    and advertises the address, here over IPv6 only."""
+    from fake_dns import fake_resolver
+    from kv_loopback import ipv6_only_pull
 
     if not ipv6_loopback():
         pytest.skip("no IPv6 loopback here")
-    src, dst = make_cache(1.0), make_cache(0.0)
-    leases = LeaseTable(60)
-    port = free_port()
-    opt = TransportOptions(chunk_bytes=4096, pool_bytes=16384, idle_timeout_s=2, host="::1")
-    server = KVServer(bind_host="::1", port=port, engine_id="P", tp_rank=0, layout=src.describe(),
-                      leases=leases, transport=create_transport("tcp", src, opt), stats=TransferStats(),
-                      secret="", registration_grace_s=0.5)
-    puller = tcp_puller(dst)
-    try:
-        leases.register("req-p", TID, [1, 2])
-        puller.submit(RecvSpec("a", "::1", port, TID, "req-p", [1, 2], [5, 6], 64))
-        assert drive(server, puller) == ({"a"}, set())
-        assert_copied(src, dst, [1, 2], [5, 6])
-    finally:
-        server.close()
-        puller.close()
+    fake_resolver(monkeypatch, {"kv6.test": ["::1"]})
+    ipv6_only_pull(kv_ip)

@@ -14,7 +14,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from vllm_ascend_pd import compat, hccn
+from vllm_ascend_pd import compat, hccn, net
 from vllm_ascend_pd.config import GROUP_PORT_OFFSET
 
 OK, FAIL, WARN, INFO = "ok", "FAIL", "warn", "info"
@@ -143,11 +143,15 @@ def check_npu_stack(device: str) -> list[Finding]:
 
 
 def port_free(host: str, port: int) -> str | None:
-    """None when ``port`` can be bound on ``host``, else the error."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
+    """None when ``port`` can be bound on ``host`` (resolved like kv_ip,
+    see net.resolve), else the error."""
+    try:
+        address = net.resolve(host, "host")[0]
+    except net.HostError as exc:
+        return str(exc)
+    with socket.socket(net.family_of(address), socket.SOCK_STREAM) as s:
         try:
-            s.bind((host, port))
+            s.bind((address, port))
         except OSError as exc:
             return exc.strerror or str(exc)
     return None
@@ -159,6 +163,11 @@ def kv_ports(kv_port: int, tp: int) -> list[int]:
 
 
 def check_ports(host: str, kv_port_list: list[int], http_ports: list[int], tp: int) -> list[Finding]:
+    try:
+        address = net.resolve(host, "--host")[0]
+    except net.HostError as exc:
+        return [Finding(FAIL, "ports", str(exc), "pass --host the address the instances bind")]
+    where = host if address == host else f"{host} ({address})"
     out = []
     planned: dict[int, str] = {}
     for kv in kv_port_list:
@@ -180,15 +189,15 @@ def check_ports(host: str, kv_port_list: list[int], http_ports: list[int], tp: i
         if not 0 < p < 65536:
             out.append(Finding(FAIL, "ports", f"{what}: port {p} is out of range", "use ports in 1..65535"))
             continue
-        err = port_free(host, p)
+        err = port_free(address, p)
         if err:
-            out.append(Finding(FAIL, "ports", f"{what}: {host}:{p} is not free ({err})",
+            out.append(Finding(FAIL, "ports", f"{what}: {net.host_port(address, p)} is not free ({err})",
                                "stop what listens there (ss -ltnp | grep :%d) or choose another port" % p))
         elif what.startswith("kv_port") and lo <= p <= hi:
             out.append(Finding(WARN, "ports", f"{what}: port {p} is in the kernel's ephemeral range {lo}-{hi}",
                                f"pick a kv_port below {lo} so outgoing connections cannot take it"))
     if planned and not any(f.status == FAIL for f in out):
-        out.append(Finding(OK, "ports", f"{len(planned)} planned ports free on {host}"))
+        out.append(Finding(OK, "ports", f"{len(planned)} planned ports free on {where}"))
     return out
 
 
@@ -248,7 +257,7 @@ def check_health(addrs: list[str], timeout_s: float = 5.0) -> list[Finding]:
     out = []
     for addr in addrs:
         host, port = _split(addr)
-        url = f"http://{host if ':' not in host else '[' + host + ']'}:{port}/health"
+        url = f"http://{net.host_port(host, port)}/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as r:
                 status = r.status

@@ -18,7 +18,7 @@ from pathlib import Path
 from vllm_ascend_pd.cli.checks import port_free
 from vllm_ascend_pd.cli.supervisor import Child, stop_all
 from vllm_ascend_pd.cli.topology import Plan, PlanError, make_plan
-from vllm_ascend_pd.net import host_port
+from vllm_ascend_pd.net import HostError, host_port, resolve
 
 
 def _device_list(text: str) -> list[int]:
@@ -154,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"vllm-ascend-pd up: {exc}", file=sys.stderr)
         return 2
     # Fail now rather than after the instances spent minutes loading.
+    try:
+        resolve(plan.host, "--host")
+    except HostError as exc:
+        print(f"vllm-ascend-pd up: {exc}", file=sys.stderr)
+        return 2
     busy = port_free(plan.host, plan.proxy_port)
     if busy:
         print(f"vllm-ascend-pd up: the proxy port {host_port(plan.host, plan.proxy_port)} is not free "

@@ -13,7 +13,8 @@ from vllm_ascend_pd.log import get_logger
 
 from vllm_ascend_pd.compat import init_connector_base
 from vllm_ascend_pd.config import (
-    ConfigError, ConnectorConfig, parse_extra_config, resolve_kv_ip, resolve_secret,
+    ConfigError, ConnectorConfig, check_proxy_ip, parse_extra_config, resolve_kv_ip,
+    resolve_secret,
 )
 from vllm_ascend_pd.connector.metadata import AscendConnectorMetadata
 from vllm_ascend_pd.connector.scheduler import SchedulerSide
@@ -56,6 +57,7 @@ class AscendSimpleConnector(KVConnectorBase_V1):
                 kv_port=ktc.kv_port,
             )
             if self.cfg.proxy_ip:
+                check_proxy_ip(self.cfg)
                 self._announcer = self._start_announcer(vllm_config)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank

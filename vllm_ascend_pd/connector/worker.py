@@ -17,6 +17,7 @@ from vllm_ascend_pd.config import (
     control_port,
     group_port,
     llmdatadist_endpoint,
+    resolve_bind_host,
     resolve_kv_ip,
     resolve_secret,
 )
@@ -143,7 +144,9 @@ class WorkerSide:
         device = self.cache.tensors[0].device.type
         self._copies_on_cpu = device == "cpu"
         name = resolve_transport(self.cfg.transport, device)
+        # IP addresses from here on: names are resolved once, at start-up.
         host = resolve_kv_ip(self.cfg)
+        bind_host = resolve_bind_host(self.cfg) if self.is_producer else host
         role = {(True, False): "producer", (False, True): "consumer"}.get(
             (self.is_producer, self.is_consumer), "both"
         )
@@ -157,7 +160,7 @@ class WorkerSide:
             group_port=group_port(self.kv_port, self.tp_rank) if self.is_producer else 0,
             host=host,
             role=role,
-            bind_host=self.cfg.kv_bind_host,
+            bind_host=bind_host,
             secret=resolve_secret(self.cfg),
         )
         name, transport = open_transport(
@@ -176,7 +179,7 @@ class WorkerSide:
         if self.is_producer:
             port = control_port(self.kv_port, self.tp_rank)
             self.server = KVServer(
-                bind_host=self.cfg.kv_bind_host or host,
+                bind_host=bind_host,
                 port=port,
                 engine_id=self.engine_id,
                 tp_rank=self.tp_rank,

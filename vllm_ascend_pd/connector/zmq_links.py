@@ -125,6 +125,8 @@ def router_socket(
     ctx: zmq.Context, bind_host: str, port: int, role_hint: str,
     max_message_bytes: int = MAX_CONTROL_BYTES,
 ) -> zmq.Socket:
+    """``bind_host``: an IP address (config.resolve_bind_host resolves a
+    name): given a name, ZMQ would resolve it for IPv4 only."""
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.LINGER, 0)
@@ -139,7 +141,7 @@ def router_socket(
     except zmq.ZMQError as e:
         sock.close(0)
         raise RuntimeError(
-            f"AscendSimpleConnector cannot listen on {bind_host}:{port} ({role_hint}): "
+            f"AscendSimpleConnector cannot listen on {host_port(bind_host, port)} ({role_hint}): "
             f"{e}. Another process (often a second vLLM instance on this host) uses "
             "it: give every instance its own kv_port, at least 128 apart and below the "
             "kernel's ephemeral port range, or free the port."

@@ -19,11 +19,11 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from vllm_ascend_pd import net
 from vllm_ascend_pd.announce import (ANNOUNCE_AUTH_KIND, ANNOUNCE_PROTOCOL_VERSION,
                                      Announcement, decode_announcement, signed_fields)
 from vllm_ascend_pd.auth import AuthError, Authenticator
 from vllm_ascend_pd.log_throttle import LogThrottle
-from vllm_ascend_pd.net import host_port
 from vllm_ascend_pd.proxy.config import ConfigError, normalize_address
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.registry import Instance, Registry, Source
@@ -50,8 +50,8 @@ class RegistrationListener:
         self._auth = Authenticator(secret)
         self._warned_unverified = False
         self._warn_log = LogThrottle(WARN_EVERY_S)
-        self.endpoint = f"tcp://{host_port(host, port)}"
-        self._ipv6 = ":" in host
+        self._host, self._port = host, port
+        self.endpoint = f"tcp://{net.host_port(host, port)}"  # resolved by start()
         self._ttl = ttl
         self._on_added = on_added
         self._on_removed = on_removed
@@ -165,13 +165,26 @@ class RegistrationListener:
             await asyncio.sleep(period)
             self.evict()
 
+    def _bind_address(self) -> str:
+        """--register-host as an IP address ("*" is ZMQ's every interface).
+        ZMQ would resolve a name for IPv4 only, so it is resolved here."""
+        host = self._host.removeprefix("[").removesuffix("]")
+        if host == "*":
+            return host
+        try:
+            return net.resolve(host, "--register-host")[0]
+        except net.HostError as exc:
+            raise ConfigError(str(exc)) from None
+
     def start(self) -> None:
+        host = self._bind_address()
+        self.endpoint = f"tcp://{net.host_port(host, self._port)}"
         self._ctx = zmq.asyncio.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 10000)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        if self._ipv6:
+        if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
         try:
             sock.bind(self.endpoint)

@@ -99,12 +99,13 @@ class TransportOptions:
     # Peer-pair details a group transport needs for its rendezvous.
     local_rank: int = 0
     group_port: int = 0
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # this instance's kv_ip: an IP address, never a name
     # llmdatadist: this rank's role, NPU device IP and listen port (producer).
     role: str = "both"  # "producer" | "consumer" | "both"
     device_ip: str = ""
     comm_port: int = 0
-    # gloo/hccl producers bind their group rendezvous here (default: host).
+    # Producers bind their data or rendezvous socket here (an IP address;
+    # default: host).
     bind_host: str = ""
     # The deployment's shared secret (auth.py): signs a transport's own
     # connection preambles, such as tcp's data stream.

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vllm_ascend_pd import net
 from vllm_ascend_pd.config import GROUP_PORT_OFFSET
 from vllm_ascend_pd.log import get_logger
 from vllm_ascend_pd.transport.base import TransportOptions
@@ -27,8 +28,7 @@ def serve_store(options: TransportOptions, timeout_s: float):
     from torch.distributed import TCPStore
 
     bind = options.bind_host or options.host
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(net.family_of(bind), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((bind, options.group_port))
@@ -36,7 +36,7 @@ def serve_store(options: TransportOptions, timeout_s: float):
     except OSError as e:
         sock.close()
         raise RuntimeError(
-            f"AscendSimpleConnector cannot listen on {bind}:{options.group_port} for the "
+            f"AscendSimpleConnector cannot listen on {net.host_port(bind, options.group_port)} for the "
             f"process-group transport's rendezvous: {e}. This port "
             f"is kv_port + {GROUP_PORT_OFFSET} + rank; give every instance on a host its own "
             "kv_port, at least 128 apart, or free the port."

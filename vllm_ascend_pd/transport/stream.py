@@ -27,6 +27,7 @@ from typing import Any
 
 import zmq
 
+from vllm_ascend_pd import net
 from vllm_ascend_pd import protocol as wire
 from vllm_ascend_pd.auth import Authenticator, AuthError
 from vllm_ascend_pd.log import get_logger
@@ -275,8 +276,7 @@ class DataListener:
         self, bind_host: str, port: int, auth: Authenticator | None = None,
         on_refused: Callable[[str, str], None] | None = None,
     ):
-        family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(net.family_of(bind_host), socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((bind_host, port))
@@ -285,7 +285,7 @@ class DataListener:
         except OSError as e:
             sock.close()
             raise RuntimeError(
-                f"AscendSimpleConnector cannot listen on {bind_host}:{port} for tcp KV data: "
+                f"AscendSimpleConnector cannot listen on {net.host_port(bind_host, port)} for tcp KV data: "
                 f"{e}. This port is kv_port + 64 + rank; give every instance on a host its "
                 "own kv_port, at least 128 apart and below the kernel's ephemeral port "
                 "range, or free the port."

@@ -288,3 +288,38 @@ async def test_registration_over_ipv6(backend, proxy):
         assert status["registration"] == f"tcp://[::1]:{port}"
     finally:
         await asyncio.to_thread(ann.stop)
+
+
+async def test_a_register_host_name_binds_its_address(monkeypatch):
+    """ZMQ would resolve a name for IPv4 only: the listener binds the address
+    the name resolves to (here ::1 alone), and a name that does not resolve
+    stops start-up naming the flag."""
+    import socket
+
+    import pytest
+
+    from fake_dns import fake_resolver
+    from vllm_ascend_pd.proxy.config import ConfigError
+    from vllm_ascend_pd.proxy.registration import RegistrationListener
+    from vllm_ascend_pd.proxy.registry import Registry
+    from vllm_ascend_pd.testing.servers import ipv6_loopback
+
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    fake_resolver(monkeypatch, {"reg6.test": ["::1"]})
+    port = free_port()
+
+    def listener(host):
+        return RegistrationListener(Registry(health_checks=False), host=host, port=port,
+                                    ttl=None, on_added=print, on_removed=print)
+
+    reg = listener("reg6.test")
+    reg.start()
+    try:
+        assert reg.endpoint == f"tcp://[::1]:{port}"
+        socket.create_connection(("::1", port), timeout=2).close()
+    finally:
+        await reg.stop()
+    with pytest.raises(ConfigError, match=r"^--register-host 'no-such-host.invalid' does not "
+                                          r"resolve to an address \("):
+        listener("no-such-host.invalid").start()
