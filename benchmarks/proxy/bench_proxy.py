@@ -48,6 +48,7 @@ from aiohttp import web
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+from vllm_ascend_pd.proxy.aio import Runner  # noqa: E402
 from vllm_ascend_pd.testing.proxy_status import worker_statuses  # noqa: E402
 
 
@@ -136,7 +137,7 @@ def serve_backend(role: str, port: int, tokens: int, token_ms: float) -> None:
         app.router.add_get("/health", health)
         await _serve_app(app, port)
 
-    with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
+    with Runner(loop_factory=_new_loop_factory()) as r:
         r.run(main())
 
 
@@ -162,7 +163,7 @@ def serve_passthrough(port: int, d_port: int) -> None:
         app.router.add_post("/v1/completions", relay)
         await _serve_app(app, port)
 
-    with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
+    with Runner(loop_factory=_new_loop_factory()) as r:
         r.run(main())
 
 
@@ -249,7 +250,7 @@ def serve_floor(port: int, d_port: int) -> None:
         await start_floor(port, d_port)
         await asyncio.Event().wait()
 
-    with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
+    with Runner(loop_factory=_new_loop_factory()) as r:
         r.run(main())
 
 
@@ -868,7 +869,7 @@ def main() -> None:
     if args.pin:
         os.sched_setaffinity(0, args.pin[0])
     args.load_before = _loadavg()
-    with asyncio.Runner(loop_factory=_new_loop_factory()) as r:
+    with Runner(loop_factory=_new_loop_factory()) as r:
         results = r.run(run(args))
     args.load_after = _loadavg()
     if not args.quick:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Optional, Sequence
 
+from vllm_ascend_pd.proxy import aio
 from vllm_ascend_pd.proxy.config import ConfigError, build_parser, config_from_args
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.run import configure_logging, loop_factory, serve
@@ -24,7 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from vllm_ascend_pd.proxy.supervisor import Supervisor
 
         return Supervisor(cfg).run()
-    with asyncio.Runner(loop_factory=loop_factory(cfg.uvloop)) as runner:
+    with aio.Runner(loop_factory=loop_factory(cfg.uvloop)) as runner:
         try:
             runner.run(serve(cfg))
         except ConfigError as exc:

@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from vllm_ascend_pd.proxy import codec
+from vllm_ascend_pd.proxy import aio, codec
 from vllm_ascend_pd.proxy.codec import BodyError, RequestBody
 from vllm_ascend_pd.proxy.balancer import affinity_key, estimate_prompt_tokens
 from vllm_ascend_pd.proxy.config import ConfigError, normalize_address
@@ -163,13 +163,13 @@ class Handlers:
         try:
             # Admitted requests count against --max-inflight: a client that
             # trickles its body must not hold a slot for ever.
-            async with asyncio.timeout(cfg.body_timeout):
+            async with aio.timeout(cfg.body_timeout):
                 raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             self.s.metrics.errors.labels("body_too_large").inc()
             return error_response(413, f"request body exceeds {cfg.max_body_bytes} bytes",
                                   headers=hdr)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError itself only from 3.11
             self.s.metrics.errors.labels("body_timeout").inc()
             resp = error_response(408, f"request body not received within "
                                   f"{cfg.body_timeout:g} s (--body-timeout)", headers=hdr)
@@ -309,7 +309,7 @@ class Handlers:
             for inst in s.registry.candidates(role):
                 try:
                     sess = s.clients.session(inst.address)
-                    async with asyncio.timeout(self.cfg.health_timeout + 1):
+                    async with aio.timeout(self.cfg.health_timeout + 1):
                         async with sess.get("/v1/models", headers=headers,
                                             allow_redirects=False) as resp:
                             data = await resp.read()

@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from vllm_ascend_pd.proxy import codec
+from vllm_ascend_pd.proxy import aio, codec
 from vllm_ascend_pd.proxy.codec import RequestBody
 from vllm_ascend_pd.proxy.errors import UpstreamClientError, UpstreamError
 from vllm_ascend_pd.proxy.log import init_logger
@@ -204,7 +204,7 @@ class PDForwarder:
         t0 = time.perf_counter()
         answered = False
         try:
-            async with asyncio.timeout(self.cfg.first_byte_timeout):
+            async with aio.timeout(self.cfg.first_byte_timeout):
                 async with sess.post(s.clients.url(inst.address, req.path), data=payload,
                                      headers=req.headers, allow_redirects=False) as resp:
                     answered = True
@@ -262,7 +262,7 @@ class PDForwarder:
             first_byte = self.cfg.first_byte_timeout if streaming else \
                 (self.cfg.nonstream_timeout or None)
             try:
-                async with asyncio.timeout(first_byte):
+                async with aio.timeout(first_byte):
                     resp = await sess.post(s.clients.url(inst.address, req.path),
                                            data=payload, headers=req.headers,
                                            allow_redirects=False)

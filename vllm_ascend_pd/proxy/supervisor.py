@@ -35,6 +35,7 @@ from typing import Optional
 
 from vllm_ascend_pd.net import host_port
 from vllm_ascend_pd.proxy.config import ConfigError, ProxyConfig
+from vllm_ascend_pd.proxy import aio
 from vllm_ascend_pd.proxy.log import init_logger
 from vllm_ascend_pd.proxy.shared_load import SharedLoad
 
@@ -164,7 +165,7 @@ class Supervisor:
         # is set: that is what selects the multiprocess mode there.
         os.environ[PROMETHEUS_DIR_ENV] = metrics_dir
         try:
-            with asyncio.Runner() as runner:
+            with aio.Runner() as runner:
                 return runner.run(self._main(metrics_dir))
         except ConfigError as exc:
             logger.error("%s", exc)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
+from vllm_ascend_pd.proxy import aio
+
 
 class GapWatchdog:
     __slots__ = ("_loop", "_gap", "_write", "_period", "_task", "last", "paused", "paused_at",
@@ -68,7 +70,7 @@ class GapWatchdog:
 
     def claim(self) -> bool:
         """In an ``except CancelledError``: True if the cancellation was only ours."""
-        return self.expired and self._task.uncancel() == 0
+        return self.expired and aio.uncancel(self._task) == 0
 
     def close(self) -> None:
         if self._handle is not None:

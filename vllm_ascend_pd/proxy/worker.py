@@ -10,7 +10,6 @@ shared multiprocess directory, and admission admits this worker's share of
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import sys
 from typing import Optional
@@ -37,13 +36,14 @@ def run_worker(cfg: ProxyConfig, socks: list[socket.socket], ctx: WorkerContext)
 
     ``socks`` arrive as duplicated descriptors: multiprocessing pickles each
     socket of the list for the spawned child."""
+    from vllm_ascend_pd.proxy import aio
     from vllm_ascend_pd.proxy.config import ConfigError
     from vllm_ascend_pd.proxy.log import init_logger
     from vllm_ascend_pd.proxy.run import configure_logging, loop_factory, serve
 
     configure_logging(cfg.log_level, f"worker {ctx.index} ")
     logger = init_logger(__name__)
-    with asyncio.Runner(loop_factory=loop_factory(cfg.uvloop)) as runner:
+    with aio.Runner(loop_factory=loop_factory(cfg.uvloop)) as runner:
         try:
             runner.run(serve(cfg, socks=socks, worker=ctx))
         except (ConfigError, OSError, RuntimeError) as exc:

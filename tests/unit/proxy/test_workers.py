@@ -177,14 +177,19 @@ async def test_inflight_gauges_sum_over_workers(backend, multi):
 
 
 async def _session_on_worker(url: str, index: int) -> aiohttp.ClientSession:
-    """A session whose one keep-alive connection the kernel gave worker ``index``."""
-    for _ in range(200):
+    """A session whose one keep-alive connection the kernel gave worker ``index``.
+
+    The workers share one accept queue: on a loaded host the worker that is
+    awake takes every connection for a while, so keep trying for seconds."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while asyncio.get_running_loop().time() < deadline:
         s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
         async with s.get(url + "/status") as resp:
             if (await resp.json())["worker"]["index"] == index:
                 return s
         await s.close()
-    raise AssertionError(f"no connection reached worker {index}")
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"no connection reached worker {index} in 20 s")
 
 
 async def test_least_requests_weighs_every_workers_streams(backend, multi):
