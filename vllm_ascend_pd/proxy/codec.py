@@ -15,6 +15,7 @@ import msgspec
 
 _decoder = msgspec.json.Decoder()
 _fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _encoder = msgspec.json.Encoder()
 
 DecodeError = msgspec.DecodeError
@@ -26,6 +27,14 @@ def loads(data: bytes | str) -> Any:
     except RecursionError:
         # msgspec raises RecursionError, not DecodeError, for JSON nested
         # deeper than it recurses (~1000 levels): hostile input, not a bug.
+        raise DecodeError("JSON is nested too deeply") from None
+
+
+def loads_items(data: bytes) -> list[msgspec.Raw]:
+    """A JSON array's items, each left undecoded."""
+    try:
+        return _items_decoder.decode(data)
+    except RecursionError:
         raise DecodeError("JSON is nested too deeply") from None
 
 

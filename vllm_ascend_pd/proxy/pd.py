@@ -72,17 +72,23 @@ def local_prefill_reason(body: RequestBody, chat: bool) -> Optional[str]:
         if body.get("echo") and (body.get("top_logprobs", 0) is not None if chat
                                  else body.get("logprobs") is not None):
             return "prompt_logprobs"
-        if not chat and _is_batch(body.get("prompt")):
+        if not chat and _is_batch(body.raw("prompt")):
             return "batch"
     except (codec.DecodeError, RecursionError):
         pass  # D will refuse the body; the usual path reports it
     return None
 
 
-def _is_batch(prompt) -> bool:
-    # A single prompt is a string or a list of token ids.
-    return isinstance(prompt, list) and len(prompt) > 1 and \
-        isinstance(prompt[0], (str, list))
+def _is_batch(prompt: Optional[bytes]) -> bool:
+    """Several prompts: a list of strings or of token lists, more than one.
+    A single prompt (a string, or a list of token ids, maybe 128k long) is
+    told by its first bytes and never decoded."""
+    if not prompt:
+        return False
+    head = prompt.lstrip()
+    if head[:1] != b"[" or head[1:].lstrip()[:1] not in (b'"', b"["):
+        return False
+    return len(codec.loads_items(head)) > 1
 
 
 @dataclass

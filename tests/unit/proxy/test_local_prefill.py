@@ -39,6 +39,7 @@ PL, BATCH = "prompt_logprobs", "batch"
     ({"prompt": []}, False, None),
     ({"prompt": ["a", "b"], "prompt_logprobs": 1}, False, PL),
     ({"prompt": [[[[[[1]]]]]]}, False, None),  # D answers the 400
+    ({"prompt": [["a"], "b"]}, False, BATCH),  # D answers the 400
 ])
 def test_which_requests_skip_the_prefill_leg(body, chat, expected):
     assert local_prefill_reason(RequestBody.from_dict(body), chat) == expected
@@ -96,3 +97,19 @@ async def test_decode_failover_for_local_prefill(backend, proxy):
         assert resp.status == 200
         assert await resp.read() == b"".join(sse_events(5))
     assert p.requests == [] and len(d2.requests) == 2
+
+
+def test_a_long_token_prompt_is_not_decoded(monkeypatch):
+    """The prompt stays raw JSON on the hot path (proxy/codec.py): deciding
+    whether a body holds several prompts decodes no prompt."""
+    from vllm_ascend_pd.proxy import codec
+
+    body = RequestBody.parse(b'{"prompt": [' + b", ".join([b"7"] * 100_000) + b'], '
+                             b'"max_tokens": 3}')
+    calls = []
+    real = codec.loads_items
+    monkeypatch.setattr(codec, "loads_items", lambda b: calls.append(len(b)) or real(b))
+    assert local_prefill_reason(body, False) is None
+    assert calls == []
+    batch = RequestBody.parse(b'{"prompt": [ "a" , "b"]}')
+    assert local_prefill_reason(batch, False) == "batch" and len(calls) == 1
