@@ -7,10 +7,14 @@ import contextlib
 import json
 import os
 import socket
+import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 # The unit suite never needs vLLM's logger (importing it loads torch).
 os.environ.setdefault("VLLM_ASCEND_PD_PLAIN_LOGGING", "1")
+# tests/unit's helper modules (fake_dns), also when this folder runs alone.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pydantic
 import pytest
