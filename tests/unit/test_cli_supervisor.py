@@ -57,15 +57,20 @@ def test_ready_progress_and_clean_stop(tmp_path, capsys):
     assert group_members(web.pgid) == [] and group_members(stubborn.pgid) == []
 
 
-def test_child_dying_while_starting_is_reported_with_its_log(tmp_path, capsys):
-    c = Child("prefill-0", ["sh", "-c", "echo 'ValueError: boom in start-up'; exit 3"],
-              "http://127.0.0.1:9", tmp_path / "prefill-0.log")
+def _output_of_failed_start(c: Child, capsys) -> str:
+    """Start ``c``, which exits before it is ready; what ``up`` printed."""
     c.start()
     try:
         assert not _wait_ready([c], _Stop(), time.monotonic(), timeout_s=30, interval=5)
     finally:
         stop_all([c])
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_child_dying_while_starting_is_reported_with_its_log(tmp_path, capsys):
+    c = Child("prefill-0", ["sh", "-c", "echo 'ValueError: boom in start-up'; exit 3"],
+              "http://127.0.0.1:9", tmp_path / "prefill-0.log")
+    out = _output_of_failed_start(c, capsys)
     assert f"prefill-0 exited with code 3 before it was ready; log {tmp_path / 'prefill-0.log'}" in out
     assert "ValueError: boom in start-up" in out
 
@@ -94,12 +99,7 @@ def test_a_failed_start_reports_the_cause_above_the_tail_of_this_run(tmp_path, c
     script = tmp_path / "fail.py"
     script.write_text(f"import sys\nprint({VLLM_FAILED_START!r})\nsys.exit(1)\n")
     c = Child("decode-0", [sys.executable, str(script)], "http://127.0.0.1:9", log)
-    c.start()
-    try:
-        assert not _wait_ready([c], _Stop(), time.monotonic(), timeout_s=30, interval=5)
-    finally:
-        stop_all([c])
-    out = capsys.readouterr().out
+    out = _output_of_failed_start(c, capsys)
     # The 30-line tail alone shows only the traceback and "See root cause above".
     assert "ValueError" not in c.tail()
     cause, _, end = out.partition("last lines of the log:\n")
