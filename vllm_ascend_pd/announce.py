@@ -103,7 +103,7 @@ def _zmq_target(proxy_address: str) -> tuple[str, bool]:
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"proxy_address must be 'host:port', got {proxy_address!r}")
-    host = host.removeprefix("[").removesuffix("]")  # the connector joins IPv6 unbracketed
+    host = net.unbracket(host)  # the connector joins IPv6 unbracketed
     try:
         ipv6 = ":" in net.resolve(host, "proxy_ip")[0]
     except net.HostError as e:

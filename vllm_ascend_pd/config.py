@@ -229,7 +229,7 @@ def check_proxy_ip(cfg: ConnectorConfig) -> None:
     keeps the name (ZMQ resolves it again on every reconnect, so the proxy
     may move), see announce.py."""
     if cfg.proxy_ip:
-        _resolve(cfg.proxy_ip.removeprefix("[").removesuffix("]"), "proxy_ip")
+        _resolve(net.unbracket(cfg.proxy_ip), "proxy_ip")
 
 
 def _resolve(host: str, key: str) -> list[str]:

@@ -26,6 +26,11 @@ def host_port(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def unbracket(host: str) -> str:
+    """``[::1]`` as sockets and the resolver take it: ``::1``."""
+    return host.removeprefix("[").removesuffix("]")
+
+
 def is_ip(host: str) -> bool:
     """An IPv4 or IPv6 address (an IPv6 zone id such as ``%eth0`` allowed)."""
     try:

@@ -168,7 +168,7 @@ class RegistrationListener:
     def _bind_address(self) -> str:
         """--register-host as an IP address ("*" is ZMQ's every interface).
         ZMQ would resolve a name for IPv4 only, so it is resolved here."""
-        host = self._host.removeprefix("[").removesuffix("]")
+        host = net.unbracket(self._host)
         if host == "*":
             return host
         try:
